@@ -1,0 +1,145 @@
+"""The clipped GRPO objective with a KL penalty, and GRPO-Guard's corrections (ALGORITHM.md sect. 4, 6).
+
+All inputs are per (sample, step): the trainer calls this once per trained timestep with a micro-batch of
+B samples, each possibly at a different step of its trajectory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flowgrpo_core.sde import gaussian_kl
+
+
+@dataclass
+class LossOutput:
+    """``loss`` carries the graph; the rest are detached scalars for logging."""
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    kl: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "loss": float(self.loss.detach()),
+            "policy_loss": float(self.policy_loss),
+            "kl": float(self.kl),
+            "clipfrac": float(self.clipfrac),
+            "approx_kl": float(self.approx_kl),
+            "ratio_mean": float(self.ratio_mean),
+            "ratio_min": float(self.ratio_min),
+            "ratio_max": float(self.ratio_max),
+        }
+
+
+def log_ratio(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    ratio_norm: bool = False,
+    mean: torch.Tensor | None = None,
+    old_mean: torch.Tensor | None = None,
+    step_std: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``log(pi_new / pi_old)`` of the sampled step, optionally with GRPO-Guard's RatioNorm.
+
+    For Gaussian steps with equal std ``s`` the log-ratio of a sample ``x = mean_old + s * eps`` is
+    ``eps . d / s - ||d||^2 / (2 s^2)`` (element means, ``d = mean_new - mean_old``). The second term is
+    always negative, which shifts the ratio below 1, and the first scales as ``1 / s``, so low-noise steps
+    get wide ratio distributions. RatioNorm adds the quadratic term back and multiplies by ``s``::
+
+        log_ratio = (logp_new - logp_old + ||mean_new - mean_old||^2 / (2 s^2)) * s
+
+    Args:
+        log_prob, old_log_prob: (B,) element-mean step log-probs under the current and the sampling policy.
+        ratio_norm: apply RatioNorm; then ``mean``, ``old_mean`` (B, ...) and ``step_std`` (B,) are needed.
+    Returns:
+        (B,) float32.
+    """
+    delta = log_prob.float() - old_log_prob.float()
+    if not ratio_norm:
+        return delta
+    if mean is None or old_mean is None or step_std is None:
+        raise ValueError("RatioNorm needs the current and old step means and the step std")
+    return (delta + gaussian_kl(mean, old_mean, step_std)) * step_std.float()
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    beta: float = 0.0,
+    kl: torch.Tensor | None = None,
+    ratio_norm: bool = False,
+    mean: torch.Tensor | None = None,
+    old_mean: torch.Tensor | None = None,
+    step_std: torch.Tensor | None = None,
+    step_weight: torch.Tensor | None = None,
+) -> LossOutput:
+    """PPO-style clipped surrogate plus ``beta * KL``::
+
+        ratio  = exp(logp_new - logp_old)
+        L_clip = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) * w )
+        L      = L_clip + beta * mean(KL)
+
+    ``w`` is 1, or GRPO-Guard's gradient reweight ``1 / (-dt)`` of each sample's step.
+
+    Args:
+        log_prob: (B,) step log-prob under the current policy (with graph).
+        old_log_prob: (B,) the same step's log-prob recorded when sampling.
+        advantages: (B,) clipped group-relative advantages.
+        clip_range: ``eps``.
+        beta: KL coefficient; ``kl`` (B,) must be given when ``beta > 0``.
+        ratio_norm, mean, old_mean, step_std: see :func:`log_ratio`.
+        step_weight: (B,) per-sample weight of the policy term, or None.
+    Returns:
+        LossOutput with the scalar loss and detached statistics.
+    """
+    if beta > 0 and kl is None:
+        raise ValueError("beta > 0 needs the KL to the reference model")
+    lr = log_ratio(log_prob, old_log_prob, ratio_norm, mean, old_mean, step_std)
+    ratio = torch.exp(lr)
+    advantages = advantages.float()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_sample = torch.maximum(unclipped, clipped)
+    if step_weight is not None:
+        per_sample = per_sample * step_weight.float()
+    policy_loss = per_sample.mean()
+
+    kl_mean = kl.float().mean() if kl is not None else torch.zeros((), device=policy_loss.device)
+    loss = policy_loss + beta * kl_mean if beta > 0 else policy_loss
+
+    with torch.no_grad():
+        raw_delta = log_prob.detach().float() - old_log_prob.float()
+        return LossOutput(
+            loss=loss,
+            policy_loss=policy_loss.detach(),
+            kl=kl_mean.detach(),
+            clipfrac=((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
+            approx_kl=0.5 * (raw_delta**2).mean(),
+            ratio_mean=ratio.detach().mean(),
+            ratio_min=ratio.detach().min(),
+            ratio_max=ratio.detach().max(),
+        )
+
+
+def guard_step_weight(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """GRPO-Guard's gradient reweight ``1 / (-dt)`` per sample.
+
+    After RatioNorm the gradient of a step's log-ratio with respect to the velocity scales with ``-dt``;
+    dividing by it gives every noise level the same weight.
+
+    Args:
+        sigma, sigma_next: (B,).
+    Returns:
+        (B,) float32.
+    """
+    return 1.0 / (sigma.float() - sigma_next.float())
