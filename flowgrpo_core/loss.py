@@ -25,6 +25,7 @@ class LossOutput:
     ratio_mean: torch.Tensor
     ratio_min: torch.Tensor
     ratio_max: torch.Tensor
+    ratio: torch.Tensor  # (B,) per-sample ratios, for per-timestep statistics
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -128,6 +129,7 @@ def grpo_loss(
             ratio_mean=ratio.detach().mean(),
             ratio_min=ratio.detach().min(),
             ratio_max=ratio.detach().max(),
+            ratio=ratio.detach(),
         )
 
 

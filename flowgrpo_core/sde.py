@@ -136,13 +136,18 @@ def _randn_like(t: torch.Tensor, generator: torch.Generator | list[torch.Generat
     if isinstance(generator, list):
         # One generator per sample keeps a sample's noise independent of the batch it was drawn in.
         return torch.stack(
-            [torch.randn(t.shape[1:], generator=g, device=g.device, dtype=t.dtype).to(t.device) for g in generator]
+            [
+                torch.randn(t.shape[1:], generator=g, device=g.device, dtype=t.dtype).to(t.device)
+                for g in generator
+            ]
         )
     device = generator.device if generator is not None else t.device
     return torch.randn(t.shape, generator=generator, device=device, dtype=t.dtype).to(t.device)
 
 
-def ode_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+def ode_step(
+    velocity: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
     """Euler step of the probability-flow ODE: ``x + v * (sigma_next - sigma)``.
 
     Args:

@@ -74,6 +74,27 @@ def build_rewards(
 register_reward("jpeg_compressibility", JpegCompressibility)
 register_reward("jpeg_incompressibility", JpegIncompressibility)
 
+
+def _lazy(module: str, attr: str) -> Callable[..., Reward]:
+    """A factory importing its reward on first use, so the registry costs no torch/onnx import."""
+
+    def factory(**options) -> Reward:
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(**options)
+
+    factory.__qualname__ = f"{module}.{attr}"
+    return factory
+
+
+register_reward("ocr", _lazy("flowgrpo_core.rewards.ocr", "OcrReward"))
+register_reward("clipscore", _lazy("flowgrpo_core.rewards.clip_rewards", "ClipScore"))
+register_reward("pickscore", _lazy("flowgrpo_core.rewards.clip_rewards", "PickScore"))
+register_reward("aesthetic", _lazy("flowgrpo_core.rewards.clip_rewards", "Aesthetic"))
+register_reward("hpsv2", _lazy("flowgrpo_core.rewards.clip_rewards", "HPSv2"))
+register_reward("imagereward", _lazy("flowgrpo_core.rewards.imagereward", "ImageReward"))
+register_reward("unifiedreward", _lazy("flowgrpo_core.rewards.unifiedreward", "UnifiedReward"))
+
 __all__ = [
     "REWARD_NAMES",
     "MultiReward",

@@ -30,7 +30,9 @@ class RewardOutput:
         self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
         for key, values in self.details.items():
             if len(values) != len(self.scores):
-                raise ValueError(f"reward detail {key!r} has {len(values)} values for {len(self.scores)} scores")
+                raise ValueError(
+                    f"reward detail {key!r} has {len(values)} values for {len(self.scores)} scores"
+                )
 
 
 class Reward(ABC):
@@ -39,7 +41,9 @@ class Reward(ABC):
     name: str = "reward"
 
     @abstractmethod
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
+    def score(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]
+    ) -> RewardOutput:
         """Score a batch.
 
         Args:
@@ -61,5 +65,7 @@ class Reward(ABC):
             )
         out = self.score(images, prompts, metadata)
         if len(out.scores) != len(images):
-            raise RuntimeError(f"reward {self.name!r} returned {len(out.scores)} scores for {len(images)} images")
+            raise RuntimeError(
+                f"reward {self.name!r} returned {len(out.scores)} scores for {len(images)} images"
+            )
         return out

@@ -26,7 +26,9 @@ class JpegCompressibility(Reward):
     name = "jpeg_compressibility"
     sign = -1.0
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
+    def score(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]
+    ) -> RewardOutput:
         sizes = np.array([jpeg_size_kb(image) for image in images])
         return RewardOutput(scores=self.sign * sizes, details={"jpeg_kb": sizes.tolist()})
 

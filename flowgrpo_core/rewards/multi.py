@@ -20,7 +20,9 @@ class MultiReward(Reward):
             raise ValueError("a multi-reward needs at least one component")
         self.components = components
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
+    def score(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]
+    ) -> RewardOutput:
         total = np.zeros(len(images))
         details: dict[str, list] = {}
         for name, (reward, weight) in self.components.items():

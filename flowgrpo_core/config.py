@@ -1,0 +1,335 @@
+"""One config for the whole system (model, sampling, training, rewards, prompts, evaluation, tracking).
+
+A config is a preset (``flowgrpo_core.presets``), optionally a YAML file on top, then ``--set a.b=value``
+overrides. Unknown keys and invalid values fail at load time with the field's dotted path in the
+message, before any model is loaded: a typo must never fall back to a default silently.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    # tiny:<sd3|flux>[@seed] (random weights, built locally), a diffusers folder, s3://bucket/prefix, or a hub id
+    source: str = "tiny:sd3"
+    # hub revision (branch, tag or commit); ignored for other sources
+    revision: str | None = None
+    # dtype of the frozen weights; LoRA weights and all log-prob arithmetic stay float32
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class SamplingConfig(_Strict):
+    # image side in pixels; must be a multiple of the model's factor (VAE downsampling x patch size)
+    resolution: int = Field(512, gt=0)
+    # T: denoising steps of a training roll-out (Denoising Reduction: 10 instead of 40)
+    num_steps: int = Field(10, ge=1)
+    guidance_scale: float = Field(4.5, ge=0)
+    negative_prompt: str = ""
+    max_sequence_length: int = Field(256, ge=1)
+    # `a` of the SDE: 0 turns every step into the ODE
+    noise_level: float = Field(0.7, ge=0)
+    sde_type: Literal["sde", "cps"] = "sde"
+    # 0: every step is stochastic and trained (Flow-GRPO); k > 0: Flow-GRPO-Fast, k consecutive SDE steps
+    sde_window_size: int = Field(0, ge=0)
+    # where a Fast window may lie, as fractions of the schedule: [start, end) (reference: first half)
+    sde_window_range: tuple[float, float] = (0.0, 0.5)
+    # G: images per prompt; advantages are relative to the group
+    group_size: int = Field(24, ge=2)
+    # prompts per epoch; images per epoch = group_size * groups_per_epoch
+    groups_per_epoch: int = Field(48, ge=1)
+    # images per forward pass, in sampling and in training (they must match for the first ratio to be 1)
+    batch_size: int = Field(9, ge=1)
+
+    @field_validator("sde_window_range")
+    @classmethod
+    def _window_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0 <= lo < hi <= 1:
+            raise ValueError("must satisfy 0 <= start < end <= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> SamplingConfig:
+        if self.sde_window_size:
+            lo, hi = self.window_bounds()
+            if hi - lo < self.sde_window_size:
+                raise ValueError(
+                    f"sde_window_size={self.sde_window_size} does not fit in steps [{lo}, {hi}) of num_steps={self.num_steps} "
+                    f"given sde_window_range={self.sde_window_range}"
+                )
+        return self
+
+    def window_bounds(self) -> tuple[int, int]:
+        """Step indices [lo, hi) a Fast window may occupy."""
+        lo, hi = self.sde_window_range
+        return round(lo * self.num_steps), max(round(hi * self.num_steps), 1)
+
+    @property
+    def images_per_epoch(self) -> int:
+        return self.group_size * self.groups_per_epoch
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(100, ge=0)
+    seed: int = 42
+    learning_rate: float = Field(3e-4, gt=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # gradient accumulation is derived so that each epoch makes this many optimiser steps (reference: 2)
+    optimizer_steps_per_epoch: int = Field(2, ge=1)
+    num_inner_epochs: int = Field(1, ge=1)
+    # eps of the PPO clip on the importance ratio (log-probs are element means, hence the tiny value)
+    clip_range: float = Field(1e-4, gt=0)
+    adv_clip_max: float = Field(5.0, gt=0)
+    # KL coefficient towards the base model (0 = no reference forward)
+    beta: float = Field(0.04, ge=0)
+    # 'exact': KL of the step Gaussians (std = step_std); 'reference': flow_grpo's scale (std_t)
+    kl_form: Literal["exact", "reference"] = "exact"
+    # share of the T steps trained in full Flow-GRPO (a Fast run trains its window)
+    timestep_fraction: float = Field(0.99, gt=0, le=1)
+    # normalise advantages by the std of the whole epoch instead of each group's
+    global_std: bool = True
+    # 0: per-prompt statistics are cleared every epoch (reference); n: keep each prompt's last n rewards
+    stat_buffer_size: int = Field(0, ge=0)
+    # LoRA on the attention projections; False = full fine-tuning (a frozen copy serves as reference)
+    lora: bool = True
+    lora_rank: int = Field(32, ge=1)
+    lora_alpha: float = Field(64.0, gt=0)
+    lora_init: Literal["gaussian", "default"] = "gaussian"
+    # modules that get LoRA (peft target_modules); empty = the family's attention projections
+    lora_target_modules: list[str] = Field(default_factory=list)
+    ema: bool = True
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+    ema_update_interval: int = Field(8, ge=1)
+    # GRPO-Guard: per-step ratio normalisation and 1/(-dt) gradient reweighting (ALGORITHM.md sect. 6)
+    ratio_norm: bool = False
+    grad_reweight: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    # save a resumable checkpoint every n epochs (and at the end); 0 = only at the end
+    checkpoint_every: int = Field(1, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    device: str = "auto"
+
+
+class PromptsConfig(_Strict):
+    # builtin:<name>, or a .txt (one prompt per line) / .jsonl ({"prompt", "metadata"}) file
+    train: str = "builtin:animals"
+    eval: str = "builtin:animals"
+
+
+class EvalConfig(_Strict):
+    num_steps: int = Field(40, ge=1)
+    guidance_scale: float = Field(4.5, ge=0)
+    num_prompts: int = Field(32, ge=1)
+    images_per_prompt: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    # rewards evaluated on base and policy images (default: the training rewards)
+    metrics: list[str] = Field(default_factory=list)
+
+
+class CalibrationConfig(_Strict):
+    epochs: int = Field(2, ge=1)
+    # a reward whose share of zero-variance groups reaches this teaches nothing
+    max_zero_variance_share: float = Field(0.9, gt=0, le=1)
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str = "sqlite:///flowgrpo-runs/mlflow.db"
+    # MLflow experiment; default: the preset name
+    experiment: str | None = None
+    run_name: str | None = None
+    # registered model; default: flowgrpo-<family>
+    registered_model: str | None = None
+    # the gate that moves the 'champion' alias: metric to compare and the margin it must win by
+    gate_metric: str = "eval/policy/reward_mean"
+    gate_margin: float = 0.0
+
+
+class FlowGRPOConfig(_Strict):
+    preset: str = "custom"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    # {reward name: weight}; the trained reward is the weighted sum
+    rewards: dict[str, float] = Field(default_factory=lambda: {"jpeg_compressibility": 1.0})
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, value: dict[str, float]) -> dict[str, float]:
+        from flowgrpo_core.rewards import REWARD_NAMES
+
+        if not value:
+            raise ValueError("at least one reward is needed")
+        for name in value:
+            if name not in REWARD_NAMES:
+                raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARD_NAMES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FlowGRPOConfig:
+        from flowgrpo_core.models.loading import resolution_factor
+
+        factor = resolution_factor(self.model.source)
+        if self.sampling.resolution % factor:
+            raise ConfigError(
+                f"sampling.resolution: {self.sampling.resolution} is not divisible by the model's factor {factor} "
+                f"(VAE downsampling x patch size of {self.model.source})"
+            )
+        if self.sampling.images_per_epoch % self.sampling.batch_size:
+            raise ConfigError(
+                f"sampling.batch_size: {self.sampling.batch_size} must divide group_size x groups_per_epoch = "
+                f"{self.sampling.images_per_epoch}"
+            )
+        if self.train.ratio_norm and self.sampling.sde_type != "sde":
+            raise ConfigError("train.ratio_norm: GRPO-Guard's RatioNorm is defined for sde_type 'sde' only")
+        for metric in self.eval.metrics:
+            self._known_rewards({metric: 1.0})
+        return self
+
+    # ---- derived quantities (the batch arithmetic the trainer prints) ----
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampling.images_per_epoch // self.sampling.batch_size
+
+    @property
+    def sde_steps_per_sample(self) -> int:
+        return self.sampling.sde_window_size or self.sampling.num_steps
+
+    @property
+    def trained_steps_per_sample(self) -> int:
+        """Full Flow-GRPO trains the first ``int(T * timestep_fraction)`` steps; Fast trains its whole window."""
+        if self.sampling.sde_window_size:
+            return self.sampling.sde_window_size
+        return max(1, int(self.sampling.num_steps * self.train.timestep_fraction))
+
+    def describe(self) -> str:
+        s, t = self.sampling, self.train
+        return (
+            f"{s.groups_per_epoch} prompts x {s.group_size} images = {s.images_per_epoch} images/epoch in "
+            f"{self.batches_per_epoch} batches of {s.batch_size}; {self.trained_steps_per_sample} of {s.num_steps} steps "
+            f"trained per image; {t.optimizer_steps_per_epoch} optimiser step(s)/epoch; "
+            f"{'Flow-GRPO-Fast window ' + str(s.sde_window_size) if s.sde_window_size else 'SDE on every step'}"
+        )
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "rewards":
+            out.update(flatten(value, path + "."))
+        elif isinstance(value, dict):
+            for name, weight in value.items():
+                out[f"{path}.{name}"] = weight
+        else:
+            out[path] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.beta=0'`` -> ``(['train', 'beta'], 0)``; the value is read as YAML (numbers, bools, lists)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"malformed override {text!r}: expected section.field=value, e.g. train.beta=0")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from error
+    return key.split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key == "rewards":  # a reward mix replaces, never merges: {ocr: 1} must not keep the preset's jpeg
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def validate(data: dict[str, Any], origin: str = "config") -> FlowGRPOConfig:
+    try:
+        return FlowGRPOConfig.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(p) for p in item["loc"]) or "(root)"
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = "unknown key (check the spelling; see `flowgrpo presets`)"
+            problems.append(f"{where}: {message}" if item["loc"] else message)
+        raise ConfigError(f"invalid {origin}:\n  " + "\n  ".join(problems)) from None
+    except ConfigError as error:
+        raise ConfigError(f"invalid {origin}: {error}") from None
+
+
+def load_config(
+    preset: str | None = "tiny", file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> FlowGRPOConfig:
+    """preset -> YAML file -> ``key=value`` overrides -> validated config."""
+    from flowgrpo_core.presets import preset_dict
+
+    data: dict[str, Any] = preset_dict(preset) if preset else {}
+    origin = f"preset {preset!r}" if preset else "config"
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        data = _deep_merge(data, loaded)
+        origin = f"{origin} + {path}"
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(data, keys, value)
+    if overrides:
+        origin = f"{origin} with overrides"
+    return validate(data, origin)

@@ -1,0 +1,62 @@
+"""Exponential moving average of the trainable weights, used for evaluation (ALGORITHM.md sect. 4).
+
+Following the reference, the average is updated every ``update_interval`` optimiser steps, and its
+decay warms up as ``min(decay, (1 + n) / (10 + n))`` so the first updates do not stay glued to the
+initial weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, parameters: dict[str, nn.Parameter], decay: float, update_interval: int) -> None:
+        self.parameters = parameters
+        self.decay = decay
+        self.update_interval = update_interval
+        self.shadow = {name: p.detach().float().clone() for name, p in parameters.items()}
+        self.optimizer_steps = 0
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Call after every optimiser step."""
+        self.optimizer_steps += 1
+        if self.optimizer_steps % self.update_interval:
+            return
+        decay = self.current_decay()
+        for name, param in self.parameters.items():
+            self.shadow[name].lerp_(param.detach().float(), 1 - decay)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_in(self) -> Iterator[None]:
+        """Temporarily load the averaged weights into the model (for evaluation or export)."""
+        backup = {name: p.detach().clone() for name, p in self.parameters.items()}
+        for name, param in self.parameters.items():
+            param.copy_(self.shadow[name].to(param.dtype))
+        try:
+            yield
+        finally:
+            for name, param in self.parameters.items():
+                param.copy_(backup[name])
+
+    def state_dict(self) -> dict:
+        return {"shadow": dict(self.shadow), "optimizer_steps": self.optimizer_steps, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state does not match the trainable weights: {sorted(missing)[:5]}")
+        self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.updates = int(state["updates"])

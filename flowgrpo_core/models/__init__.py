@@ -1,0 +1,43 @@
+"""Model adapters (one per family) and the loader that picks the right one."""
+
+from __future__ import annotations
+
+from flowgrpo_core.models.base import Conditioning, FlowAdapter
+from flowgrpo_core.models.flux import FluxAdapter
+from flowgrpo_core.models.loading import ModelSourceError, load_pipeline, parse_source
+from flowgrpo_core.models.sd3 import SD3Adapter
+
+ADAPTERS: dict[str, type[FlowAdapter]] = {"StableDiffusion3Pipeline": SD3Adapter, "FluxPipeline": FluxAdapter}
+FAMILIES = {cls.family: cls for cls in ADAPTERS.values()}
+
+
+def adapter_for(pipeline, source: str = "", revision: str | None = None) -> FlowAdapter:
+    name = type(pipeline).__name__
+    if name not in ADAPTERS:
+        raise ModelSourceError(
+            f"{source or 'model'}: pipeline class {name} is not supported; supported: {sorted(ADAPTERS)}"
+        )
+    return ADAPTERS[name](pipeline, source=source, revision=revision)
+
+
+def load_model(
+    source: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu"
+) -> FlowAdapter:
+    """Load a base model and wrap it in its family's adapter, on ``device``."""
+    adapter = adapter_for(load_pipeline(source, revision, dtype), source, revision)
+    return adapter.to(device)
+
+
+__all__ = [
+    "ADAPTERS",
+    "FAMILIES",
+    "Conditioning",
+    "FlowAdapter",
+    "FluxAdapter",
+    "ModelSourceError",
+    "SD3Adapter",
+    "adapter_for",
+    "load_model",
+    "load_pipeline",
+    "parse_source",
+]

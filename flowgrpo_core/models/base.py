@@ -1,0 +1,213 @@
+"""The one interface through which the sampler and the trainer see a flow-matching text-to-image model.
+
+An adapter wraps a diffusers pipeline and exposes four things: encode prompts, draw initial noise,
+predict the (guided) velocity at a noise level, and decode latents to images. Sampling and training both
+call :meth:`FlowAdapter.predict_velocity`, so the log-probs recorded during roll-outs and the ones
+recomputed during training come from the same computation (ALGORITHM.md sect. 4: any difference in the
+forward path makes the first importance ratio drift from 1).
+
+Latents live in the adapter's own layout (SD3: (B, C, h, w); FLUX: packed (B, h*w/4, 4C)); the sampler
+never looks inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of B prompts: named tensors whose first dimension is the batch.
+
+    The keys are the adapter's business (SD3: ``embeds, pooled, neg_embeds, neg_pooled``).
+    """
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def select(self, index: torch.Tensor | slice | Sequence[int]) -> Conditioning:
+        return Conditioning({k: v[index] for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        return Conditioning({k: v.to(device) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
+        keys = items[0].tensors.keys()
+        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+
+
+class FlowAdapter(ABC):
+    """A flow-matching text-to-image model: ``v = model(x_sigma, sigma, text)``, ``x_sigma = (1-sigma) x0 + sigma noise``."""
+
+    family: str = ""
+    #: attention projections that receive LoRA (ALGORITHM.md sect. 4)
+    lora_target_modules: tuple[str, ...] = ()
+
+    def __init__(self, pipeline, source: str = "", revision: str | None = None) -> None:
+        self.pipeline = pipeline
+        self.source = source
+        self.revision = revision
+        self.lora_adapter_name: str | None = None
+        self._reference_copy: nn.Module | None = None
+        self._active: nn.Module | None = None  # set while the reference copy stands in
+
+    # ---- what each family defines ----
+
+    @abstractmethod
+    def encode_prompts(
+        self, prompts: Sequence[str], negative_prompt: str, guidance_scale: float, max_sequence_length: int
+    ) -> Conditioning:
+        """Text embeddings for B prompts (and the negative prompt when CFG is used)."""
+
+    @abstractmethod
+    def initial_noise(self, generators: Sequence[torch.Generator], height: int, width: int) -> torch.Tensor:
+        """(B, *latent_shape) float32 standard normal noise, one generator per sample."""
+
+    @abstractmethod
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Conditioning,
+        guidance_scale: float,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """Guided velocity.
+
+        Args:
+            latents: (B, *latent_shape) x at ``sigma``.
+            sigma: (B,) per-sample noise levels in [0, 1].
+            cond: conditioning of the same B samples.
+        Returns:
+            (B, *latent_shape) in the model's dtype.
+        """
+
+    @abstractmethod
+    def _vae_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents in the adapter layout -> (B, C, h, w) for the VAE."""
+
+    @abstractmethod
+    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """(num_steps + 1,) float32 decreasing noise levels from 1 to 0, as the family's pipeline uses them."""
+
+    @property
+    @abstractmethod
+    def resolution_factor(self) -> int:
+        """Image sides must be multiples of this (VAE downsampling x patch size)."""
+
+    # ---- shared ----
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self._active if self._active is not None else self.pipeline.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, device: torch.device | str) -> FlowAdapter:
+        self.pipeline.to(device)
+        return self
+
+    def check_resolution(self, height: int, width: int) -> None:
+        factor = self.resolution_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"resolution {height}x{width} is not divisible by the {self.family} model's factor {factor}"
+            )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, *latent_shape) -> (B, 3, H, W) float32 images in [0, 1]."""
+        vae = self.pipeline.vae
+        x = self._vae_latents(latents, height, width).to(vae.dtype)
+        x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(x, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ---- LoRA and the reference model ----
+
+    def add_lora(
+        self, rank: int, alpha: float, init: str = "gaussian", target_modules: Sequence[str] | None = None
+    ) -> None:
+        """Freeze the transformer and attach a trainable LoRA adapter named 'grpo'."""
+        from peft import LoraConfig
+
+        self.transformer.requires_grad_(False)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights=init,
+            target_modules=list(target_modules or self.lora_target_modules),
+        )
+        self.transformer.add_adapter(config, adapter_name="grpo")
+        self.lora_adapter_name = "grpo"
+
+    def keep_reference_copy(self) -> None:
+        """For full fine-tuning with a KL term: freeze a copy of the base transformer before training."""
+        import copy
+
+        self._reference_copy = copy.deepcopy(self.pipeline.transformer).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[None]:
+        """The base model for the KL term: with LoRA, the same weights with the adapter switched off (no
+        second copy in memory); with full fine-tuning, the frozen copy."""
+        if self.lora_adapter_name is not None:
+            self.transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                self.transformer.enable_adapters()
+        elif self._reference_copy is not None:
+            self._active = self._reference_copy
+            try:
+                yield
+            finally:
+                self._active = None
+        else:
+            raise RuntimeError("no reference model: add LoRA or call keep_reference_copy() before training")
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA weights in the diffusers/peft key format (``...to_q.lora_A.weight``)."""
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer, adapter_name=self.lora_adapter_name or "grpo")
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(
+            self.transformer, state, adapter_name=self.lora_adapter_name or "grpo"
+        )
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"LoRA weights have keys the model does not know: {unexpected[:5]}")
+
+    def save_lora(self, directory: str | os.PathLike) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` loadable by the pipeline's ``load_lora_weights``.
+
+        The adapter config (rank, alpha, targets) travels in the file's metadata: without it a loader
+        assumes alpha = rank and applies the LoRA at the wrong scale.
+        """
+        name = self.lora_adapter_name or "grpo"
+        type(self.pipeline).save_lora_weights(
+            str(directory),
+            transformer_lora_layers=self.lora_state_dict(),
+            transformer_lora_adapter_metadata=self.transformer.peft_config[name].to_dict(),
+        )

@@ -1,0 +1,147 @@
+"""Where a base model comes from: ``tiny:<family>[@seed]``, a local diffusers folder, ``s3://``, or a hub id."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+SourceKind = Literal["tiny", "local", "s3", "hub"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be resolved or loaded; the message names the source."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: SourceKind
+    location: str  # family for tiny, path, URI or hub id
+    seed: int = 0
+
+    @property
+    def family_hint(self) -> str | None:
+        return self.location if self.kind == "tiny" else None
+
+
+def parse_source(source: str) -> ModelSource:
+    """Classify a model source string without touching the network or the disk beyond ``exists``."""
+    from flowgrpo_core.models.tiny import TINY_BUILDERS
+
+    if not source:
+        raise ModelSourceError("model source is empty")
+    if source.startswith("tiny:"):
+        family, _, seed = source[len("tiny:") :].partition("@")
+        if family not in TINY_BUILDERS:
+            raise ModelSourceError(
+                f"unknown tiny model {source!r}; expected one of {[f'tiny:{f}' for f in TINY_BUILDERS]}"
+            )
+        if seed and not seed.isdigit():
+            raise ModelSourceError(f"tiny model seed in {source!r} must be a non-negative integer")
+        return ModelSource("tiny", family, int(seed or 0))
+    if source.startswith("s3://"):
+        return ModelSource("s3", source)
+    if os.path.isabs(source) or source.startswith((".", "~")) or Path(source).exists():
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ModelSourceError(f"model folder {source!r} does not exist")
+        if not (path / "model_index.json").is_file():
+            raise ModelSourceError(
+                f"model folder {source!r} has no model_index.json (expected a diffusers pipeline folder)"
+            )
+        return ModelSource("local", str(path.resolve()))
+    if _HUB_ID.match(source):
+        return ModelSource("hub", source)
+    raise ModelSourceError(
+        f"model source {source!r} is neither tiny:<family>, an existing folder, s3://bucket/prefix nor a hub id (org/name)"
+    )
+
+
+def s3_cache_dir(uri: str) -> Path:
+    from flowgrpo_core.storage import parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(uri)
+    root = Path(os.environ.get("FLOWGRPO_CACHE", Path.home() / ".cache" / "flowgrpo"))
+    return root / "s3" / bucket / prefix
+
+
+def load_pipeline(source: str, revision: str | None = None, dtype: str = "float32"):
+    """A diffusers pipeline from any supported source (see module docstring)."""
+    from diffusers import DiffusionPipeline
+
+    from flowgrpo_core.models.tiny import TINY_BUILDERS
+
+    parsed = parse_source(source)
+    torch_dtype = DTYPES[dtype]
+    if parsed.kind == "tiny":
+        pipe = TINY_BUILDERS[parsed.location](seed=parsed.seed)
+        return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+    if parsed.kind == "s3":
+        from flowgrpo_core.storage import download_prefix
+
+        folder = s3_cache_dir(parsed.location)
+        if not (folder / "model_index.json").is_file():
+            download_prefix(parsed.location, folder)
+        return _from_pretrained(DiffusionPipeline, str(folder), None, torch_dtype, source, local_only=True)
+    if parsed.kind == "local":
+        return _from_pretrained(
+            DiffusionPipeline, parsed.location, None, torch_dtype, source, local_only=True
+        )
+    return _from_pretrained(
+        DiffusionPipeline, parsed.location, revision, torch_dtype, source, local_only=_hub_offline()
+    )
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _from_pretrained(cls, location: str, revision: str | None, torch_dtype, source: str, local_only: bool):
+    try:
+        # HF_HUB_CACHE is read here, not at import, so a process can point at a pre-filled cache.
+        return cls.from_pretrained(
+            location, revision=revision, torch_dtype=torch_dtype, local_files_only=local_only,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+        )  # fmt: skip
+    except (OSError, ValueError) as error:
+        hint = (
+            " (HF_HUB_OFFLINE is set and the model is not in the local cache)"
+            if local_only and _hub_offline()
+            else ""
+        )
+        rev = f" at revision {revision!r}" if revision else ""
+        raise ModelSourceError(f"cannot load model {source!r}{rev}{hint}: {error}") from error
+
+
+# VAE downsampling x patch size of every supported family (SD3, FLUX: 8 x 2).
+DEFAULT_RESOLUTION_FACTOR = 16
+
+
+def resolution_factor(source: str) -> int:
+    """Image sides must be multiples of this, known without loading weights (read from a local folder's
+    configs when there is one; the families' common value otherwise). Unparseable sources get the
+    default here and fail with their own message when loaded."""
+    import json
+
+    try:
+        parsed = parse_source(source)
+    except ModelSourceError:
+        return DEFAULT_RESOLUTION_FACTOR
+    if parsed.kind != "local":
+        return DEFAULT_RESOLUTION_FACTOR
+    folder = Path(parsed.location)
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return DEFAULT_RESOLUTION_FACTOR
+    vae_factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    # FLUX packs 2x2 latent pixels per token on top of patch_size 1
+    patch = 2 if "Flux" in transformer.get("_class_name", "") else transformer.get("patch_size", 2)
+    return vae_factor * patch

@@ -1,0 +1,248 @@
+"""Tiny SD3 and FLUX pipelines with random weights, built offline and deterministically from a seed.
+
+They have the real architectures (MMDiT, CLIP + T5 text encoders, KL VAE) at a few hundred thousand
+parameters, so every code path of the project runs on a CPU in seconds and no test needs the hub.
+Tokenizers are built in memory (byte-level BPE for CLIP, a character Unigram for T5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins for bytes that byte-level BPE vocabularies use (GPT-2 / CLIP)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+# A few frequent English merges so that prompts tokenize into more than single characters.
+_CLIP_MERGES = (
+    ("t", "h"),
+    ("th", "e</w>"),
+    ("a", "n"),
+    ("i", "n"),
+    ("o", "n</w>"),
+    ("e", "r"),
+    ("r", "e"),
+    ("a", "t"),
+)
+
+
+def tiny_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for token in ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]:
+        vocab.setdefault(token, len(vocab))
+    for merge in _CLIP_MERGES:
+        vocab.setdefault("".join(merge), len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(_CLIP_MERGES), model_max_length=77)
+
+
+def tiny_t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    for char in map(chr, range(33, 127)):
+        pieces += [(char, -3.0), ("▁" + char, -3.5)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+@dataclass(frozen=True)
+class TinySD3Spec:
+    """Sizes of a random SD3; the defaults give ~0.5M parameters and 64 px images in milliseconds."""
+
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    attention_head_dim: int = 8
+    vae_blocks: tuple[int, ...] = (8, 16, 16, 16)  # 4 blocks -> VAE factor 8
+    latent_channels: int = 16
+    clip_hidden: int = 32
+    t5_d_model: int = 64
+
+
+def build_tiny_sd3(seed: int = 0, spec: TinySD3Spec = TinySD3Spec()):
+    """A ``StableDiffusion3Pipeline`` with random weights, identical for equal seeds."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = tiny_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip_config = CLIPTextConfig(
+            hidden_size=spec.clip_hidden,
+            intermediate_size=spec.clip_hidden * 2,
+            num_hidden_layers=2,  # SD3 reads hidden_states[-2]
+            num_attention_heads=4,
+            projection_dim=spec.clip_hidden,
+            vocab_size=1000,
+            max_position_embeddings=77,  # the pipeline pads CLIP prompts to 77
+            hidden_act="gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text_encoder = CLIPTextModelWithProjection(clip_config)
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=1000,
+                d_model=spec.t5_d_model,
+                d_kv=16,
+                d_ff=spec.t5_d_model,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=16,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+        inner = spec.num_attention_heads * spec.attention_head_dim
+        transformer = SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=spec.latent_channels,
+            num_layers=spec.num_layers,
+            attention_head_dim=spec.attention_head_dim,
+            num_attention_heads=spec.num_attention_heads,
+            joint_attention_dim=spec.t5_d_model,  # CLIP (2 x hidden) is padded to the T5 width
+            caption_projection_dim=inner,
+            pooled_projection_dim=2 * spec.clip_hidden,
+            out_channels=spec.latent_channels,
+            pos_embed_max_size=128,
+        )
+        vae = _tiny_vae(spec.vae_blocks, spec.latent_channels)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tiny_t5_tokenizer(),
+    )
+    return _eval_mode(pipe)
+
+
+def build_tiny_flux(seed: int = 0):
+    """A ``FluxPipeline`` (guidance-distilled like FLUX.1-dev) with random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = tiny_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=1000,
+                max_position_embeddings=77,
+                hidden_act="gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=1000,
+                d_model=32,
+                d_kv=8,
+                d_ff=32,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=16,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels x 2x2 packing
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        )
+        vae = _tiny_vae((8, 16, 16, 16), latent_channels=4)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_t5_tokenizer(),
+    )
+    return _eval_mode(pipe)
+
+
+def _tiny_vae(blocks: tuple[int, ...], latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _eval_mode(pipe):
+    # Freshly constructed modules are in train mode, and T5's dropout would make every call random.
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.eval()
+    return pipe
+
+
+TINY_BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}

@@ -1,0 +1,160 @@
+"""Named presets: small dicts of what differs from the defaults in ``config.py``.
+
+The reference presets carry the hyper-parameters of Flow-GRPO on SD3.5-Medium at 512 px
+(ALGORITHM.md sect. 9): T = 10 training steps, 40 evaluation steps, CFG 4.5, noise level 0.7,
+clip range 1e-4, 24 images per prompt, 48 prompts per epoch, LoRA r32/alpha 64, lr 3e-4, EMA.
+The reference trains on 8-32 GPUs; on fewer, the 48 groups per epoch are kept by running more
+sampling batches per epoch, which the derived batch arithmetic does automatically.
+
+All presets use the exact KL of the step Gaussians (``train.kl_form: exact``); set ``reference`` to
+reproduce flow_grpo's scale.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
+_SD3_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+_SD3_REFERENCE: dict[str, Any] = {
+    "model": {"source": SD35_MEDIUM, "dtype": "float16"},
+    "sampling": {
+        "resolution": 512,
+        "num_steps": 10,
+        "guidance_scale": 4.5,
+        "noise_level": 0.7,
+        "group_size": 24,
+        "groups_per_epoch": 48,
+        "batch_size": 9,
+        "max_sequence_length": 256,
+    },
+    "train": {
+        "epochs": 1000,
+        "learning_rate": 3e-4,
+        "clip_range": 1e-4,
+        "adv_clip_max": 5.0,
+        "timestep_fraction": 0.99,
+        "global_std": True,
+        "lora": True,
+        "lora_rank": 32,
+        "lora_alpha": 64.0,
+        "ema": True,
+        "mixed_precision": "fp16",
+        "gradient_checkpointing": True,
+        "checkpoint_every": 20,
+        "device": "auto",
+    },
+    "eval": {"num_steps": 40, "guidance_scale": 4.5, "num_prompts": 256, "batch_size": 16},
+}
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny": (
+        "random tiny SD3 built locally, 64 px, JPEG incompressibility: about a second per epoch on a CPU",
+        {
+            "model": {"source": "tiny:sd3", "dtype": "float32"},
+            "sampling": {
+                "resolution": 64,
+                "num_steps": 8,
+                "guidance_scale": 4.5,
+                "noise_level": 0.7,
+                "group_size": 4,
+                "groups_per_epoch": 4,
+                "batch_size": 4,
+                "max_sequence_length": 32,
+            },
+            "train": {
+                "epochs": 10,
+                "seed": 0,
+                # A random model has no notion of smooth images, so compressibility barely moves in a few
+                # epochs; incompressibility follows the velocity's scale, which LoRA on proj_out and the
+                # feed-forwards reaches at once. lr and clip are large for the same reason: 0.08M weights.
+                "learning_rate": 1e-2,
+                "clip_range": 1e-2,
+                "beta": 0.01,
+                "lora": True,
+                "lora_rank": 8,
+                "lora_alpha": 16.0,
+                "lora_target_modules": [*_SD3_ATTENTION, "proj_out", "ff.net.0.proj", "ff.net.2"],
+                "optimizer_steps_per_epoch": 2,
+                "ema": True,
+                "checkpoint_every": 2,
+                "device": "cpu",
+            },
+            "rewards": {"jpeg_incompressibility": 1.0},
+            "prompts": {"train": "builtin:animals", "eval": "builtin:animals"},
+            "eval": {"num_steps": 10, "guidance_scale": 4.5, "num_prompts": 8, "batch_size": 8},
+            "calibration": {"epochs": 2},
+        },
+    ),
+    "sd3-geneval": (
+        "SD3.5-M, GenEval reward, beta 0.04 (reference: GenEval 0.63 -> 0.95)",
+        {
+            **_SD3_REFERENCE,
+            "rewards": {"geneval": 1.0},
+            "train": {**_SD3_REFERENCE["train"], "beta": 0.04},
+            "prompts": {"train": "builtin:geneval_train", "eval": "builtin:geneval_test"},
+        },
+    ),
+    "sd3-ocr": (
+        "SD3.5-M, OCR reward, beta 0.04 (reference: OCR accuracy 0.59 -> 0.92)",
+        {
+            **_SD3_REFERENCE,
+            "rewards": {"ocr": 1.0},
+            "train": {**_SD3_REFERENCE["train"], "beta": 0.04},
+            "prompts": {"train": "builtin:ocr_train", "eval": "builtin:ocr_test"},
+        },
+    ),
+    "sd3-pickscore": (
+        "SD3.5-M, PickScore reward, beta 0.01",
+        {
+            **_SD3_REFERENCE,
+            "rewards": {"pickscore": 1.0},
+            "train": {**_SD3_REFERENCE["train"], "beta": 0.01},
+            "prompts": {"train": "builtin:pickscore_train", "eval": "builtin:pickscore_test"},
+        },
+    ),
+    "sd3-pickscore-fast": (
+        "SD3.5-M, PickScore, Flow-GRPO-Fast: a 2-step SDE window in the first half, clip 1e-5",
+        {
+            **_SD3_REFERENCE,
+            "rewards": {"pickscore": 1.0},
+            "sampling": {**_SD3_REFERENCE["sampling"], "sde_window_size": 2, "sde_window_range": [0.0, 0.5]},
+            "train": {**_SD3_REFERENCE["train"], "beta": 0.01, "clip_range": 1e-5},
+            "prompts": {"train": "builtin:pickscore_train", "eval": "builtin:pickscore_test"},
+        },
+    ),
+    "flux-pickscore": (
+        "FLUX.1-dev, PickScore, bf16, embedded guidance 3.5, beta 0.01",
+        {
+            **_SD3_REFERENCE,
+            "model": {"source": FLUX1_DEV, "dtype": "bfloat16"},
+            "sampling": {**_SD3_REFERENCE["sampling"], "guidance_scale": 3.5, "max_sequence_length": 512},
+            "rewards": {"pickscore": 1.0},
+            "train": {**_SD3_REFERENCE["train"], "beta": 0.01, "mixed_precision": "bf16"},
+            "prompts": {"train": "builtin:pickscore_train", "eval": "builtin:pickscore_test"},
+            "eval": {**_SD3_REFERENCE["eval"], "guidance_scale": 3.5, "num_steps": 28},
+        },
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """A deep copy of the preset's overrides, tagged with its name."""
+    from flowgrpo_core.config import ConfigError
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    data = copy.deepcopy(PRESETS[name][1])
+    data["preset"] = name
+    return data
+
+
+def preset_description(name: str) -> str:
+    return PRESETS[name][0]

@@ -1,0 +1,70 @@
+"""Group-relative advantages against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from flowgrpo_core.advantages import STD_EPS, PerPromptStatTracker, clip_advantages, group_stats
+
+PROMPTS = ["a", "a", "a", "b", "b", "b"]
+REWARDS = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
+
+
+def test_group_std_normalisation():
+    adv = PerPromptStatTracker(global_std=False).update(PROMPTS, REWARDS)
+    std_a, std_b = np.std([1, 2, 3]), np.std([10, 10, 13])  # population std: sqrt(2/3), sqrt(2)
+    expected = [
+        (1 - 2) / (std_a + STD_EPS),
+        0.0,
+        (3 - 2) / (std_a + STD_EPS),
+        -1 / (std_b + STD_EPS),
+        -1 / (std_b + STD_EPS),
+        2 / (std_b + STD_EPS),
+    ]
+    np.testing.assert_allclose(adv, expected, rtol=1e-12)
+
+
+def test_global_std_normalisation():
+    adv = PerPromptStatTracker(global_std=True).update(PROMPTS, REWARDS)
+    std = np.std(REWARDS)
+    np.testing.assert_allclose(adv, np.array([-1, 0, 1, -1, -1, 2]) / (std + STD_EPS), rtol=1e-12)
+
+
+def test_zero_variance_group_gets_zero_advantages():
+    adv = PerPromptStatTracker(global_std=False).update(["a", "a", "b", "b"], np.array([5.0, 5.0, 1.0, 2.0]))
+    assert adv[0] == 0 and adv[1] == 0
+    np.testing.assert_allclose(adv[2:], [-0.5 / (0.5 + STD_EPS), 0.5 / (0.5 + STD_EPS)])
+
+
+def test_rolling_buffer_keeps_history_and_clear_drops_it():
+    tracker = PerPromptStatTracker(global_std=False, buffer_size=4)
+    tracker.update(["a", "a"], np.array([0.0, 2.0]))
+    adv = tracker.update(["a", "a"], np.array([4.0, 6.0]))  # baseline over [0, 2, 4, 6]: mean 3, std sqrt(5)
+    np.testing.assert_allclose(adv, np.array([1.0, 3.0]) / (np.sqrt(5) + STD_EPS))
+    tracker.update(["a"], np.array([8.0]))
+    assert tracker.history["a"] == [2.0, 4.0, 6.0, 8.0]
+    tracker.clear()
+    assert dict(tracker.history) == {}
+
+
+def test_state_round_trip():
+    tracker = PerPromptStatTracker(global_std=False, buffer_size=3)
+    tracker.update(["x", "y"], np.array([1.0, 2.0]))
+    other = PerPromptStatTracker()
+    other.load_state_dict(tracker.state_dict())
+    assert other.state_dict() == tracker.state_dict()
+
+
+def test_clip_and_validation():
+    np.testing.assert_array_equal(clip_advantages(np.array([-7.0, 0.3, 9.0]), 5.0), [-5.0, 0.3, 5.0])
+    with pytest.raises(ValueError, match="NaN"):
+        PerPromptStatTracker().update(["a"], np.array([np.nan]))
+    with pytest.raises(ValueError, match="shape"):
+        PerPromptStatTracker().update(["a", "b"], np.array([1.0]))
+
+
+def test_group_stats():
+    stats = group_stats(["a", "a", "b", "b"], np.array([5.0, 5.0, 1.0, 3.0]))
+    assert stats.num_groups == 2
+    assert stats.zero_variance_share == 0.5
+    assert stats.mean_within_group_std == pytest.approx(0.5)
+    assert stats.global_std == pytest.approx(np.std([5, 5, 1, 3]))
