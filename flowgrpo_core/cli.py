@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 EPILOG = """examples:
+  flowgrpo run --preset tiny                                 # the whole DAG locally, tracked in MLflow
+  flowgrpo compile --preset sd3-geneval -o flowgrpo.yaml     # KFP IR YAML for a cluster
+  flowgrpo submit --host https://kfp.example --preset sd3-ocr --tracking-uri http://mlflow:5000
+  flowgrpo promote --model flowgrpo-sd3 --version 7
+  flowgrpo train --preset tiny --epochs 3 --out runs/x       # the trainer alone, no pipeline
+  flowgrpo serve-reward ocr --port 18001
   flowgrpo presets
-  flowgrpo train --preset tiny --epochs 3 --out runs/x
-  flowgrpo train --preset sd3-ocr --set train.beta=0 --set sampling.batch_size=4 --out runs/ocr
-  flowgrpo train --preset tiny --out runs/x --resume        # continue from the latest checkpoint
 """
-
-# Extra sub-commands contributed by other parts of the package: each adds its parser to `subparsers`.
-_EXTENSIONS: list[str] = [
-    "flowgrpo_core.serving.commands:add_serve_reward_parser",
-    "pipelines.commands:add_pipeline_parsers",
-]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +89,89 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    group = parser.add_argument_group("pipeline parameters")
+    group.add_argument(
+        "--model-source",
+        default="",
+        help="base model (tiny:sd3, folder, s3://bucket/prefix, hub id); default: the config's",
+    )
+    group.add_argument("--model-revision", default="", help="hub revision of --model-source")
+    group.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: sqlite:///flowgrpo-runs/mlflow.db)",
+    )
+    group.add_argument("--experiment", default="", help="MLflow experiment (default: the preset name)")
+    group.add_argument(
+        "--workdir",
+        default="flowgrpo-runs/work",
+        help="folder for checkpoints and reward-server pid files (a PVC path on a cluster)",
+    )
+
+
+def _pipeline_args(args: argparse.Namespace):
+    from flowgrpo_core.tracking import DEFAULT_TRACKING_URI
+    from pipelines.runner import PipelineArguments
+
+    if args.config:
+        raise ValueError(
+            "--config is not a pipeline parameter: pass the file's fields with --set (they travel with the run)"
+        )
+    return PipelineArguments(
+        preset=args.preset, overrides=tuple(args.overrides), model_source=args.model_source, model_revision=args.model_revision,
+        tracking_uri=args.tracking_uri or DEFAULT_TRACKING_URI, experiment=args.experiment, workdir=args.workdir,
+    )  # fmt: skip
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.runner import run_local
+
+    pipeline_args = _pipeline_args(args)
+    result = run_local(pipeline_args, pipeline_root=args.pipeline_root)
+    print(f"\n[flowgrpo] pipeline finished in {result.seconds:.0f}s")
+    print(f"[flowgrpo] MLflow experiment {result.experiment!r}, parent run {result.parent_run_id}")
+    print(f"[flowgrpo] registered model version: {result.registered or 'none'}")
+    if pipeline_args.tracking_uri.startswith("sqlite:///"):
+        print(f"[flowgrpo] look at it: mlflow ui --backend-store-uri {pipeline_args.tracking_uri}")
+    else:
+        print(f"[flowgrpo] look at it: {pipeline_args.tracking_uri}")
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.runner import compile_pipeline
+
+    path = compile_pipeline(_pipeline_args(args), args.output, gpus=args.gpus)
+    print(f"[flowgrpo] compiled {path}")
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.runner import submit
+
+    run_id = submit(
+        _pipeline_args(args),
+        args.host,
+        run_name=args.run_name,
+        kfp_experiment=args.kfp_experiment,
+        gpus=args.gpus,
+    )
+    print(f"[flowgrpo] submitted run {run_id} to {args.host}")
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from flowgrpo_core.registry import promote
+    from flowgrpo_core.tracking import DEFAULT_TRACKING_URI, configure
+
+    configure(args.tracking_uri or DEFAULT_TRACKING_URI)
+    moved, reason = promote(args.model, args.version, force=args.force)
+    print(f"[flowgrpo] {args.model} v{args.version}: {'champion' if moved else 'not promoted'} ({reason})")
+    return 0 if moved else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowgrpo",
@@ -124,21 +204,65 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
     train.set_defaults(func=_cmd_train)
 
-    for spec in _EXTENSIONS:
-        _load_extension(spec)(sub)
+    run = sub.add_parser(
+        "run",
+        help="run the whole pipeline locally (kfp.local, no containers) tracked in MLflow",
+        description="Run download -> reward servers -> calibration -> training -> evaluation -> registration in this "
+        "machine's processes with kfp.local, log everything to MLflow and register the policy.",
+    )
+    add_pipeline_arguments(run)
+    run.add_argument(
+        "--pipeline-root", default="flowgrpo-runs/kfp", help="where kfp.local keeps each task's artifacts"
+    )
+    run.set_defaults(func=_cmd_run)
+
+    compile_ = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML", description="Compile the pipeline with "
+                              "these parameters as defaults, for upload to Kubeflow Pipelines.")  # fmt: skip
+    add_pipeline_arguments(compile_)
+    compile_.add_argument(
+        "-o", "--output", default="flowgrpo.yaml", help="output YAML file (default: flowgrpo.yaml)"
+    )
+    compile_.add_argument(
+        "--gpus", type=int, default=0, help="GPUs requested by each model-running stage (default 0)"
+    )
+    compile_.set_defaults(func=_cmd_compile)
+
+    submit_ = sub.add_parser(
+        "submit", help="submit the pipeline to a Kubeflow Pipelines server", description="Submit a run."
+    )
+    add_pipeline_arguments(submit_)
+    submit_.add_argument(
+        "--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline"
+    )
+    submit_.add_argument("--run-name", help="KFP run name (default: flowgrpo-<preset>)")
+    submit_.add_argument("--kfp-experiment", help="KFP experiment (default: flowgrpo-<preset>)")
+    submit_.add_argument(
+        "--gpus", type=int, default=0, help="GPUs requested by each model-running stage (default 0)"
+    )
+    submit_.set_defaults(func=_cmd_submit)
+
+    promote_ = sub.add_parser(
+        "promote",
+        help="move the 'champion' alias to a registered version if it passes the gate",
+        description="Compare the version's recorded gate metric with the current champion's (or, with none, the base "
+        "model's) and move the 'champion' alias when it wins by the recorded margin. Exit code 1 when it does not.",
+    )
+    promote_.add_argument("--model", required=True, help="registered model name, e.g. flowgrpo-sd3")
+    promote_.add_argument("--version", required=True, help="model version to promote")
+    promote_.add_argument(
+        "--force", action="store_true", help="move the alias even if the gate fails (recorded as forced)"
+    )
+    promote_.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: sqlite:///flowgrpo-runs/mlflow.db)",
+    )
+    promote_.set_defaults(func=_cmd_promote)
+
+    from flowgrpo_core.serving.commands import add_serve_reward_parser
+
+    add_serve_reward_parser(sub)
     return parser
-
-
-def _load_extension(spec: str) -> Callable[[argparse._SubParsersAction], None]:
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as error:
-        if error.name and module.startswith(error.name):
-            return lambda sub: None  # that part of the package is not installed
-        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as error:
         print(f"flowgrpo {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -151,6 +151,14 @@ class CalibrationConfig(_Strict):
     max_zero_variance_share: float = Field(0.9, gt=0, le=1)
 
 
+class ServingConfig(_Strict):
+    # 'process': each reward runs as its own HTTP server, as on a cluster; 'inline': in the trainer's process
+    mode: Literal["process", "inline"] = "process"
+    # interface local reward servers bind; 127.0.0.1 unless other machines must reach them
+    host: str = "127.0.0.1"
+    startup_timeout_s: float = Field(600.0, gt=0)
+
+
 class TrackingConfig(_Strict):
     tracking_uri: str = "sqlite:///flowgrpo-runs/mlflow.db"
     # MLflow experiment; default: the preset name
@@ -158,7 +166,8 @@ class TrackingConfig(_Strict):
     run_name: str | None = None
     # registered model; default: flowgrpo-<family>
     registered_model: str | None = None
-    # the gate that moves the 'champion' alias: metric to compare and the margin it must win by
+    # the gate that moves the 'champion' alias: the metric must beat the champion's (or, with no champion,
+    # the base model's) by more than the margin
     gate_metric: str = "eval/policy/reward_mean"
     gate_margin: float = 0.0
 
@@ -173,6 +182,7 @@ class FlowGRPOConfig(_Strict):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("rewards")
@@ -240,6 +250,14 @@ class FlowGRPOConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def override(self, *texts: str) -> FlowGRPOConfig:
+        """A validated copy with ``section.field=value`` overrides applied."""
+        data = self.model_dump(mode="json")
+        for text in texts:
+            keys, value = parse_override(text)
+            _set_path(data, keys, value)
+        return validate(data, f"preset {self.preset!r} with overrides")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -80,6 +80,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                 "lora_target_modules": [*_SD3_ATTENTION, "proj_out", "ff.net.0.proj", "ff.net.2"],
                 "optimizer_steps_per_epoch": 2,
                 "ema": True,
+                "ema_update_interval": 1,  # 2 optimiser steps per epoch: the reference's 8 would never update
                 "checkpoint_every": 2,
                 "device": "cpu",
             },

@@ -100,6 +100,7 @@ class FlowGRPOTrainer:
         self.history: list[dict[str, float]] = []
         self.counters = {"skipped_loss_steps": 0, "skipped_optimizer_steps": 0, "nonfinite_rewards": 0}
         self.last_samples: Trajectories | None = None
+        self.last_rewards: RewardOutput | None = None  # the epoch's raw scores, with every component
 
     def _setup_policy(self) -> dict[str, torch.nn.Parameter]:
         t = self.config.train
@@ -142,10 +143,12 @@ class FlowGRPOTrainer:
                 f"[flowgrpo] epoch {epoch}: reward {metrics['reward/total']:.4f} ± {metrics['reward/total/std']:.4f}  "
                 f"kl {metrics['train/kl']:.3g}  clipfrac {metrics['train/clipfrac']:.3f}  {metrics['time/epoch_s']:.1f}s"
             )
-            for callback in self.callbacks:
-                callback(self, metrics)
+            # Checkpoint before the callbacks: a kill in between loses a log line, which the resume can
+            # replay from the checkpoint's history, never an epoch of training.
             if (every and self.epoch % every == 0) or self.epoch == target:
                 self.save_checkpoint()
+            for callback in self.callbacks:
+                callback(self, metrics)
         return self.history
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -155,7 +158,7 @@ class FlowGRPOTrainer:
         sampled = time.perf_counter()
         advantages, reward_metrics = self.advantages(samples.prompts, scores)
         train_metrics = self.train_on(samples, advantages, generator)
-        self.last_samples = samples
+        self.last_samples, self.last_rewards = samples, scores
         end = time.perf_counter()
         return {
             "epoch": float(epoch),
@@ -249,9 +252,10 @@ class FlowGRPOTrainer:
         grad_norms: list[float] = []
         skipped_before = dict(self.counters)
         for _ in range(t.num_inner_epochs):
-            micro = list(
-                keep[torch.randperm(len(keep), generator=generator)].split(self.config.sampling.batch_size)
-            )
+            shuffled = keep[torch.randperm(len(keep), generator=generator)]
+            micro = [
+                m for m in shuffled.split(self.config.sampling.batch_size) if len(m)
+            ]  # none when all A = 0
             for window in _split_evenly(micro, t.optimizer_steps_per_epoch):
                 n_terms = len(window) * steps.shape[1]
                 for index in tqdm(window, desc="training", leave=False, disable=not self.progress):

@@ -224,3 +224,13 @@ def test_seeded_tiny_run_raises_the_jpeg_reward(tmp_path):
     )
     rewards = [m["reward/total"] for m in history]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3])
+
+
+def test_an_epoch_without_signal_trains_nothing(tmp_path):
+    trainer = _trainer(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    samples, _ = trainer.sample_and_score(generator)
+    before = _state(trainer)
+    metrics = trainer.train_on(samples, torch.zeros(len(samples)), generator)
+    assert metrics["train/trained_samples"] == 0 and metrics["train/loss"] == 0.0
+    assert trainer.global_step == 0 and all(torch.equal(before[k], v) for k, v in _state(trainer).items())

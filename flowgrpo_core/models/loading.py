@@ -71,6 +71,42 @@ def s3_cache_dir(uri: str) -> Path:
     return root / "s3" / bucket / prefix
 
 
+def resolve_folder(source: str, revision: str | None = None) -> Path | None:
+    """The local diffusers folder holding ``source``: downloaded from S3 or the hub if needed (the hub
+    honours HF_HUB_OFFLINE and HF_HUB_CACHE). None for tiny models, which are built, not stored."""
+    parsed = parse_source(source)
+    if parsed.kind == "tiny":
+        return None
+    if parsed.kind == "local":
+        return Path(parsed.location)
+    if parsed.kind == "s3":
+        from flowgrpo_core.storage import download_prefix
+
+        folder = s3_cache_dir(parsed.location)
+        if not (folder / "model_index.json").is_file():
+            download_prefix(parsed.location, folder)
+        if not (folder / "model_index.json").is_file():
+            raise ModelSourceError(
+                f"{source} holds no model_index.json (expected a diffusers pipeline folder)"
+            )
+        return folder
+    from huggingface_hub import snapshot_download
+
+    rev = f" at revision {revision!r}" if revision else ""
+    try:
+        return Path(
+            snapshot_download(
+                parsed.location,
+                revision=revision,
+                local_files_only=_hub_offline(),
+                cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            )
+        )
+    except Exception as error:  # huggingface_hub raises many types (offline, 404, gated, network)
+        hint = " (HF_HUB_OFFLINE is set and the model is not in the local cache)" if _hub_offline() else ""
+        raise ModelSourceError(f"cannot download model {source!r}{rev}{hint}: {error}") from error
+
+
 def load_pipeline(source: str, revision: str | None = None, dtype: str = "float32"):
     """A diffusers pipeline from any supported source (see module docstring)."""
     from diffusers import DiffusionPipeline
@@ -82,41 +118,15 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
     if parsed.kind == "tiny":
         pipe = TINY_BUILDERS[parsed.location](seed=parsed.seed)
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
-    if parsed.kind == "s3":
-        from flowgrpo_core.storage import download_prefix
-
-        folder = s3_cache_dir(parsed.location)
-        if not (folder / "model_index.json").is_file():
-            download_prefix(parsed.location, folder)
-        return _from_pretrained(DiffusionPipeline, str(folder), None, torch_dtype, source, local_only=True)
-    if parsed.kind == "local":
-        return _from_pretrained(
-            DiffusionPipeline, parsed.location, None, torch_dtype, source, local_only=True
-        )
-    return _from_pretrained(
-        DiffusionPipeline, parsed.location, revision, torch_dtype, source, local_only=_hub_offline()
-    )
+    folder = resolve_folder(source, revision)
+    try:
+        return DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"cannot load model {source!r} from {folder}: {error}") from error
 
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-
-
-def _from_pretrained(cls, location: str, revision: str | None, torch_dtype, source: str, local_only: bool):
-    try:
-        # HF_HUB_CACHE is read here, not at import, so a process can point at a pre-filled cache.
-        return cls.from_pretrained(
-            location, revision=revision, torch_dtype=torch_dtype, local_files_only=local_only,
-            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
-        )  # fmt: skip
-    except (OSError, ValueError) as error:
-        hint = (
-            " (HF_HUB_OFFLINE is set and the model is not in the local cache)"
-            if local_only and _hub_offline()
-            else ""
-        )
-        rev = f" at revision {revision!r}" if revision else ""
-        raise ModelSourceError(f"cannot load model {source!r}{rev}{hint}: {error}") from error
 
 
 # VAE downsampling x patch size of every supported family (SD3, FLUX: 8 x 2).

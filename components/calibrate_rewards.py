@@ -1,0 +1,24 @@
+"""calibrate_rewards: the beta = 0 probe; fails the pipeline when a reward is broken."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
+
+from components.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def calibrate_rewards(
+    preset: str, overrides: list, model_source: str, model_revision: str, tracking_uri: str, experiment: str,
+    workdir: str, kfp_run_id: str, model: Input[Model], endpoints: Input[Artifact],
+    calibration: Output[Artifact], metrics: Output[Metrics],
+):  # fmt: skip
+    from flowgrpo_core.stages import PipelineContext
+    from flowgrpo_core.stages.calibrate import calibrate_rewards as run
+
+    ctx = PipelineContext(
+        preset, list(overrides), kfp_run_id, tracking_uri, experiment, workdir, model_source, model_revision
+    )
+    result = run(ctx, model.path, endpoints.path, calibration.path)
+    for name, stats in result["rewards"].items():
+        for key in ("mean", "std", "within_group_std", "zero_variance_share", "trend"):
+            metrics.log_metric(f"{name}.{key}", float(stats[key]))

@@ -1,0 +1,68 @@
+"""The MLflow pyfunc of a registered policy (logged as models-from-code: this file, not a pickle).
+
+Its artifact ``policy`` is the folder written by ``FlowGRPOTrainer.save_policy`` plus ``base.json``
+(source and revision of the base model). Loading rebuilds the base from that reference and puts the
+adapter on it; ``predict(prompts)`` returns PIL images. Multi-GB bases are never copied into the registry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class FlowGRPOPolicy(PythonModel):
+    def load_context(self, context) -> None:
+        from flowgrpo_core.config import load_config
+        from flowgrpo_core.models import load_model
+        from flowgrpo_core.policy import attach_policy
+        from flowgrpo_core.trainer import resolve_device
+
+        folder = Path(context.artifacts["policy"])
+        base = json.loads((folder / "base.json").read_text())
+        self.config = load_config(None, folder / "config.yaml")
+        device = resolve_device("auto")
+        self.adapter = load_model(base["source"], base.get("revision"), self.config.model.dtype, str(device))
+        attach_policy(self.adapter, folder, ema=True)
+
+    def predict(self, context, model_input, params: dict | None = None) -> list:
+        """``model_input``: a prompt, a list of prompts, or a DataFrame with a ``prompt`` column (and optional
+        ``seed``). ``params`` may set ``num_steps``, ``guidance_scale``, ``resolution``, ``seed``."""
+        from flowgrpo_core.evaluation.compare import generate
+
+        prompts, seeds = _prompts_and_seeds(model_input, int((params or {}).get("seed", 0)))
+        e, s = self.config.eval, self.config.sampling
+        params = params or {}
+        return generate(
+            self.adapter,
+            prompts,
+            seeds,
+            resolution=int(params.get("resolution", s.resolution)),
+            num_steps=int(params.get("num_steps", e.num_steps)),
+            guidance_scale=float(params.get("guidance_scale", e.guidance_scale)),
+            batch_size=e.batch_size,
+            negative_prompt=s.negative_prompt,
+            max_sequence_length=s.max_sequence_length,
+        )
+
+
+def _prompts_and_seeds(model_input, seed: int) -> tuple[list[str], list[int]]:
+    if isinstance(model_input, str):
+        prompts = [model_input]
+    elif hasattr(model_input, "columns"):  # a pandas DataFrame
+        if "prompt" not in model_input.columns:
+            raise ValueError(f"the input DataFrame needs a 'prompt' column, got {list(model_input.columns)}")
+        prompts = [str(p) for p in model_input["prompt"]]
+        if "seed" in model_input.columns:
+            return prompts, [int(x) for x in model_input["seed"]]
+    else:
+        prompts = [str(p) for p in model_input]
+    if not prompts or not all(p.strip() for p in prompts):
+        raise ValueError("predict needs at least one non-empty prompt")
+    return prompts, [seed + i for i in range(len(prompts))]
+
+
+mlflow.models.set_model(FlowGRPOPolicy())

@@ -1,0 +1,39 @@
+"""Load a trained policy (as written by ``FlowGRPOTrainer.save_policy``) back onto its base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flowgrpo_core.models.base import FlowAdapter
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def policy_weights_dir(policy_dir: str | Path, ema: bool = True) -> Path:
+    """The EMA weights when asked for and present (evaluation default, ALGORITHM.md sect. 8), else the final ones."""
+    policy_dir = Path(policy_dir)
+    if ema and (policy_dir / "ema").is_dir():
+        return policy_dir / "ema"
+    return policy_dir
+
+
+def attach_policy(adapter: FlowAdapter, policy_dir: str | Path, ema: bool = True) -> Path:
+    """Put the policy's weights on ``adapter`` so that ``adapter.reference_model()`` still gives the base.
+
+    LoRA loads as adapter 'grpo' (disabling it gives the base); full weights replace the transformer after a
+    frozen copy of the base is kept. Returns the folder the weights came from.
+    """
+    folder = policy_weights_dir(policy_dir, ema)
+    if (folder / LORA_FILE).is_file():
+        adapter.pipeline.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="grpo")
+        adapter.lora_adapter_name = "grpo"
+    elif (folder / "transformer").is_dir():
+        adapter.keep_reference_copy()
+        base = adapter.pipeline.transformer
+        tuned = (
+            type(base).from_pretrained(folder / "transformer", torch_dtype=base.dtype).to(base.device).eval()
+        )
+        adapter.pipeline.register_modules(transformer=tuned)
+    else:
+        raise FileNotFoundError(f"{folder} holds no policy: expected {LORA_FILE} or a transformer/ folder")
+    return folder

@@ -1,0 +1,149 @@
+"""The MLflow model registry: one registered model per family, versions tagged with their evaluation,
+aliases ``candidate`` (every new version) and ``champion`` (moved only through the gate).
+
+Registration is idempotent per pipeline run: registering the same run again returns its version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowgrpo_core import __version__
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    created: bool
+    gate_passed: bool
+    gate_reason: str
+    champion: str | None
+
+
+def gate(value: float, reference: float, margin: float) -> tuple[bool, str]:
+    if not math.isfinite(value):
+        return False, f"gate metric is {value}"
+    passed = value > reference + margin  # a tie is no reason to change the model users get
+    verb = "passes" if passed else "fails"
+    return passed, f"{verb}: {value:.6g} vs required > {reference:.6g} + margin {margin:g}"
+
+
+def _champion(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def register_policy(
+    policy_dir: str | Path,
+    base_source: str,
+    base_revision: str | None,
+    model_name: str,
+    eval_metrics: dict[str, float],
+    gate_metric: str,
+    gate_margin: float,
+    kfp_run_id: str,
+    extra_tags: dict[str, str] | None = None,
+) -> Registration:
+    """Log the policy as a pyfunc model in the active run, register it, set ``candidate``, and move
+    ``champion`` when ``gate_metric`` beats the current champion's (or, with no champion yet, the base
+    model's value of the same metric) by ``gate_margin``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if gate_metric not in eval_metrics:
+        raise ValueError(
+            f"gate metric {gate_metric!r} is not among the evaluation metrics: {sorted(eval_metrics)[:12]}"
+        )
+    try:
+        client.get_registered_model(model_name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(model_name, tags={"flowgrpo": "policy registry"})
+
+    found = client.search_model_versions(
+        f"name='{model_name}' and tags.`flowgrpo.kfp_run_id` = '{kfp_run_id}'"
+    )
+    created = not found
+    if found:
+        version = found[0]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / "policy"
+            shutil.copytree(policy_dir, staged)
+            (staged / "base.json").write_text(json.dumps({"source": base_source, "revision": base_revision}))
+            info = mlflow.pyfunc.log_model(
+                name="policy",
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"policy": str(staged)},
+                pip_requirements=[f"flowgrpo=={__version__}"],
+            )
+        value = float(eval_metrics[gate_metric])
+        version = client.create_model_version(
+            model_name,
+            source=info.model_uri,
+            run_id=mlflow.active_run().info.run_id if mlflow.active_run() else None,
+            tags={
+                "flowgrpo.kfp_run_id": kfp_run_id,
+                "base.source": base_source,
+                "base.revision": base_revision or "",
+                "gate.metric": gate_metric,
+                "gate.value": repr(value),
+                "gate.margin": repr(gate_margin),
+                "gate.base_value": repr(
+                    float(eval_metrics.get(gate_metric.replace("/policy/", "/base/"), math.nan))
+                ),
+                **(extra_tags or {}),
+            },
+        )
+    client.set_registered_model_alias(model_name, CANDIDATE, version.version)
+    passed, reason = promote(model_name, version.version)
+    champion = _champion(client, model_name)
+    return Registration(
+        model_name, str(version.version), created, passed, reason, champion.version if champion else None
+    )
+
+
+def promote(model_name: str, version: str | int, force: bool = False) -> tuple[bool, str]:
+    """Move ``champion`` to ``version`` if its recorded gate metric beats the current champion's (or the base
+    model's, with no champion) by the recorded margin; ``force`` skips the gate. Returns (moved, reason)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    candidate = client.get_model_version(model_name, str(version))
+    tags = candidate.tags
+    if "gate.metric" not in tags:
+        raise ValueError(
+            f"{model_name} version {version} has no recorded gate metric (not registered by flowgrpo?)"
+        )
+    value, margin = float(tags["gate.value"]), float(tags.get("gate.margin", "0"))
+    champion = _champion(client, model_name)
+    if champion is not None and str(champion.version) == str(version):
+        return True, f"version {version} already is the champion"
+    if champion is not None and champion.tags.get("gate.metric") == tags["gate.metric"]:
+        reference, against = float(champion.tags["gate.value"]), f"champion v{champion.version}"
+    else:
+        reference, against = float(tags.get("gate.base_value", "nan")), "the base model"
+        if not math.isfinite(reference):
+            reference, against = -math.inf, "nothing (no champion, no base value)"
+    passed, reason = gate(value, reference, margin)
+    reason = f"{tags['gate.metric']} {reason} (against {against})"
+    if passed or force:
+        client.set_registered_model_alias(model_name, CHAMPION, str(version))
+        client.set_model_version_tag(
+            model_name, str(version), "gate.decision", "forced" if force and not passed else "passed"
+        )
+        return True, reason + (" [forced]" if force and not passed else "")
+    client.set_model_version_tag(model_name, str(version), "gate.decision", "failed")
+    return False, reason

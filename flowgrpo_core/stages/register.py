@@ -1,0 +1,37 @@
+"""register_model: an MLflow pyfunc version (base reference + adapter + config), 'candidate' always,
+'champion' through the gate. Idempotent per pipeline run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from flowgrpo_core.stages.common import PipelineContext
+
+
+def register_model(
+    ctx: PipelineContext, policy_dir: str | Path, family: str, eval_metrics: dict[str, float]
+) -> dict:
+    import mlflow
+
+    from flowgrpo_core.registry import register_policy
+    from flowgrpo_core.tracking import finish_parent
+
+    config = ctx.config()
+    name = config.tracking.registered_model or f"flowgrpo-{family}"
+    with ctx.stage("register_model"):
+        result = register_policy(
+            policy_dir, config.model.source, config.model.revision, name, eval_metrics,
+            config.tracking.gate_metric, config.tracking.gate_margin, ctx.kfp_run_id,
+            extra_tags={"flowgrpo.preset": ctx.preset},
+        )  # fmt: skip
+        mlflow.set_tags(
+            {
+                "registry.model": name,
+                "registry.version": result.version,
+                "gate.passed": str(result.gate_passed).lower(),
+            }
+        )
+        mlflow.log_text(result.gate_reason, "gate.txt")
+    finish_parent(ctx.tracking_uri, ctx.experiment_name, ctx.kfp_run_id)
+    return asdict(result)

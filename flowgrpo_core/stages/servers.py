@@ -1,0 +1,63 @@
+"""launch_reward_servers / stop_reward_servers: one local HTTP server per reward, stopped by the exit handler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flowgrpo_core.stages.common import PipelineContext
+
+
+def reward_names(config) -> list[str]:
+    """Training rewards, then extra evaluation metrics, without duplicates."""
+    return list(dict.fromkeys([*config.rewards, *config.eval.metrics]))
+
+
+def servers_dir(ctx: PipelineContext) -> Path:
+    return ctx.run_dir / "reward-servers"
+
+
+def launch_reward_servers(ctx: PipelineContext, endpoints_path: str | Path) -> dict[str, dict]:
+    """Start the servers and write ``{name: {"url", "weight"}}``; with serving.mode 'inline' the URLs are
+    empty and every reward is computed in the trainer's process."""
+    import mlflow
+
+    from flowgrpo_core.serving.manager import LocalRewardServers
+
+    config = ctx.config()
+    names = reward_names(config)
+    with ctx.stage("launch_reward_servers"):
+        urls: dict[str, str] = {}
+        if config.serving.mode == "process":
+            servers = LocalRewardServers(
+                names,
+                servers_dir(ctx),
+                host=config.serving.host,
+                startup_timeout_s=config.serving.startup_timeout_s,
+            )
+            urls = servers.start()
+        endpoints = {
+            name: {"url": urls.get(name, ""), "weight": float(config.rewards.get(name, 0.0))}
+            for name in names
+        }
+        Path(endpoints_path).write_text(json.dumps(endpoints, indent=1))
+        mlflow.log_dict(endpoints, "endpoints.json")
+        mlflow.log_param("serving.servers", ",".join(urls) or "inline")
+    return endpoints
+
+
+def stop_reward_servers(ctx: PipelineContext) -> list[str]:
+    """Exit handler: stop this run's servers, and mark the parent MLflow run FAILED if the pipeline never
+    reached registration (the register stage marks it FINISHED)."""
+    from flowgrpo_core.serving.manager import stop_servers
+    from flowgrpo_core.tracking import configure, ensure_experiment, find_runs
+
+    stopped = stop_servers(servers_dir(ctx)) if servers_dir(ctx).is_dir() else []
+    configure(ctx.tracking_uri)
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = ensure_experiment(ctx.experiment_name, ctx.tracking_uri)
+    for run in find_runs(experiment_id, **{"kfp.run_id": ctx.kfp_run_id, "flowgrpo.role": "pipeline"}):
+        if run.info.status == "RUNNING":
+            MlflowClient().set_terminated(run.info.run_id, status="FAILED")
+    return stopped

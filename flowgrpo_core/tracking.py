@@ -1,0 +1,202 @@
+"""MLflow conventions (DESIGN.md): one parent run per pipeline run, a nested run per stage, flattened
+params, per-epoch metrics, image grids and plots. Every stage goes through these few functions.
+
+The parent run is found by its ``kfp.run_id`` tag, so stages in separate processes (or pods) attach to
+the same parent without passing run ids around, and a retried stage reuses its own stage run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///flowgrpo-runs/mlflow.db"
+_METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
+
+
+def artifact_root_for(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a sqlite file (``mlartifacts/``), else the server's default."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        return (db.parent.resolve() / "mlartifacts").as_uri()
+    return None
+
+
+def configure(tracking_uri: str) -> None:
+    """Point MLflow at ``tracking_uri``; fail fast with a clear message when it cannot be reached."""
+    import mlflow
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    elif tracking_uri.startswith(("http://", "https://")):
+        check_reachable(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if response.status != 200:
+                raise ConnectionError(f"HTTP {response.status}")
+    except (OSError, urllib.error.URLError, ConnectionError) as error:
+        raise ConnectionError(f"MLflow tracking server {tracking_uri} is not reachable ({error})") from None
+
+
+def ensure_experiment(name: str, tracking_uri: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri))
+
+
+def find_runs(experiment_id: str, **tags: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return MlflowClient().search_runs(
+        [experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
+    )
+
+
+def parent_run_id(
+    experiment_id: str, kfp_run_id: str, run_name: str | None = None, tags: dict[str, str] | None = None
+) -> str:
+    """The pipeline run's parent MLflow run, created on first use."""
+    from mlflow.tracking import MlflowClient
+
+    existing = find_runs(experiment_id, **{"kfp.run_id": kfp_run_id, "flowgrpo.role": "pipeline"})
+    if existing:
+        return existing[0].info.run_id
+    run = MlflowClient().create_run(
+        experiment_id,
+        run_name=run_name or f"flowgrpo-{kfp_run_id}",
+        tags={"kfp.run_id": kfp_run_id, "flowgrpo.role": "pipeline", **(tags or {})},
+    )
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    kfp_run_id: str,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str | None = None,
+    parent_tags: dict[str, str] | None = None,
+) -> Iterator[Any]:
+    """A nested MLflow run for one stage under the pipeline's parent run; a retry of the stage reuses it."""
+    import mlflow
+
+    configure(tracking_uri)
+    experiment_id = ensure_experiment(experiment, tracking_uri)
+    parent = parent_run_id(experiment_id, kfp_run_id, run_name, parent_tags)
+    previous = find_runs(experiment_id, **{"kfp.run_id": kfp_run_id, "stage": stage})
+    tags = {"kfp.run_id": kfp_run_id, "stage": stage, "mlflow.parentRunId": parent}
+    if previous:
+        run = mlflow.start_run(run_id=previous[-1].info.run_id)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
+    with run:
+        yield run
+
+
+def finish_parent(
+    tracking_uri: str, experiment: str, kfp_run_id: str, status: str = "FINISHED"
+) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    configure(tracking_uri)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = find_runs(found.experiment_id, **{"kfp.run_id": kfp_run_id, "flowgrpo.role": "pipeline"})
+    if not runs:
+        return None
+    client.set_terminated(runs[0].info.run_id, status=status)
+    return runs[0].info.run_id
+
+
+def metric_key(name: str) -> str:
+    return _METRIC_KEY.sub("_", name)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log finite metrics (MLflow rejects NaN on some stores; a missing point is honest)."""
+    import mlflow
+
+    clean = {
+        metric_key(k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    }
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_config(config) -> None:
+    """Flattened config as params (what the MLflow UI compares across runs) and config.yaml."""
+    import mlflow
+
+    params = {k: ("" if v is None else str(v))[:6000] for k, v in config.flat().items()}
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+        mlflow.log_params(dict(items[start : start + 100]))
+    mlflow.log_text(config.to_yaml(), "config.yaml")
+
+
+def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = None, cell: int | None = None):
+    """A grid of PIL images, one list per row, with an optional label left of each row."""
+    from PIL import Image, ImageDraw
+
+    rows = [list(r) for r in rows if len(r)]
+    if not rows:
+        raise ValueError("image_grid needs at least one image")
+    size = cell or max(max(im.width, im.height) for r in rows for im in r)
+    label_w = 120 if labels else 0
+    ncols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_w + ncols * size, len(rows) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image.convert("RGB").resize((size, size)), (label_w + x * size, y * size))
+        if labels:
+            draw.text((4, y * size + size // 2 - 6), str(labels[y])[:18], fill="black")
+    return grid
+
+
+def reward_curve(history: Sequence[dict[str, float]], path: str | os.PathLike) -> Path:
+    """PNG of the mean reward (with its std band) and the KL over epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(h["epoch"]) for h in history]
+    mean = [h["reward/total"] for h in history]
+    std = [h.get("reward/total/std", 0.0) for h in history]
+    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_r.plot(epochs, mean, marker="o", label="reward")
+    ax_r.fill_between(
+        epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2
+    )
+    ax_r.set(xlabel="epoch", ylabel="reward", title="mean reward ± std")
+    ax_kl.plot(epochs, [h.get("train/kl", 0.0) for h in history], marker="o", color="tab:red")
+    ax_kl.set(xlabel="epoch", ylabel="KL", title="KL to the base model")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

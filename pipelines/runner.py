@@ -1,0 +1,160 @@
+"""Run the pipeline locally (kfp.local), compile it to KFP IR YAML, or submit it to a KFP server.
+
+Every entry point validates its input first (config, model source, tracking server), so a typo fails in a
+second with a message instead of after the first stage has started.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowgrpo_core.config import FlowGRPOConfig
+from flowgrpo_core.tracking import DEFAULT_TRACKING_URI
+
+
+@dataclass
+class PipelineArguments:
+    preset: str = "tiny"
+    overrides: tuple[str, ...] = ()
+    model_source: str = ""
+    model_revision: str = ""
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    experiment: str = ""
+    workdir: str = "flowgrpo-runs/work"
+
+    def as_dict(self) -> dict:
+        return {
+            "preset": self.preset, "overrides": list(self.overrides), "model_source": self.model_source,
+            "model_revision": self.model_revision, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
+            "workdir": self.workdir,
+        }  # fmt: skip
+
+    def validate(self, check_tracking: bool = True) -> FlowGRPOConfig:
+        """The resolved config; raises ConfigError / ModelSourceError / ConnectionError with a clear message."""
+        from flowgrpo_core.models.loading import parse_source
+        from flowgrpo_core.stages import PipelineContext
+        from flowgrpo_core.tracking import check_reachable
+
+        config = PipelineContext(self.preset, list(self.overrides), model_source=self.model_source,
+                                 model_revision=self.model_revision).config()  # fmt: skip
+        parse_source(config.model.source)
+        if not self.tracking_uri.startswith(("sqlite:///", "http://", "https://", "file:", "databricks")):
+            raise ValueError(
+                f"tracking URI {self.tracking_uri!r}: expected sqlite:///path.db, http(s)://host or file:/path"
+            )
+        if check_tracking and self.tracking_uri.startswith(("http://", "https://")):
+            check_reachable(self.tracking_uri)
+        return config
+
+
+@dataclass
+class LocalRun:
+    experiment: str
+    parent_run_id: str | None
+    registered: str | None  # "name/version"
+    tracking_uri: str
+    seconds: float
+
+
+def run_local(args: PipelineArguments, pipeline_root: str = "flowgrpo-runs/kfp") -> LocalRun:
+    """The whole DAG in this machine's processes (kfp.local.SubprocessRunner, no containers)."""
+    from kfp import local
+
+    from pipelines.flowgrpo_pipeline import flowgrpo_pipeline
+
+    args.validate()
+    experiment = args.experiment or args.preset
+    start = time.time()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve())
+    )
+    flowgrpo_pipeline(**args.as_dict())
+    parent = _latest_parent_run(args.tracking_uri, experiment, since=start)
+    registered = None
+    if parent is not None:
+        tags = {r.data.tags.get("stage"): r.data.tags for r in _stage_runs(parent)}
+        register = tags.get("register_model", {})
+        if "registry.model" in register:
+            registered = f"{register['registry.model']}/{register['registry.version']}"
+    return LocalRun(
+        experiment, parent.info.run_id if parent else None, registered, args.tracking_uri, time.time() - start
+    )
+
+
+def _latest_parent_run(tracking_uri: str, experiment: str, since: float):
+    from mlflow.tracking import MlflowClient
+
+    from flowgrpo_core.tracking import configure
+
+    configure(tracking_uri)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`flowgrpo.role` = 'pipeline' and attributes.start_time >= {int(since * 1000) - 1000}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _stage_runs(parent) -> list:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+
+
+def compile_pipeline(args: PipelineArguments, output: str | Path, gpus: int = 0) -> Path:
+    """KFP IR YAML whose parameter defaults are these arguments (so the UI shows them pre-filled)."""
+    from kfp import compiler
+
+    from pipelines.flowgrpo_pipeline import build_pipeline
+
+    args.validate(check_tracking=False)  # the cluster reaches its own tracking server, this machine may not
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(gpus), str(output), pipeline_parameters=args.as_dict())
+    return output
+
+
+def submit(
+    args: PipelineArguments,
+    host: str,
+    run_name: str | None = None,
+    kfp_experiment: str | None = None,
+    gpus: int = 0,
+) -> str:
+    """Submit to Kubeflow Pipelines at ``host``; returns the KFP run id."""
+    import kfp
+
+    from pipelines.flowgrpo_pipeline import build_pipeline
+
+    args.validate(check_tracking=False)
+    _check_kfp_host(host)
+    client = kfp.Client(host=host)
+    run = client.create_run_from_pipeline_func(
+        build_pipeline(gpus), arguments=args.as_dict(), run_name=run_name or f"flowgrpo-{args.preset}",
+        experiment_name=kfp_experiment or f"flowgrpo-{args.preset}",
+    )  # fmt: skip
+    return run.run_id
+
+
+def _check_kfp_host(host: str, timeout_s: float = 10.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    if not host.startswith(("http://", "https://")):
+        raise ValueError(f"KFP host {host!r} must be an http(s):// URL")
+    url = host.rstrip("/") + "/apis/v2beta1/healthz"
+    try:
+        urllib.request.urlopen(url, timeout=timeout_s)
+    except urllib.error.HTTPError:
+        return  # the server answered (auth proxies may refuse healthz): reachable
+    except (OSError, urllib.error.URLError) as error:
+        raise ConnectionError(f"Kubeflow Pipelines host {host} is not reachable ({error})") from None
