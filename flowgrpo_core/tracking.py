@@ -11,9 +11,12 @@ import contextlib
 import math
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 DEFAULT_TRACKING_URI = "sqlite:///flowgrpo-runs/mlflow.db"
 _METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
@@ -109,7 +112,19 @@ def stage_run(
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
     with run:
+        # Start-up (interpreter, imports, KFP executor) and the stage's whole duration, for the overhead split.
+        log_metrics({"stage/startup_s": time.time() - psutil.Process().create_time()})
+        started = time.perf_counter()
         yield run
+        log_metrics({"stage/seconds": time.perf_counter() - started})
+
+
+@contextlib.contextmanager
+def timed_work() -> Iterator[None]:
+    """Time a stage's real work (training, sampling, copying) as ``stage/work_s``; the rest is bookkeeping."""
+    started = time.perf_counter()
+    yield
+    log_metrics({"stage/work_s": time.perf_counter() - started})
 
 
 def finish_parent(

@@ -17,13 +17,14 @@ def calibrate_rewards(
 
     from flowgrpo_core.calibration import check, run_probe, to_json
     from flowgrpo_core.models import load_model
-    from flowgrpo_core.tracking import log_metrics
+    from flowgrpo_core.tracking import log_metrics, timed_work
 
     config = ctx.config()
     with ctx.stage("calibrate_rewards"):
-        adapter = load_model(str(model_dir), dtype=config.model.dtype)
-        reward = build_training_reward(config, read_endpoints(endpoints_path))
-        reports, history = run_probe(config, ctx.run_dir / "calibration", adapter=adapter, reward=reward)
+        with timed_work():
+            adapter = load_model(str(model_dir), dtype=config.model.dtype)
+            reward = build_training_reward(config, read_endpoints(endpoints_path))
+            reports, history = run_probe(config, ctx.run_dir / "calibration", adapter=adapter, reward=reward)
         result = to_json(reports)
         for epoch, metrics in enumerate(history):
             log_metrics(

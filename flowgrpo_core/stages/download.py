@@ -41,7 +41,7 @@ def download_model(ctx: PipelineContext, out_dir: str | Path) -> dict:
     import mlflow
 
     from flowgrpo_core.models.loading import load_pipeline, parse_source, resolve_folder
-    from flowgrpo_core.tracking import log_config
+    from flowgrpo_core.tracking import log_config, timed_work
 
     config = ctx.config()
     source, revision = config.model.source, config.model.revision
@@ -49,12 +49,13 @@ def download_model(ctx: PipelineContext, out_dir: str | Path) -> dict:
     out = Path(out_dir)
     with ctx.stage("download_model"):
         log_config(config)
-        folder = resolve_folder(source, revision)
-        if folder is None:  # tiny: built from its config and seed, then saved like any other model
-            load_pipeline(source, revision).save_pretrained(out)
-        else:
-            shutil.copytree(folder, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", ".git*"))
-        files = sha256_manifest(out)
+        with timed_work():
+            folder = resolve_folder(source, revision)
+            if folder is None:  # tiny: built from its config and seed, then saved like any other model
+                load_pipeline(source, revision).save_pretrained(out)
+            else:
+                shutil.copytree(folder, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", ".git*"))
+            files = sha256_manifest(out)
         meta = {"family": model_family(out), "source": source, "revision": revision or "", "files": files}
         (out / MANIFEST).write_text(json.dumps(meta, indent=1))
         mlflow.log_dict(meta, MANIFEST)

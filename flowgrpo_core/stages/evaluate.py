@@ -22,7 +22,7 @@ def evaluate(
     from flowgrpo_core.models import load_model
     from flowgrpo_core.policy import attach_policy
     from flowgrpo_core.prompts import load_prompts
-    from flowgrpo_core.tracking import log_metrics
+    from flowgrpo_core.tracking import log_metrics, timed_work
 
     config = ctx.config()
     e, s = config.eval, config.sampling
@@ -35,14 +35,15 @@ def evaluate(
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     with ctx.stage("evaluate"):
-        adapter = load_model(str(model_dir), dtype=config.model.dtype)
-        weights = attach_policy(adapter, policy_dir, ema=config.train.ema)
+        with timed_work():
+            adapter = load_model(str(model_dir), dtype=config.model.dtype)
+            weights = attach_policy(adapter, policy_dir, ema=config.train.ema)
+            result = compare(
+                adapter, prompts, metrics, resolution=s.resolution, num_steps=e.num_steps, guidance_scale=e.guidance_scale,
+                batch_size=e.batch_size, seed=e.seed, images_per_prompt=e.images_per_prompt,
+                negative_prompt=s.negative_prompt, max_sequence_length=s.max_sequence_length,
+            )  # fmt: skip
         mlflow.set_tag("eval.weights", "ema" if weights.name == "ema" else "final")
-        result = compare(
-            adapter, prompts, metrics, resolution=s.resolution, num_steps=e.num_steps, guidance_scale=e.guidance_scale,
-            batch_size=e.batch_size, seed=e.seed, images_per_prompt=e.images_per_prompt,
-            negative_prompt=s.negative_prompt, max_sequence_length=s.max_sequence_length,
-        )  # fmt: skip
         header = f"# Evaluation: base vs policy\n\n{len(result.rows)} images, {e.num_steps} ODE steps, CFG {e.guidance_scale}, seed {e.seed}\n\n"
         (out / "report.md").write_text(header + result.table)
         (out / "samples.json").write_text(json.dumps(result.rows, indent=1))

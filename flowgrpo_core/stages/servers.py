@@ -23,19 +23,21 @@ def launch_reward_servers(ctx: PipelineContext, endpoints_path: str | Path) -> d
     import mlflow
 
     from flowgrpo_core.serving.manager import LocalRewardServers
+    from flowgrpo_core.tracking import timed_work
 
     config = ctx.config()
     names = reward_names(config)
     with ctx.stage("launch_reward_servers"):
         urls: dict[str, str] = {}
         if config.serving.mode == "process":
-            servers = LocalRewardServers(
-                names,
-                servers_dir(ctx),
-                host=config.serving.host,
-                startup_timeout_s=config.serving.startup_timeout_s,
-            )
-            urls = servers.start()
+            with timed_work():
+                servers = LocalRewardServers(
+                    names,
+                    servers_dir(ctx),
+                    host=config.serving.host,
+                    startup_timeout_s=config.serving.startup_timeout_s,
+                )
+                urls = servers.start()
         endpoints = {
             name: {"url": urls.get(name, ""), "weight": float(config.rewards.get(name, 0.0))}
             for name in names

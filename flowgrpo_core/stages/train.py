@@ -13,6 +13,7 @@ def train_grpo(
     """Train and write the policy to ``policy_dir``. Checkpoints live in ``<workdir>/<run id>/train``, so a
     retried stage (same run id) resumes where the killed attempt stopped instead of starting over."""
     import tempfile
+    import time
 
     import mlflow
 
@@ -25,9 +26,15 @@ def train_grpo(
     with ctx.stage("train_grpo"):
         mlflow.log_text(config.to_yaml(), "config.yaml")
 
-        def log_epoch(trainer: FlowGRPOTrainer, metrics: dict[str, float]) -> None:
-            log_metrics(metrics, step=int(metrics["epoch"]))
+        logging_s = 0.0
 
+        def log_epoch(trainer: FlowGRPOTrainer, metrics: dict[str, float]) -> None:
+            nonlocal logging_s
+            started = time.perf_counter()
+            log_metrics(metrics, step=int(metrics["epoch"]))
+            logging_s += time.perf_counter() - started
+
+        work_started = time.perf_counter()
         adapter = load_model(str(model_dir), dtype=config.model.dtype)
         trainer = FlowGRPOTrainer(
             config, ctx.run_dir / "train", adapter=adapter, reward=build_training_reward(config, read_endpoints(endpoints_path)),
@@ -47,6 +54,7 @@ def train_grpo(
                     log_epoch(trainer, metrics)
         history = trainer.train()
         trainer.save_policy(policy_dir)
+        log_metrics({"stage/work_s": time.perf_counter() - work_started - logging_s})  # per-epoch logging excluded
         mlflow.log_artifacts(str(policy_dir), "policy")
         with tempfile.TemporaryDirectory() as tmp:
             if history:
