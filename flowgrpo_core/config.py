@@ -129,7 +129,7 @@ class TrainConfig(_Strict):
 
 
 class PromptsConfig(_Strict):
-    # builtin:<name>, or a .txt (one prompt per line) / .jsonl ({"prompt", "metadata"}) file
+    # builtin:<name>, or a .txt (one prompt per line) / .jsonl ({"prompt", "metadata"}) / .parquet file
     train: str = "builtin:animals"
     eval: str = "builtin:animals"
 

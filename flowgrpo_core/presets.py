@@ -114,7 +114,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             **_SD3_REFERENCE,
             "rewards": {"pickscore": 1.0},
             "train": {**_SD3_REFERENCE["train"], "beta": 0.01},
-            "prompts": {"train": "builtin:pickscore_train", "eval": "builtin:pickscore_test"},
+            "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"},
         },
     ),
     "sd3-pickscore-fast": (
@@ -124,7 +124,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             "rewards": {"pickscore": 1.0},
             "sampling": {**_SD3_REFERENCE["sampling"], "sde_window_size": 2, "sde_window_range": [0.0, 0.5]},
             "train": {**_SD3_REFERENCE["train"], "beta": 0.01, "clip_range": 1e-5},
-            "prompts": {"train": "builtin:pickscore_train", "eval": "builtin:pickscore_test"},
+            "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"},
         },
     ),
     "flux-pickscore": (
@@ -135,7 +135,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             "sampling": {**_SD3_REFERENCE["sampling"], "guidance_scale": 3.5, "max_sequence_length": 512},
             "rewards": {"pickscore": 1.0},
             "train": {**_SD3_REFERENCE["train"], "beta": 0.01, "mixed_precision": "bf16"},
-            "prompts": {"train": "builtin:pickscore_train", "eval": "builtin:pickscore_test"},
+            "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"},
             "eval": {**_SD3_REFERENCE["eval"], "guidance_scale": 3.5, "num_steps": 28},
         },
     ),

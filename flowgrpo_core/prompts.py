@@ -1,7 +1,8 @@
 """Prompt sets: where training and evaluation prompts (and their metadata) come from.
 
-A spec is ``builtin:<name>`` or a file: ``.txt`` (one prompt per line) or ``.jsonl`` (objects with
-``prompt`` and optional ``metadata``). Generators of the GenEval and OCR sets register themselves here
+A spec is ``builtin:<name>`` or a file: ``.txt`` (one prompt per line), ``.jsonl`` (objects with
+``prompt`` and optional ``metadata``) or ``.parquet`` (the prompt-set schema of
+``flowgrpo_core.evaluation.prompt_sets``). Generators of the GenEval and OCR sets register themselves here
 through :func:`register_prompt_set`.
 """
 
@@ -91,13 +92,20 @@ def register_prompt_set(name: str, factory: Callable[[], PromptSet]) -> None:
     _BUILTINS[name] = factory
 
 
+def _register_generated_sets() -> None:
+    # The GenEval, OCR, shapes and general sets register themselves on import (kept lazy: pyarrow).
+    import flowgrpo_core.evaluation.prompt_sets  # noqa: F401
+
+
 def builtin_names() -> list[str]:
+    _register_generated_sets()
     return sorted(_BUILTINS)
 
 
 def load_prompts(spec: str) -> PromptSet:
     """Load a prompt set; errors name the spec, the file and the line."""
     if spec.startswith("builtin:"):
+        _register_generated_sets()
         name = spec[len("builtin:") :]
         if name not in _BUILTINS:
             raise ValueError(f"unknown prompt set {spec!r}; builtin sets: {', '.join(builtin_names())}")
@@ -110,9 +118,13 @@ def load_prompts(spec: str) -> PromptSet:
             prompts = PromptSet([line.strip() for line in path.read_text().splitlines() if line.strip()])
         elif path.suffix == ".jsonl":
             prompts = _read_jsonl(path)
+        elif path.suffix == ".parquet":
+            from flowgrpo_core.evaluation.prompt_sets import read_prompt_parquet
+
+            prompts = read_prompt_parquet(path)
         else:
             raise ValueError(
-                f"prompt file {spec!r}: unsupported extension {path.suffix!r} (use .txt or .jsonl)"
+                f"prompt file {spec!r}: unsupported extension {path.suffix!r} (use .txt, .jsonl or .parquet)"
             )
     if not prompts.prompts:
         raise ValueError(f"prompt set {spec!r} is empty")

@@ -23,6 +23,7 @@ class Comparison:
     table: str  # Markdown
     grids: dict[str, object] = field(default_factory=dict)  # task -> PIL image (base row above policy row)
     rows: list[dict] = field(default_factory=list)  # per image: prompt, tag, seed, base/policy scores
+    summaries: dict[str, str] = field(default_factory=dict)  # e.g. GenEval's text summary per metric and side
 
 
 @torch.no_grad()
@@ -70,7 +71,9 @@ def compare(
 
     Metric keys: ``eval/base/<m>_mean``, ``eval/policy/<m>_mean``, ``eval/delta/<m>`` (policy - base),
     ``eval/win_rate/<m>`` (share of images where the policy scores higher), and per task tag (metadata
-    ``tag``) ``eval/base/<m>/<tag>`` and ``eval/policy/<m>/<tag>``.
+    ``tag``) ``eval/base/<m>/<tag>`` and ``eval/policy/<m>/<tag>``. A metric that reports per-image verdicts
+    (``details["correct"]``, as GenEval does) also gets its accuracy the way the benchmark reports it:
+    ``eval/<side>/<m>/accuracy/<tag>`` and ``eval/<side>/<m>/accuracy/overall`` (the mean over tasks).
     """
     from flowgrpo_core.tracking import image_grid
 
@@ -88,9 +91,15 @@ def compare(
     out: dict[str, float] = {}
     rows = [{"prompt": p, "tag": t, "seed": s} for p, t, s in zip(prompts, tags, seeds)]
     table = ["| metric | task | base | policy | delta | win rate |", "|---|---|---|---|---|---|"]
+    summaries: dict[str, str] = {}
     for name, reward in metrics.items():
-        base = reward(base_images, prompts, metadata).scores
-        policy = reward(policy_images, prompts, metadata).scores
+        base_out, policy_out = reward(base_images, prompts, metadata), reward(policy_images, prompts, metadata)
+        base, policy = base_out.scores, policy_out.scores
+        for side, result in (("base", base_out), ("policy", policy_out)):
+            for key, report in _verdict_reports(result.details, tags, prompts).items():
+                label = name if key == "correct" else f"{name}/{key.removesuffix('/correct')}"
+                out |= report.metrics(prefix=f"eval/{side}/{label}/accuracy")
+                summaries[f"{label}_{side}"] = report.to_text()
         for row, b, p in zip(rows, base, policy):
             row[f"base/{name}"], row[f"policy/{name}"] = float(b), float(p)
         for tag, idx in groups.items():
@@ -117,7 +126,23 @@ def compare(
         )
         for tag, idx in groups.items()
     }
-    return Comparison(metrics=out, table="\n".join(table) + "\n", grids=grids, rows=rows)
+    for key in sorted(k for k in out if "/accuracy/" in k and k.startswith("eval/policy/")):
+        base_key = key.replace("eval/policy/", "eval/base/", 1)
+        table.append(f"| {key.removeprefix('eval/policy/')} | | {out[base_key]:.4f} | {out[key]:.4f} | {out[key] - out[base_key]:+.4f} | |")
+    return Comparison(metrics=out, table="\n".join(table) + "\n", grids=grids, rows=rows, summaries=summaries)
+
+
+def _verdict_reports(details: Mapping[str, list], tags: Sequence[str], prompts: Sequence[str]) -> dict:
+    """GenEval-style reports for every ``correct`` / ``<component>/correct`` verdict list in ``details``."""
+    from flowgrpo_core.evaluation.geneval import summarize_verdicts
+
+    found = {}
+    for key, values in details.items():
+        if key == "correct" or key.endswith("/correct"):
+            tag_key = key[: -len("correct")] + "tag"
+            verdict_tags = [str(t) for t in details.get(tag_key, tags)]
+            found[key] = summarize_verdicts(verdict_tags, [bool(v) for v in values], [f"{t}\n{p}" for t, p in zip(verdict_tags, prompts)])
+    return found
 
 
 def _by_tag(tags: Sequence[str]) -> dict[str, np.ndarray]:

@@ -94,6 +94,8 @@ register_reward("aesthetic", _lazy("flowgrpo_core.rewards.clip_rewards", "Aesthe
 register_reward("hpsv2", _lazy("flowgrpo_core.rewards.clip_rewards", "HPSv2"))
 register_reward("imagereward", _lazy("flowgrpo_core.rewards.imagereward", "ImageReward"))
 register_reward("unifiedreward", _lazy("flowgrpo_core.rewards.unifiedreward", "UnifiedReward"))
+register_reward("geneval", _lazy("flowgrpo_core.rewards.geneval", "GenEvalReward"))
+register_reward("shapes_geneval", _lazy("flowgrpo_core.rewards.geneval", "ShapesGenEvalReward"))
 
 __all__ = [
     "REWARD_NAMES",

@@ -47,6 +47,9 @@ def evaluate(
         header = f"# Evaluation: base vs policy\n\n{len(result.rows)} images, {e.num_steps} ODE steps, CFG {e.guidance_scale}, seed {e.seed}\n\n"
         (out / "report.md").write_text(header + result.table)
         (out / "samples.json").write_text(json.dumps(result.rows, indent=1))
+        for name, text in result.summaries.items():
+            (out / f"summary_{name.replace('/', '_')}.txt").write_text(text)
+            mlflow.log_text(text, f"summary_{name.replace('/', '_')}.txt")
         for tag, grid in result.grids.items():
             grid.save(out / f"grid_{tag}.png")
             mlflow.log_image(grid, f"samples/eval_{tag}.png")

@@ -1,0 +1,56 @@
+"""The evaluate stage: paired base-vs-policy metrics, GenEval-style accuracy per task, reports in MLflow."""
+
+import json
+
+import pytest
+
+from flowgrpo_core.evaluation.compare import _verdict_reports
+from flowgrpo_core.stages import PipelineContext
+
+
+def test_verdicts_are_reported_per_task_and_as_the_mean_over_tasks():
+    tags = ["counting", "counting", "counting", "counting", "position"]
+    details = {"correct": [True, True, True, False, False], "tag": tags}
+    (report,) = _verdict_reports(details, tags, ["p"] * 5).values()
+    assert report.per_tag == {"counting": 0.75, "position": 0.0}
+    assert report.overall == pytest.approx(0.375)  # mean over tasks, not the image mean 0.6
+    nested = _verdict_reports({"geneval/correct": [True, False], "geneval/tag": ["colors", "colors"]}, ["x", "x"], ["a", "b"])
+    assert nested["geneval/correct"].per_tag == {"colors": 0.5}
+
+
+def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flowgrpo_core.config import load_config
+    from flowgrpo_core.models.tiny import build_tiny_sd3
+    from flowgrpo_core.stages.evaluate import evaluate
+    from flowgrpo_core.trainer import FlowGRPOTrainer
+
+    overrides = ["serving.mode=inline", "prompts.eval=builtin:shapes_test", "eval.metrics=[shapes_geneval]", "eval.num_prompts=12",
+                 "eval.num_steps=4", "train.learning_rate=0.05"]  # fmt: skip
+    build_tiny_sd3(seed=0).save_pretrained(tmp_path / "model")
+    trainer = FlowGRPOTrainer(load_config("tiny", overrides=overrides), tmp_path / "train", progress=False)
+    trainer.train(epochs=2)
+    trainer.save_policy(tmp_path / "policy")
+
+    ctx = PipelineContext("tiny", overrides, "eval-run", f"sqlite:///{tmp_path}/mlflow.db", "", str(tmp_path / "work"))
+    metrics = evaluate(ctx, tmp_path / "model", tmp_path / "policy", None, tmp_path / "report")
+    for side in ("base", "policy"):
+        assert f"eval/{side}/reward_mean" in metrics and f"eval/{side}/shapes_geneval_mean" in metrics
+        assert 0.0 <= metrics[f"eval/{side}/shapes_geneval/accuracy/overall"] <= 1.0
+        for tag in ("position", "color_attr"):
+            assert f"eval/{side}/shapes_geneval/accuracy/{tag}" in metrics
+    assert metrics["eval/delta/reward"] != 0.0  # the trained LoRA changes the images
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| shapes_geneval/accuracy/overall |" in report and "| reward | all |" in report
+    assert "Overall score (avg. over tasks)" in (tmp_path / "report" / "summary_shapes_geneval_policy.txt").read_text()
+    rows = json.loads((tmp_path / "report" / "samples.json").read_text())
+    assert len(rows) == 12 and {"prompt", "tag", "seed", "base/reward", "policy/shapes_geneval"} <= set(rows[0])
+
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.stage = 'evaluate'")
+    assert run.data.metrics["eval/policy/shapes_geneval/accuracy/overall"] == metrics["eval/policy/shapes_geneval/accuracy/overall"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "samples.json", "summary_shapes_geneval_base.txt", "samples"} <= artifacts
+    grids = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert any("eval_position" in g for g in grids) and any("eval_all" in g for g in grids)
