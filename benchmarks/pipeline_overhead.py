@@ -20,21 +20,30 @@ from pipelines.runner import PipelineArguments, run_local
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny", help="preset to run (default: tiny, the `make run` job)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
     args = parser.parse_args()
 
     from mlflow.tracking import MlflowClient
 
     root = Path(tempfile.mkdtemp(prefix="flowgrpo-overhead-"))
     pipeline_args = PipelineArguments(
-        preset=args.preset, overrides=tuple(args.overrides), tracking_uri=f"sqlite:///{root}/mlflow.db", workdir=str(root / "work")
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+        tracking_uri=f"sqlite:///{root}/mlflow.db",
+        workdir=str(root / "work"),
     )
     result = run_local(pipeline_args, pipeline_root=str(root / "kfp"))
     client = MlflowClient()
     parent = client.get_run(result.parent_run_id)
-    stages = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    stages = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     rows, totals = [], {"startup": 0.0, "mlflow": 0.0, "work": 0.0}
     for run in sorted(stages, key=lambda r: r.info.start_time):
         m = run.data.metrics
@@ -48,13 +57,19 @@ def main() -> None:
         totals["work"] += work
     wall = result.seconds
     orchestration = max(0.0, wall - sum(totals.values()))
-    print(f"flowgrpo run --preset {args.preset} {' '.join('--set ' + o for o in args.overrides)}: {wall:.1f} s wall")
+    print(
+        f"flowgrpo run --preset {args.preset} {' '.join('--set ' + o for o in args.overrides)}: {wall:.1f} s wall"
+    )
     print(f"{'stage':24} {'start-up (s)':>12} {'MLflow+misc (s)':>16} {'work (s)':>9}")
     for stage, startup, mlflow_s, work in rows:
         print(f"{stage:24} {startup:>12.1f} {mlflow_s:>16.1f} {work:>9.1f}")
-    print(f"{'total':24} {totals['startup']:>12.1f} {totals['mlflow']:>16.1f} {totals['work']:>9.1f}   orchestration {orchestration:.1f} s")
+    print(
+        f"{'total':24} {totals['startup']:>12.1f} {totals['mlflow']:>16.1f} {totals['work']:>9.1f}   orchestration {orchestration:.1f} s"
+    )
     overhead = wall - totals["work"]
-    print(f"overhead (start-up + MLflow + orchestration): {overhead:.1f} s = {overhead / wall:.0%} of the wall time (target < 25%)")
+    print(
+        f"overhead (start-up + MLflow + orchestration): {overhead:.1f} s = {overhead / wall:.0%} of the wall time (target < 25%)"
+    )
 
 
 if __name__ == "__main__":

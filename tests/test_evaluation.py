@@ -14,7 +14,9 @@ def test_verdicts_are_reported_per_task_and_as_the_mean_over_tasks():
     (report,) = _verdict_reports(details, tags, ["p"] * 5).values()
     assert report.per_tag == {"counting": 0.75, "position": 0.0}
     assert report.overall == pytest.approx(0.375)  # mean over tasks, not the image mean 0.6
-    nested = _verdict_reports({"geneval/correct": [True, False], "geneval/tag": ["colors", "colors"]}, ["x", "x"], ["a", "b"])
+    nested = _verdict_reports(
+        {"geneval/correct": [True, False], "geneval/tag": ["colors", "colors"]}, ["x", "x"], ["a", "b"]
+    )
     assert nested["geneval/correct"].per_tag == {"colors": 0.5}
 
 
@@ -33,7 +35,9 @@ def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
     trainer.train(epochs=2)
     trainer.save_policy(tmp_path / "policy")
 
-    ctx = PipelineContext("tiny", overrides, "eval-run", f"sqlite:///{tmp_path}/mlflow.db", "", str(tmp_path / "work"))
+    ctx = PipelineContext(
+        "tiny", overrides, "eval-run", f"sqlite:///{tmp_path}/mlflow.db", "", str(tmp_path / "work")
+    )
     metrics = evaluate(ctx, tmp_path / "model", tmp_path / "policy", None, tmp_path / "report")
     for side in ("base", "policy"):
         assert f"eval/{side}/reward_mean" in metrics and f"eval/{side}/shapes_geneval_mean" in metrics
@@ -43,13 +47,23 @@ def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
     assert metrics["eval/delta/reward"] != 0.0  # the trained LoRA changes the images
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| shapes_geneval/accuracy/overall |" in report and "| reward | all |" in report
-    assert "Overall score (avg. over tasks)" in (tmp_path / "report" / "summary_shapes_geneval_policy.txt").read_text()
+    assert (
+        "Overall score (avg. over tasks)"
+        in (tmp_path / "report" / "summary_shapes_geneval_policy.txt").read_text()
+    )
     rows = json.loads((tmp_path / "report" / "samples.json").read_text())
-    assert len(rows) == 12 and {"prompt", "tag", "seed", "base/reward", "policy/shapes_geneval"} <= set(rows[0])
+    assert len(rows) == 12 and {"prompt", "tag", "seed", "base/reward", "policy/shapes_geneval"} <= set(
+        rows[0]
+    )
 
     client = MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.stage = 'evaluate'")
-    assert run.data.metrics["eval/policy/shapes_geneval/accuracy/overall"] == metrics["eval/policy/shapes_geneval/accuracy/overall"]
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id], "tags.stage = 'evaluate'"
+    )
+    assert (
+        run.data.metrics["eval/policy/shapes_geneval/accuracy/overall"]
+        == metrics["eval/policy/shapes_geneval/accuracy/overall"]
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "samples.json", "summary_shapes_geneval_base.txt", "samples"} <= artifacts
     grids = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}

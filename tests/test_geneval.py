@@ -32,9 +32,22 @@ def verdict(detections: list[Detection], metadata: dict):
 
 
 SINGLE = {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}
-TWO = {"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "tv remote", "count": 1}], "prompt": "a photo of a cat and a tv remote"}
-COUNTING = {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}], "prompt": "a photo of two clocks"}
-COLORS_META = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"}
+TWO = {
+    "tag": "two_object",
+    "include": [{"class": "cat", "count": 1}, {"class": "tv remote", "count": 1}],
+    "prompt": "a photo of a cat and a tv remote",
+}
+COUNTING = {
+    "tag": "counting",
+    "include": [{"class": "clock", "count": 2}],
+    "exclude": [{"class": "clock", "count": 3}],
+    "prompt": "a photo of two clocks",
+}
+COLORS_META = {
+    "tag": "colors",
+    "include": [{"class": "car", "count": 1, "color": "red"}],
+    "prompt": "a photo of a red car",
+}
 POSITION = {"tag": "position", "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
             "prompt": "a photo of a dog right of a teddy bear"}  # fmt: skip
 COLOR_ATTR = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"}, {"class": "bench", "count": 1, "color": "blue"}],
@@ -43,9 +56,13 @@ COLOR_ATTR = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "col
 
 def test_single_object_needs_a_confident_detection():
     assert verdict([det("bench", (0, 0, 10, 10), 0.31)], SINGLE).correct
-    wrong = verdict([det("bench", (0, 0, 10, 10), 0.3), det("cat", (0, 0, 5, 5))], SINGLE)  # 0.3 is not above 0.3
+    wrong = verdict(
+        [det("bench", (0, 0, 10, 10), 0.3), det("cat", (0, 0, 5, 5))], SINGLE
+    )  # 0.3 is not above 0.3
     assert not wrong.correct and wrong.reason == "expected bench>=1, found 0" and wrong.fraction == 0.0
-    assert verdict([det("bench", (0, 0, 10, 10)), det("bench", (20, 0, 30, 10))], SINGLE).correct  # GenEval: at least
+    assert verdict(
+        [det("bench", (0, 0, 10, 10)), det("bench", (20, 0, 30, 10))], SINGLE
+    ).correct  # GenEval: at least
 
 
 def test_two_object_needs_both():
@@ -57,16 +74,25 @@ def test_two_object_needs_both():
 def test_counting_uses_the_counting_threshold_and_the_exclude_clause():
     two = [det("clock", (0, 0, 10, 10), 0.95), det("clock", (20, 0, 30, 10), 0.92)]
     assert verdict(two, COUNTING).correct
-    unsure = verdict([two[0], det("clock", (20, 0, 30, 10), 0.85)], COUNTING)  # 0.85 counts elsewhere, not here
+    unsure = verdict(
+        [two[0], det("clock", (20, 0, 30, 10), 0.85)], COUNTING
+    )  # 0.85 counts elsewhere, not here
     assert not unsure.correct and unsure.reason == "expected clock>=2, found 1"
     assert unsure.fraction == pytest.approx(2 / 3)  # 1 of 2 instances + the exclude clause
     three = verdict([*two, det("clock", (40, 0, 50, 10), 0.99)], COUNTING)
-    assert not three.correct and three.reason == "expected clock<3, found 3" and three.fraction == pytest.approx(2 / 3)
+    assert (
+        not three.correct
+        and three.reason == "expected clock<3, found 3"
+        and three.fraction == pytest.approx(2 / 3)
+    )
 
 
 def test_colors_reads_the_colour_of_the_most_confident_objects():
     assert verdict([det("car", (0, 0, 10, 10), color="red")], COLORS_META).correct
-    wrong = verdict([det("car", (0, 0, 10, 10), 0.9, color="blue"), det("car", (20, 0, 30, 10), 0.5, color="red")], COLORS_META)
+    wrong = verdict(
+        [det("car", (0, 0, 10, 10), 0.9, color="blue"), det("car", (20, 0, 30, 10), 0.5, color="red")],
+        COLORS_META,
+    )
     assert not wrong.correct and wrong.reason == "expected red car>=1, found 0 red; and 1 blue"
     assert wrong.fraction == 0.5
     with pytest.raises(ValueError, match="no colour"):
@@ -83,14 +109,20 @@ def test_position_compares_box_centres_with_a_margin():
     overlap = verdict([bear, det("dog", (2, 0, 12, 10))], POSITION)
     assert not overlap.correct and overlap.reason == "expected dog right of target, found  target"
     missing = verdict([det("dog", (30, 0, 40, 10))], POSITION)
-    assert not missing.correct and missing.reason == "expected teddy bear>=1, found 0\nno target for dog to be right of"
+    assert (
+        not missing.correct
+        and missing.reason == "expected teddy bear>=1, found 0\nno target for dog to be right of"
+    )
 
 
 def test_relative_position_closed_form():
     b = det("x", (0, 0, 10, 10))
     assert relative_position(det("x", (20, 0, 30, 10)), b) == {"right of"}
     assert relative_position(det("x", (0, -20, 10, -10)), b) == {"above"}
-    assert relative_position(det("x", (20, 20, 30, 30)), b) == {"right of", "below"}  # diagonal: dx = dy = 0.64
+    assert relative_position(det("x", (20, 20, 30, 30)), b) == {
+        "right of",
+        "below",
+    }  # diagonal: dx = dy = 0.64
     # offset 3 along x, margin 0.1 * 20 = 2: revised offset 1, normalised 1/3 < 0.5
     assert relative_position(det("x", (3, 0, 13, 10)), b) == set()
     assert relative_position(det("x", (3, 0, 13, 10)), b, margin=0.0) == {"right of"}
@@ -99,9 +131,14 @@ def test_relative_position_closed_form():
 def test_color_attribution_binds_each_colour_to_its_object():
     right = [det("car", (0, 0, 10, 10), color="red"), det("bench", (20, 0, 30, 10), color="blue")]
     assert verdict(right, COLOR_ATTR).correct
-    swapped = verdict([det("car", (0, 0, 10, 10), color="blue"), det("bench", (20, 0, 30, 10), color="red")], COLOR_ATTR)
+    swapped = verdict(
+        [det("car", (0, 0, 10, 10), color="blue"), det("bench", (20, 0, 30, 10), color="red")], COLOR_ATTR
+    )
     assert not swapped.correct and swapped.fraction == 0.5
-    assert swapped.reason.splitlines() == ["expected red car>=1, found 0 red; and 1 blue", "expected blue bench>=1, found 0 blue; and 1 red"]
+    assert swapped.reason.splitlines() == [
+        "expected red car>=1, found 0 red; and 1 blue",
+        "expected blue bench>=1, found 0 blue; and 1 red",
+    ]
 
 
 def test_fraction_is_one_exactly_when_correct():
@@ -130,11 +167,20 @@ def test_keep_confident_sorts_thresholds_and_caps():
     ("metadata", "message"),
     [
         ({"tag": "pose", "include": [{"class": "cat", "count": 1}]}, "unknown tag 'pose'"),
-        ({"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "teal"}]}, r"include\[0\]: unknown color 'teal'"),
-        ({"tag": "position", "include": [{"class": "cat", "count": 1, "position": ["left of", 0]}]}, "must index an earlier include"),
+        (
+            {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "teal"}]},
+            r"include\[0\]: unknown color 'teal'",
+        ),
+        (
+            {"tag": "position", "include": [{"class": "cat", "count": 1, "position": ["left of", 0]}]},
+            "must index an earlier include",
+        ),
         ({"tag": "counting", "include": [{"class": "cat", "count": 0}]}, "'count' must be an integer >= 1"),
         ({"tag": "single_object", "include": []}, "non-empty list"),
-        ({"tag": "single_object", "include": [{"class": "cat", "count": 1, "size": 3}]}, r"unknown keys \['size'\]"),
+        (
+            {"tag": "single_object", "include": [{"class": "cat", "count": 1, "size": 3}]},
+            r"unknown keys \['size'\]",
+        ),
     ],
 )
 def test_invalid_metadata_names_the_field(metadata, message):
@@ -150,7 +196,11 @@ def test_report_is_the_mean_over_tags_like_geneval_summary():
     assert report.overall == 0.375  # not the image mean, 0.6
     assert report.counts == {"single_object": (3, 4), "counting": (0, 1)} and report.prompts == 4
     assert report.correct_prompts == 0.5
-    assert report.metrics() == {"geneval/overall": 0.375, "geneval/single_object": 0.75, "geneval/counting": 0.0}
+    assert report.metrics() == {
+        "geneval/overall": 0.375,
+        "geneval/single_object": 0.75,
+        "geneval/counting": 0.0,
+    }
     text = report.to_text()
     assert "single_object    = 75.00% (3 / 4)" in text and "Overall score (avg. over tasks): 0.37500" in text
     results = [verdict([det("bench", (0, 0, 9, 9), s)], SINGLE) for s in (0.9, 0.1)]
@@ -190,7 +240,9 @@ def test_owlv2_and_clip_score_an_image_end_to_end(tiny_models):
             assert 0 <= d.box[0] <= d.box[2] <= image.width and 0 <= d.box[1] <= d.box[3] <= image.height
     # every detection kept (threshold below any score), queries limited to the metadata's classes:
     # the colour classifier must colour the most confident car and bench
-    scorer = GenEvalScorer(detector, ClipColorClassifier(str(tiny_models["clip"])), Thresholds(presence=-1.0), vocabulary=())
+    scorer = GenEvalScorer(
+        detector, ClipColorClassifier(str(tiny_models["clip"])), Thresholds(presence=-1.0), vocabulary=()
+    )
     result = scorer([photo()], [COLOR_ATTR])[0]
     assert set(result.detected) <= {"car", "bench"}
     colored = [d["color"] for dets in result.detected.values() for d in dets[:1]]
@@ -201,18 +253,27 @@ def test_owlv2_and_clip_score_an_image_end_to_end(tiny_models):
 def test_geneval_reward_on_tiny_models(tiny_models):
     from flowgrpo_core.rewards.geneval import GenEvalReward
 
-    reward = GenEvalReward(detector=str(tiny_models["owlv2"]), clip=str(tiny_models["clip"]), threshold=-1.0, device="cpu")
+    reward = GenEvalReward(
+        detector=str(tiny_models["owlv2"]), clip=str(tiny_models["clip"]), threshold=-1.0, device="cpu"
+    )
     out = reward([photo(), photo(seed=3)], [COLORS_META["prompt"], TWO["prompt"]], [COLORS_META, TWO])
     assert out.scores.shape == (2,) and set(out.details) == {"correct", "fraction", "tag", "reason"}
     assert out.details["tag"] == ["colors", "two_object"]
     assert np.array_equal(out.scores, out.details["fraction"])
-    strict = GenEvalReward(detector=str(tiny_models["owlv2"]), clip=str(tiny_models["clip"]), threshold=2.0, score="strict")
+    strict = GenEvalReward(
+        detector=str(tiny_models["owlv2"]), clip=str(tiny_models["clip"]), threshold=2.0, score="strict"
+    )
     out = strict([photo()], ["a photo of a bench"], [SINGLE])
     assert out.scores.tolist() == [0.0] and out.details["reason"] == ["expected bench>=1, found 0"]
-    with pytest.raises(ValueError, match=r"metadata 0 of 'a cat': unknown tag None.*use a GenEval prompt set"):
+    with pytest.raises(
+        ValueError, match=r"metadata 0 of 'a cat': unknown tag None.*use a GenEval prompt set"
+    ):
         strict([photo()], ["a cat"], [{}])
     with pytest.raises(ValueError, match=r"metadata 1 of 'x': include\[0\]: unknown color 'teal'"):
-        strict.check_inputs(["a photo of a bench", "x"], [SINGLE, {**COLORS_META, "include": [{"class": "car", "count": 1, "color": "teal"}]}])
+        strict.check_inputs(
+            ["a photo of a bench", "x"],
+            [SINGLE, {**COLORS_META, "include": [{"class": "car", "count": 1, "color": "teal"}]}],
+        )
     with pytest.raises(ValueError, match="unknown GenEval score"):
         GenEvalReward(detector=str(tiny_models["owlv2"]), clip=str(tiny_models["clip"]), score="soft")
 
@@ -255,7 +316,9 @@ def test_owlv2_nms_removes_duplicate_boxes():
 
     from flowgrpo_core.evaluation.detectors import _nms
 
-    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 30, 10], [0, 0, 10, 10.5]], dtype=torch.float32)
+    boxes = torch.tensor(
+        [[0, 0, 10, 10], [1, 0, 11, 10], [20, 0, 30, 10], [0, 0, 10, 10.5]], dtype=torch.float32
+    )
     scores = torch.tensor([0.5, 0.9, 0.4, 0.3])
     assert _nms(boxes, scores, 0.5) == [1, 2]  # IoU(0, 1) = 0.82; box 3 overlaps box 1 too
     assert _nms(boxes, scores, 0.96) == [1, 0, 2, 3]  # IoU(0, 3) = 100 / 105 = 0.952

@@ -34,9 +34,20 @@ def tags_of(rows) -> dict[str, int]:
 def test_geneval_test_is_genevals_benchmark():
     suite = GenEvalGenerator().suite(np.random.default_rng(43))
     # the first lines of GenEval's prompts/evaluation_metadata.jsonl
-    assert [s["prompt"] for s in suite[:3]] == ["a photo of a bench", "a photo of a cow", "a photo of a bicycle"]
+    assert [s["prompt"] for s in suite[:3]] == [
+        "a photo of a bench",
+        "a photo of a cow",
+        "a photo of a bicycle",
+    ]
     test = generate_builtin("geneval_test")
-    assert tags_of(test) == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100, "color_attr": 100}
+    assert tags_of(test) == {
+        "single_object": 80,
+        "two_object": 99,
+        "counting": 80,
+        "colors": 94,
+        "position": 100,
+        "color_attr": 100,
+    }
     prompts = {row["prompt"] for row in test}
     for known in ("a photo of a dog right of a teddy bear", "a photo of a purple wine glass and a black apple",
                   "a photo of two clocks", "a photo of a pink car", "a photo of a stop sign above a fork"):  # fmt: skip
@@ -48,11 +59,35 @@ def test_geneval_test_is_genevals_benchmark():
 
 
 def test_sizes_per_tag():
-    assert tags_of(generate_builtin("geneval_train")) == {"two_object": 1000, "counting": 160, "colors": 696, "position": 1000, "color_attr": 1000}
-    assert tags_of(generate_builtin("ocr_test")) == {"ocr": 1018} and tags_of(generate_builtin("ocr_train")) == {"ocr": 6000}
-    assert tags_of(generate_builtin("general_test")) == {"general": 1000} and tags_of(generate_builtin("general_train")) == {"general": 4000}
-    assert tags_of(generate_builtin("shapes_test")) == {"single_object": 1, "two_object": 4, "counting": 3, "colors": 10, "position": 12, "color_attr": 50}
-    assert tags_of(generate_builtin("shapes_train")) == {"single_object": 3, "two_object": 8, "counting": 9, "colors": 30, "position": 36, "color_attr": 150}
+    assert tags_of(generate_builtin("geneval_train")) == {
+        "two_object": 1000,
+        "counting": 160,
+        "colors": 696,
+        "position": 1000,
+        "color_attr": 1000,
+    }
+    assert tags_of(generate_builtin("ocr_test")) == {"ocr": 1018} and tags_of(
+        generate_builtin("ocr_train")
+    ) == {"ocr": 6000}
+    assert tags_of(generate_builtin("general_test")) == {"general": 1000} and tags_of(
+        generate_builtin("general_train")
+    ) == {"general": 4000}
+    assert tags_of(generate_builtin("shapes_test")) == {
+        "single_object": 1,
+        "two_object": 4,
+        "counting": 3,
+        "colors": 10,
+        "position": 12,
+        "color_attr": 50,
+    }
+    assert tags_of(generate_builtin("shapes_train")) == {
+        "single_object": 3,
+        "two_object": 8,
+        "counting": 9,
+        "colors": 30,
+        "position": 36,
+        "color_attr": 150,
+    }
 
 
 @pytest.mark.parametrize("family", ["geneval", "ocr", "shapes", "general"])
@@ -63,6 +98,7 @@ def test_train_and_test_share_no_prompt(family):
     if family in ("geneval", "shapes"):  # nor the same requirements in other words
         assert not {requirement_key(r) for r in train} & {requirement_key(r) for r in test}
     if family == "ocr":
+
         def norm(row):
             return row["text"].lower().replace(" ", "")
 
@@ -71,12 +107,28 @@ def test_train_and_test_share_no_prompt(family):
 
 def test_requirement_key_ignores_wording_and_order():
     generator = GenEvalGenerator()
-    a = generator.sample("two_object", [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}], "a cat and a dog")
-    b = generator.sample("two_object", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}], "a dog and a cat")
+    a = generator.sample(
+        "two_object", [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}], "a cat and a dog"
+    )
+    b = generator.sample(
+        "two_object", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}], "a dog and a cat"
+    )
     assert requirement_key(a) == requirement_key(b)
-    right = {"tag": "position", "include": [{"class": "bench", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}]}
-    left = {"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "bench", "count": 1, "position": ["left of", 0]}]}
-    above = {"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "bench", "count": 1, "position": ["above", 0]}]}
+    right = {
+        "tag": "position",
+        "include": [
+            {"class": "bench", "count": 1},
+            {"class": "dog", "count": 1, "position": ["right of", 0]},
+        ],
+    }
+    left = {
+        "tag": "position",
+        "include": [{"class": "dog", "count": 1}, {"class": "bench", "count": 1, "position": ["left of", 0]}],
+    }
+    above = {
+        "tag": "position",
+        "include": [{"class": "dog", "count": 1}, {"class": "bench", "count": 1, "position": ["above", 0]}],
+    }
     assert requirement_key(right) == requirement_key(left) != requirement_key(above)
 
 
@@ -141,7 +193,10 @@ def test_missing_column_is_named(tmp_path):
 
 
 def test_unknown_tag_names_the_row(tmp_path):
-    rows = [geneval_row(), {"tag": "poses", "include": [{"class": "dog", "count": 1}], "prompt": "a dog sitting"}]
+    rows = [
+        geneval_row(),
+        {"tag": "poses", "include": [{"class": "dog", "count": 1}], "prompt": "a dog sitting"},
+    ]
     path = write_table(tmp_path / "bad.parquet", {
         "prompt": [r["prompt"] for r in rows], "tag": [r["tag"] for r in rows], "metadata": [json.dumps(r) for r in rows],
     })  # fmt: skip
@@ -160,19 +215,33 @@ def test_empty_file_fails(tmp_path):
     ("metadata", "message"),
     [
         ("{not json", r"row 0 .*column 'metadata' is not valid JSON"),
-        (json.dumps(geneval_row("colors")), r"row 0 .*metadata tag 'colors' differs from column 'tag' 'single_object'"),
-        (json.dumps({**geneval_row(), "include": [{"class": "cat", "count": 1, "color": "teal"}]}), r"row 0 .*include\[0\]: unknown color 'teal'"),
-        (json.dumps({**geneval_row(), "prompt": "a photo of a dog"}), r"row 0 .*metadata prompt 'a photo of a dog' differs"),
+        (
+            json.dumps(geneval_row("colors")),
+            r"row 0 .*metadata tag 'colors' differs from column 'tag' 'single_object'",
+        ),
+        (
+            json.dumps({**geneval_row(), "include": [{"class": "cat", "count": 1, "color": "teal"}]}),
+            r"row 0 .*include\[0\]: unknown color 'teal'",
+        ),
+        (
+            json.dumps({**geneval_row(), "prompt": "a photo of a dog"}),
+            r"row 0 .*metadata prompt 'a photo of a dog' differs",
+        ),
     ],
 )
 def test_bad_metadata_names_the_row(tmp_path, metadata, message):
-    path = write_table(tmp_path / "bad.parquet", {"prompt": ["a photo of a cat"], "tag": ["single_object"], "metadata": [metadata]})
+    path = write_table(
+        tmp_path / "bad.parquet",
+        {"prompt": ["a photo of a cat"], "tag": ["single_object"], "metadata": [metadata]},
+    )
     with pytest.raises(ValueError, match=message):
         read_prompt_parquet(path)
 
 
 def test_bad_rows_are_refused_on_write(tmp_path):
-    with pytest.raises(ValueError, match=r"row 1: the prompt does not contain the text 'Open' in double quotes"):
+    with pytest.raises(
+        ValueError, match=r"row 1: the prompt does not contain the text 'Open' in double quotes"
+    ):
         write_prompt_parquet(tmp_path / "x.parquet", [
             {"tag": "ocr", "text": "Hi", "prompt": 'a sign that says "Hi"'}, {"tag": "ocr", "text": "Open", "prompt": "a sign that says Open"},
         ])  # fmt: skip

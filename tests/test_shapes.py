@@ -52,7 +52,14 @@ def test_detector_and_rules_accept_random_scenes(size):
     results = scorer([image for _, image in scenes], [meta for meta, _ in scenes])
     failures = [(r.tag, r.prompt, r.reason) for r in results if not r.correct]
     assert len(failures) <= 0.05 * len(scenes), failures[:5]
-    assert {r.tag for r in results} == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert {r.tag for r in results} == {
+        "single_object",
+        "two_object",
+        "counting",
+        "colors",
+        "position",
+        "color_attr",
+    }
 
 
 def wrong_version(meta: dict, rng: np.random.Generator) -> dict:
@@ -70,7 +77,9 @@ def wrong_version(meta: dict, rng: np.random.Generator) -> dict:
         wrong["include"][1]["position"][0] = flipped
     else:
         present = {req["class"] for req in meta["include"]}
-        first["class"] = str(rng.choice([s for s in ("circle", "square", "triangle", "cross") if s not in present]))
+        first["class"] = str(
+            rng.choice([s for s in ("circle", "square", "triangle", "cross") if s not in present])
+        )
     return wrong
 
 
@@ -84,10 +93,17 @@ def test_rules_reject_scenes_of_another_prompt():
 
 
 def test_counts_colours_and_boxes_are_found_exactly():
-    meta = {"tag": "counting", "include": [{"class": "triangle", "count": 3}], "exclude": [{"class": "triangle", "count": 4}], "prompt": "three triangles"}
+    meta = {
+        "tag": "counting",
+        "include": [{"class": "triangle", "count": 3}],
+        "exclude": [{"class": "triangle", "count": 4}],
+        "prompt": "three triangles",
+    }
     scene = render_scene(meta, size=128, seed=5)
     found = ShapesDetector().detect([scene.image])[0]
-    assert sorted((d.label, d.color, d.box) for d in found) == sorted((o.label, o.color, o.box) for o in scene.objects)
+    assert sorted((d.label, d.color, d.box) for d in found) == sorted(
+        (o.label, o.color, o.box) for o in scene.objects
+    )
     assert all(d.score > 0.9 for d in found)  # clean renders pass GenEval's counting threshold
 
 
@@ -98,14 +114,23 @@ def test_every_shape_and_colour_is_recognised():
             image = Image.new("RGB", (80, 80), BACKGROUND)
             draw_shape(ImageDraw.Draw(image), shape, (20, 24, 52, 56), color)
             (found,) = detector.detect([image])[0]
-            assert (found.label, found.color, found.box) == (shape, color, pixel_box(shape, (20, 24, 52, 56), (80, 80)))
+            assert (found.label, found.color, found.box) == (
+                shape,
+                color,
+                pixel_box(shape, (20, 24, 52, 56), (80, 80)),
+            )
             assert found.box[:3] == (20.0, 24.0, 52.0) and found.box[3] == (55.0 if shape == "star" else 56.0)
 
 
 def test_detector_tolerates_noise():
     rng = np.random.default_rng(3)
     scenes = random_scenes(100, 128, seed=4)
-    noisy = [Image.fromarray((np.asarray(im, dtype=float) + rng.normal(0, 10, (128, 128, 3))).clip(0, 255).astype(np.uint8)) for _, im in scenes]
+    noisy = [
+        Image.fromarray(
+            (np.asarray(im, dtype=float) + rng.normal(0, 10, (128, 128, 3))).clip(0, 255).astype(np.uint8)
+        )
+        for _, im in scenes
+    ]
     results = GenEvalScorer(ShapesDetector())(noisy, [meta for meta, _ in scenes])
     assert sum(r.correct for r in results) >= 95
 
@@ -115,7 +140,9 @@ def test_shape_features_closed_form():
     assert shape_features(square).tolist() == [1.0, 0.5, 1.0, 0.0]
     triangle = np.tril(np.ones((10, 10), dtype=bool))  # right triangle: 55 of 100 pixels, digitally convex
     fill, centroid, solidity, aspect = shape_features(triangle)
-    assert (fill, solidity, aspect) == (0.55, 1.0, 0.0) and centroid == pytest.approx((np.arange(10) + 1) @ (np.arange(10) + 0.5) / 55 / 10)
+    assert (fill, solidity, aspect) == (0.55, 1.0, 0.0) and centroid == pytest.approx(
+        (np.arange(10) + 1) @ (np.arange(10) + 0.5) / 55 / 10
+    )
     ring = square.copy()
     ring[3:7, 3:7] = False  # a hole: the convex hull still holds 100 pixels
     assert shape_features(ring)[2] == pytest.approx(0.84)
@@ -130,8 +157,18 @@ def test_background_and_stray_pixels_are_not_objects():
 
 
 def test_shapes_reward_scores_fraction_and_strict():
-    meta = {"tag": "counting", "include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3}], "prompt": "two circles"}
-    three = {"tag": "counting", "include": [{"class": "circle", "count": 3}], "exclude": [{"class": "circle", "count": 4}], "prompt": "three circles"}
+    meta = {
+        "tag": "counting",
+        "include": [{"class": "circle", "count": 2}],
+        "exclude": [{"class": "circle", "count": 3}],
+        "prompt": "two circles",
+    }
+    three = {
+        "tag": "counting",
+        "include": [{"class": "circle", "count": 3}],
+        "exclude": [{"class": "circle", "count": 4}],
+        "prompt": "three circles",
+    }
     images = [render_scene(meta, size=96, seed=0).image, render_scene(three, size=96, seed=0).image]
     out = ShapesGenEvalReward()(images, [meta["prompt"]] * 2, [meta, meta])
     assert out.scores.tolist() == [1.0, 2 / 3]  # three circles: both instances found, the exclude fails
@@ -164,7 +201,9 @@ def test_shapes_reward_behind_a_reward_server():
         remote = RemoteReward("shapes_geneval", server.url)
         served = remote(images, prompts, metadata)
         assert remote.client.health()["model"]["detector"] == "shapes"
-        with pytest.raises(RewardServerError, match=r"422.*unknown tag 'poses'"):  # refused before scoring (422)
+        with pytest.raises(
+            RewardServerError, match=r"422.*unknown tag 'poses'"
+        ):  # refused before scoring (422)
             remote(images[:1], ["a cat"], [{"tag": "poses", "include": [{"class": "cat", "count": 1}]}])
     assert served.scores.tolist() == local.scores.tolist()
     assert served.details == local.details

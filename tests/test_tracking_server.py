@@ -44,7 +44,13 @@ def mlflow_server_on_s3(tmp_path, monkeypatch):
         _wait(s3_url + "/moto-api/")
         import boto3
 
-        boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1").create_bucket(Bucket="mlflow")
+        boto3.client(
+            "s3",
+            endpoint_url=s3_url,
+            aws_access_key_id="k",
+            aws_secret_access_key="s",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="mlflow")
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
              "--artifacts-destination", "s3://mlflow/artifacts", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
@@ -73,11 +79,15 @@ def test_stages_log_to_a_tracking_server_with_s3_artifacts(tmp_path, mlflow_serv
 
     client = MlflowClient(tracking_uri=tracking)
     experiment = client.get_experiment_by_name("tiny")
-    stages = client.search_runs([experiment.experiment_id], "tags.`kfp.run_id` = 'server-run' and tags.stage != ''")
+    stages = client.search_runs(
+        [experiment.experiment_id], "tags.`kfp.run_id` = 'server-run' and tags.stage != ''"
+    )
     assert sorted(r.data.tags["stage"] for r in stages) == ["download_model", "train_grpo"]
     train = next(r for r in stages if r.data.tags["stage"] == "train_grpo")
     assert [m.step for m in client.get_metric_history(train.info.run_id, "reward/total")] == [0]
-    s3 = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_url, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+    )
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", Prefix="artifacts/")["Contents"]]
     assert any(k.endswith(f"{train.info.run_id}/artifacts/reward_curve.png") for k in keys)
     assert any(k.endswith("policy/pytorch_lora_weights.safetensors") for k in keys)

@@ -93,7 +93,10 @@ def compare(
     table = ["| metric | task | base | policy | delta | win rate |", "|---|---|---|---|---|---|"]
     summaries: dict[str, str] = {}
     for name, reward in metrics.items():
-        base_out, policy_out = reward(base_images, prompts, metadata), reward(policy_images, prompts, metadata)
+        base_out, policy_out = (
+            reward(base_images, prompts, metadata),
+            reward(policy_images, prompts, metadata),
+        )
         base, policy = base_out.scores, policy_out.scores
         for side, result in (("base", base_out), ("policy", policy_out)):
             for key, report in _verdict_reports(result.details, tags, prompts).items():
@@ -128,7 +131,9 @@ def compare(
     }
     for key in sorted(k for k in out if "/accuracy/" in k and k.startswith("eval/policy/")):
         base_key = key.replace("eval/policy/", "eval/base/", 1)
-        table.append(f"| {key.removeprefix('eval/policy/')} | | {out[base_key]:.4f} | {out[key]:.4f} | {out[key] - out[base_key]:+.4f} | |")
+        table.append(
+            f"| {key.removeprefix('eval/policy/')} | | {out[base_key]:.4f} | {out[key]:.4f} | {out[key] - out[base_key]:+.4f} | |"
+        )
     return Comparison(metrics=out, table="\n".join(table) + "\n", grids=grids, rows=rows, summaries=summaries)
 
 
@@ -141,7 +146,9 @@ def _verdict_reports(details: Mapping[str, list], tags: Sequence[str], prompts: 
         if key == "correct" or key.endswith("/correct"):
             tag_key = key[: -len("correct")] + "tag"
             verdict_tags = [str(t) for t in details.get(tag_key, tags)]
-            found[key] = summarize_verdicts(verdict_tags, [bool(v) for v in values], [f"{t}\n{p}" for t, p in zip(verdict_tags, prompts)])
+            found[key] = summarize_verdicts(
+                verdict_tags, [bool(v) for v in values], [f"{t}\n{p}" for t, p in zip(verdict_tags, prompts)]
+            )
     return found
 
 

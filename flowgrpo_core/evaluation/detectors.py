@@ -13,7 +13,7 @@
   objects pasted on grey #999 first), with GenEval's three prompt templates; CLIP ViT-L/14 by default
   (GenEval's open_clip ``ViT-L-14/openai`` is the same network).
 
-Weights load from a hub id, a local folder or ``s3://`` through ``rewards/sources.py``.
+Weights load from a hub id, a local folder or ``s3://`` through ``flowgrpo_core/sources.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from PIL import Image
 
 from flowgrpo_core.evaluation.geneval import COCO_CLASSES, COLORS, Detection, Detector, Thresholds
 from flowgrpo_core.rewards.device import torch_device, torch_dtype
-from flowgrpo_core.rewards.sources import resolve_folder
+from flowgrpo_core.sources import resolve_folder
 
 MASK2FORMER_COCO = "facebook/mask2former-swin-small-coco-instance"
 OWLV2 = "google/owlv2-base-patch16-ensemble"
@@ -37,7 +37,11 @@ LABEL_ALIASES = {
     "tvmonitor": "tv", "motorbike": "motorcycle", "aeroplane": "airplane", "diningtable": "dining table",
     "pottedplant": "potted plant", "hair dryer": "hair drier",
 }  # fmt: skip
-COLOR_TEMPLATES = ("a photo of a {c} {classname}", "a photo of a {c}-colored {classname}", "a photo of a {c} object")
+COLOR_TEMPLATES = (
+    "a photo of a {c} {classname}",
+    "a photo of a {c}-colored {classname}",
+    "a photo of a {c} object",
+)
 __all__ = ["ClipColorClassifier", "Detector", "TransformersDetector"]
 
 
@@ -75,8 +79,15 @@ class TransformersDetector(Detector):
         config = AutoConfig.from_pretrained(folder)
         self.family = config.model_type
         self.device, self.dtype = torch_device(device), torch_dtype(dtype)
-        self.batch_size, self.min_score, self.nms_iou, self.query_template = batch_size, min_score, nms_iou, query_template
-        self.resize = {"size": {"shortest_edge": image_size, "longest_edge": image_size}} if image_size else {}
+        self.batch_size, self.min_score, self.nms_iou, self.query_template = (
+            batch_size,
+            min_score,
+            nms_iou,
+            query_template,
+        )
+        self.resize = (
+            {"size": {"shortest_edge": image_size, "longest_edge": image_size}} if image_size else {}
+        )
         self.info = {"model": model, "revision": revision, "family": self.family, "image_size": image_size}
         if self.family == "mask2former":
             from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
@@ -94,7 +105,9 @@ class TransformersDetector(Detector):
             self.vocabulary = COCO_CLASSES
             self.default_thresholds = Thresholds(presence=0.1, counting=0.3)
         else:
-            raise ValueError(f"{model!r} is a {self.family!r} model; TransformersDetector takes mask2former or owlv2")
+            raise ValueError(
+                f"{model!r} is a {self.family!r} model; TransformersDetector takes mask2former or owlv2"
+            )
         self.model = network.to(self.device, self.dtype).eval().requires_grad_(False)
 
     def detect(self, images: Sequence[Image.Image], classes: Sequence[str]) -> list[list[Detection]]:
@@ -102,11 +115,17 @@ class TransformersDetector(Detector):
         if self.family == "mask2former":
             unknown = [c for c in classes if c not in self.labels]
             if unknown:
-                raise ValueError(f"the detector cannot find {unknown}: not among its {len(self.labels)} labels")
+                raise ValueError(
+                    f"the detector cannot find {unknown}: not among its {len(self.labels)} labels"
+                )
         out: list[list[Detection]] = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
-            out += self._mask2former(batch) if self.family == "mask2former" else self._owlv2(batch, list(classes))
+            out += (
+                self._mask2former(batch)
+                if self.family == "mask2former"
+                else self._owlv2(batch, list(classes))
+            )
         return out
 
     @torch.inference_mode()
@@ -120,10 +139,14 @@ class TransformersDetector(Detector):
             probs = outputs.class_queries_logits[i].float().softmax(-1)[:, :-1]  # last class: "no object"
             queries, classes = probs.shape
             # masks: 1/4 of the padded input -> the padded input -> its unpadded part -> the image
-            masks = torch.nn.functional.interpolate(outputs.masks_queries_logits[i : i + 1].float(), size=padded, mode="bilinear")
+            masks = torch.nn.functional.interpolate(
+                outputs.masks_queries_logits[i : i + 1].float(), size=padded, mode="bilinear"
+            )
             valid = inputs["pixel_mask"][i]
             masks = masks[..., : int(valid.any(1).sum()), : int(valid.any(0).sum())]
-            masks = torch.nn.functional.interpolate(masks, size=(image.height, image.width), mode="bilinear")[0]
+            masks = torch.nn.functional.interpolate(masks, size=(image.height, image.width), mode="bilinear")[
+                0
+            ]
             binary = masks > 0
             mask_scores = (masks.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
             top, index = probs.flatten().topk(queries)  # mmdet: max_per_image = num_queries
@@ -143,8 +166,13 @@ class TransformersDetector(Detector):
     @torch.inference_mode()
     def _owlv2(self, images: list[Image.Image], classes: list[str]) -> list[list[Detection]]:
         queries = [self.query_template.format(c) for c in classes]
-        inputs = self.processor(text=[queries] * len(images), images=images, return_tensors="pt", padding=True, truncation=True)
-        inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in inputs.items()}
+        inputs = self.processor(
+            text=[queries] * len(images), images=images, return_tensors="pt", padding=True, truncation=True
+        )
+        inputs = {
+            k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in inputs.items()
+        }
         outputs = self.model(**inputs)
         scores, labels = outputs.logits.float().sigmoid().max(-1)  # (B, boxes): best query per box
         results = []
@@ -153,7 +181,9 @@ class TransformersDetector(Detector):
             side = max(image.width, image.height)
             cx, cy, w, h = (outputs.pred_boxes[i].float() * side).unbind(-1)
             boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-            boxes = boxes.clamp(min=0).minimum(torch.tensor([image.width, image.height] * 2, device=boxes.device))
+            boxes = boxes.clamp(min=0).minimum(
+                torch.tensor([image.width, image.height] * 2, device=boxes.device)
+            )
             keep = scores[i] >= self.min_score
             detections = []
             for label in labels[i][keep].unique().tolist():

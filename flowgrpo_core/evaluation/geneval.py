@@ -47,7 +47,18 @@ COCO_CLASSES: tuple[str, ...] = (
     "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
-COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+COLORS: tuple[str, ...] = (
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -120,7 +131,9 @@ def validate_metadata(metadata: Any) -> None:
             if relation not in RELATIONS:
                 raise ValueError(f"{where}: unknown relation {relation!r}; relations: {', '.join(RELATIONS)}")
             if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < index:
-                raise ValueError(f"{where}: position target {target!r} must index an earlier include (0..{index - 1})")
+                raise ValueError(
+                    f"{where}: position target {target!r} must index an earlier include (0..{index - 1})"
+                )
     exclude = metadata.get("exclude", [])
     if not isinstance(exclude, list):
         raise ValueError("'exclude' must be a list of requirements")
@@ -205,7 +218,9 @@ class GenEvalResult:
         return dataclasses.asdict(self)
 
 
-def check(objects: Mapping[str, Sequence[Detection]], metadata: Mapping[str, Any], margin: float = 0.1) -> GenEvalResult:
+def check(
+    objects: Mapping[str, Sequence[Detection]], metadata: Mapping[str, Any], margin: float = 0.1
+) -> GenEvalResult:
     """GenEval's verdict on confident detections grouped by class (see :func:`keep_confident`).
 
     Detections whose colour is checked must carry one (``Detection.color``); :class:`GenEvalScorer`
@@ -244,7 +259,9 @@ def check(objects: Mapping[str, Sequence[Detection]], metadata: Mapping[str, Any
                     if failure is not None:
                         matched = False
                         found_relations = " and ".join(sorted(failure))
-                        reasons.append(f"expected {classname} {relation} target, found {found_relations} target")
+                        reasons.append(
+                            f"expected {classname} {relation} target, found {found_relations} target"
+                        )
                 met += matched
         matched_groups.append(found if matched else None)
         correct = correct and matched
@@ -258,7 +275,10 @@ def check(objects: Mapping[str, Sequence[Detection]], metadata: Mapping[str, Any
         else:
             met += 1
     detected = {
-        name: [{"box": [round(float(v), 1) for v in d.box], "score": round(float(d.score), 4), "color": d.color} for d in dets]
+        name: [
+            {"box": [round(float(v), 1) for v in d.box], "score": round(float(d.score), 4), "color": d.color}
+            for d in dets
+        ]
         for name, dets in objects.items()
     }
     return GenEvalResult(
@@ -309,14 +329,18 @@ class GenEvalScorer:
         self.thresholds = thresholds or detector.default_thresholds
         self.vocabulary = tuple(vocabulary if vocabulary is not None else detector.vocabulary)
 
-    def __call__(self, images: Sequence[Image.Image], metadata: Sequence[Mapping[str, Any]]) -> list[GenEvalResult]:
+    def __call__(
+        self, images: Sequence[Image.Image], metadata: Sequence[Mapping[str, Any]]
+    ) -> list[GenEvalResult]:
         if len(images) != len(metadata):
             raise ValueError(f"{len(images)} images but {len(metadata)} metadata entries")
         for index, meta in enumerate(metadata):
             try:
                 validate_metadata(dict(meta))
             except ValueError as error:
-                raise ValueError(f"metadata {index} ({meta.get('prompt', '')!r}) is not GenEval metadata: {error}") from None
+                raise ValueError(
+                    f"metadata {index} ({meta.get('prompt', '')!r}) is not GenEval metadata: {error}"
+                ) from None
         classes = list(dict.fromkeys([*self.vocabulary, *(c for m in metadata for c in required_classes(m))]))
         detections = self.detector.detect(list(images), classes)
         results = []
@@ -339,7 +363,9 @@ class GenEvalScorer:
             if not missing:
                 continue
             if self.colors is None:
-                raise ValueError(f"the detector gives no colours and no colour classifier was given ({req['class']!r})")
+                raise ValueError(
+                    f"the detector gives no colours and no colour classifier was given ({req['class']!r})"
+                )
             names = self.colors.classify(image.convert("RGB"), [head[i] for i in missing], req["class"])
             for i, name in zip(missing, names):
                 found[i] = dataclasses.replace(head[i], color=name)
@@ -358,7 +384,9 @@ class GenEvalReport:
     correct_prompts: float  # share of prompts with at least one correct image
 
     def metrics(self, prefix: str = "geneval") -> dict[str, float]:
-        return {f"{prefix}/overall": self.overall} | {f"{prefix}/{tag}": value for tag, value in self.per_tag.items()}
+        return {f"{prefix}/overall": self.overall} | {
+            f"{prefix}/{tag}": value for tag, value in self.per_tag.items()
+        }
 
     def to_text(self) -> str:
         lines = [
@@ -370,14 +398,22 @@ class GenEvalReport:
         return "\n".join([*lines, "", f"Overall score (avg. over tasks): {self.overall:.5f}", ""])
 
 
-def summarize(results: Sequence[GenEvalResult], metadata: Sequence[Mapping[str, Any]] | None = None) -> GenEvalReport:
+def summarize(
+    results: Sequence[GenEvalResult], metadata: Sequence[Mapping[str, Any]] | None = None
+) -> GenEvalReport:
     """Per-tag accuracy and their mean. Prompts are told apart by their metadata when it is given, else
     by their prompt text (several images per prompt count once in ``prompts``)."""
-    keys = [json.dumps(m, sort_keys=True) for m in metadata] if metadata is not None else [f"{r.tag}\n{r.prompt}" for r in results]
+    keys = (
+        [json.dumps(m, sort_keys=True) for m in metadata]
+        if metadata is not None
+        else [f"{r.tag}\n{r.prompt}" for r in results]
+    )
     return summarize_verdicts([r.tag for r in results], [r.correct for r in results], keys)
 
 
-def summarize_verdicts(tags: Sequence[str], correct: Sequence[bool | float], prompts: Sequence[str] | None = None) -> GenEvalReport:
+def summarize_verdicts(
+    tags: Sequence[str], correct: Sequence[bool | float], prompts: Sequence[str] | None = None
+) -> GenEvalReport:
     """The report from per-image tags and 0/1 verdicts, e.g. a GenEval reward's ``details["tag"]`` and
     ``details["correct"]`` (also when it was computed by a reward server). ``prompts``: one key per image
     telling prompts apart (default: every image is its own prompt)."""

@@ -48,8 +48,15 @@ SCHEMA_VERSION = "1"
 SCHEMA = pa.schema(
     [
         pa.field("prompt", pa.string(), nullable=False, metadata={"description": "the text-to-image prompt"}),
-        pa.field("tag", pa.string(), nullable=False, metadata={"description": f"one of {', '.join(TAGS)}, ocr, general"}),
-        pa.field("metadata", pa.string(), nullable=False, metadata={"description": "JSON object, GenEval format"}),
+        pa.field(
+            "tag",
+            pa.string(),
+            nullable=False,
+            metadata={"description": f"one of {', '.join(TAGS)}, ocr, general"},
+        ),
+        pa.field(
+            "metadata", pa.string(), nullable=False, metadata={"description": "JSON object, GenEval format"}
+        ),
     ],
     metadata={"flowgrpo.prompt_set.version": SCHEMA_VERSION},
 )
@@ -74,7 +81,10 @@ class GenEvalGenerator:
     order), so ``suite(np.random.default_rng(43))`` over the COCO classes is GenEval's benchmark."""
 
     def __init__(
-        self, classes: Sequence[str] = COCO_CLASSES, prefix: str = "a photo of ", uncolored: str | None = "person"
+        self,
+        classes: Sequence[str] = COCO_CLASSES,
+        prefix: str = "a photo of ",
+        uncolored: str | None = "person",
     ) -> None:
         self.classes, self.prefix = tuple(classes), prefix
         # GenEval never asks for "a [colour] person": colour draws skip that class
@@ -90,7 +100,11 @@ class GenEvalGenerator:
 
     def two_object(self, rng: np.random.Generator) -> dict:
         a, b = (self.classes[i] for i in rng.choice(len(self.classes), size=2, replace=False))
-        return self.sample("two_object", [{"class": a, "count": 1}, {"class": b, "count": 1}], f"{with_article(a)} and {with_article(b)}")
+        return self.sample(
+            "two_object",
+            [{"class": a, "count": 1}, {"class": b, "count": 1}],
+            f"{with_article(a)} and {with_article(b)}",
+        )
 
     def counting(self, rng: np.random.Generator, max_count: int = 4) -> dict:
         name = self.classes[rng.choice(len(self.classes))]
@@ -104,7 +118,9 @@ class GenEvalGenerator:
         else:
             name = self.classes[self._colorable(rng.choice(len(self.classes) - 1))]
         color = COLORS[rng.choice(len(COLORS))]
-        return self.sample("colors", [{"class": name, "count": 1, "color": color}], f"{with_article(color)} {name}")
+        return self.sample(
+            "colors", [{"class": name, "count": 1, "color": color}], f"{with_article(color)} {name}"
+        )
 
     def position(self, rng: np.random.Generator) -> dict:
         a, b = (self.classes[i] for i in rng.choice(len(self.classes), size=2, replace=False))
@@ -116,7 +132,10 @@ class GenEvalGenerator:
         if self.offset is None:
             a, b = (self.classes[i] for i in rng.choice(len(self.classes), size=2, replace=False))
         else:
-            a, b = (self.classes[i] for i in self._colorable(rng.choice(len(self.classes) - 1, size=2, replace=False)))
+            a, b = (
+                self.classes[i]
+                for i in self._colorable(rng.choice(len(self.classes) - 1, size=2, replace=False))
+            )
         ca, cb = (COLORS[i] for i in rng.choice(len(COLORS), size=2, replace=False))
         include = [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}]
         return self.sample("color_attr", include, f"{with_article(ca)} {a} and {with_article(cb)} {b}")
@@ -153,7 +172,9 @@ def requirement_key(metadata: Mapping[str, Any]) -> str:
     return json.dumps([metadata["tag"], parts, excluded])
 
 
-def geneval_sets(seed: int = 43, train_seed: int = 2025, train_per_tag: int = 1000) -> tuple[list[dict], list[dict]]:
+def geneval_sets(
+    seed: int = 43, train_seed: int = 2025, train_per_tag: int = 1000
+) -> tuple[list[dict], list[dict]]:
     """(train, test) GenEval metadata: the benchmark as the test set, a disjoint train set."""
     generator = GenEvalGenerator()
     test = generator.suite(np.random.default_rng(seed))
@@ -180,14 +201,20 @@ def geneval_sets(seed: int = 43, train_seed: int = 2025, train_per_tag: int = 10
 
 
 def shapes_sets(
-    shapes: Sequence[str] = SHAPES_WORLD, colors: Sequence[str] = COLORS, test_share: float = 0.25, cap: int = 150, seed: int = 7
+    shapes: Sequence[str] = SHAPES_WORLD,
+    colors: Sequence[str] = COLORS,
+    test_share: float = 0.25,
+    cap: int = 150,
+    seed: int = 7,
 ) -> tuple[list[dict], list[dict]]:
     """(train, test) shapes-world metadata: every requirement set of each tag (all wordings of it),
     split by requirement set; ``color_attr`` is capped at ``cap`` train prompts (a third for test)."""
     generator = GenEvalGenerator(shapes, prefix="", uncolored=None)
     make = generator.sample
     by_tag: dict[str, list[list[dict]]] = {tag: [] for tag in TAGS}  # tag -> groups of same-key samples
-    by_tag["single_object"] = [[make("single_object", [{"class": s, "count": 1}], with_article(s))] for s in shapes]
+    by_tag["single_object"] = [
+        [make("single_object", [{"class": s, "count": 1}], with_article(s))] for s in shapes
+    ]
     pairs = [(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1 :]]
     by_tag["two_object"] = [
         [make("two_object", [{"class": x, "count": 1}, {"class": y, "count": 1}], f"{with_article(x)} and {with_article(y)}") for x, y in ((a, b), (b, a))]
@@ -197,7 +224,11 @@ def shapes_sets(
         [make("counting", [{"class": s, "count": n}], f"{NUMBERS[n]} {make_plural(s)}", exclude=[{"class": s, "count": n + 1}])]
         for s in shapes for n in (2, 3, 4)
     ]  # fmt: skip
-    by_tag["colors"] = [[make("colors", [{"class": s, "count": 1, "color": c}], f"{with_article(c)} {s}")] for s in shapes for c in colors]
+    by_tag["colors"] = [
+        [make("colors", [{"class": s, "count": 1, "color": c}], f"{with_article(c)} {s}")]
+        for s in shapes
+        for c in colors
+    ]
     for a, b in pairs:
         for relation, inverse in (("left of", "right of"), ("above", "below")):
             group = [_position(make, a, relation, b), _position(make, b, inverse, a)]
@@ -336,7 +367,11 @@ def stratified(rows: Sequence[dict]) -> list[dict]:
     by_tag: dict[str, list[dict]] = {}
     for row in rows:
         by_tag.setdefault(row["tag"], []).append(row)
-    keyed = [((i + 0.5) / len(group), t, row) for t, group in enumerate(by_tag.values()) for i, row in enumerate(group)]
+    keyed = [
+        ((i + 0.5) / len(group), t, row)
+        for t, group in enumerate(by_tag.values())
+        for i, row in enumerate(group)
+    ]
     return [row for *_, row in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
@@ -368,8 +403,12 @@ def read_prompt_parquet(path: str | Path) -> PromptSet:
         raise ValueError(f"{path}: missing column {', '.join(map(repr, missing))} (columns: {', '.join(table.column_names)}; "
                          f"expected: {', '.join(SCHEMA.names)})")  # fmt: skip
     for name in SCHEMA.names:
-        if not pa.types.is_string(table.schema.field(name).type) and not pa.types.is_large_string(table.schema.field(name).type):
-            raise ValueError(f"{path}: column {name!r} must hold strings, not {table.schema.field(name).type}")
+        if not pa.types.is_string(table.schema.field(name).type) and not pa.types.is_large_string(
+            table.schema.field(name).type
+        ):
+            raise ValueError(
+                f"{path}: column {name!r} must hold strings, not {table.schema.field(name).type}"
+            )
     if table.num_rows == 0:
         raise ValueError(f"{path}: no rows; a prompt set needs at least one prompt")
     prompts, tags, raw = (table.column(name).to_pylist() for name in SCHEMA.names)
@@ -429,12 +468,17 @@ def generate_builtin(name: str) -> list[dict]:
 def load_builtin(name: str) -> PromptSet:
     path = DATA_DIR / f"{name}.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; regenerate it with `python -m flowgrpo_core.evaluation.prompt_sets`")
+        raise FileNotFoundError(
+            f"{path} is missing; regenerate it with `python -m flowgrpo_core.evaluation.prompt_sets`"
+        )
     return read_prompt_parquet(path)
 
 
 def write_builtins(folder: str | Path = DATA_DIR) -> list[Path]:
-    return [write_prompt_parquet(Path(folder) / f"{name}.parquet", generate_builtin(name)) for name in BUILTIN_SETS]
+    return [
+        write_prompt_parquet(Path(folder) / f"{name}.parquet", generate_builtin(name))
+        for name in BUILTIN_SETS
+    ]
 
 
 for _name in BUILTIN_SETS:

@@ -55,7 +55,20 @@ def shape_polygon(shape: str, x0: float, y0: float, side: float) -> list[tuple[f
     if shape == "cross":
         a, b = x0 + side / 3, x0 + 2 * side / 3
         c, d = y0 + side / 3, y0 + 2 * side / 3
-        return [(a, y0), (b, y0), (b, c), (x1, c), (x1, d), (b, d), (b, y1), (a, y1), (a, d), (x0, d), (x0, c), (a, c)]
+        return [
+            (a, y0),
+            (b, y0),
+            (b, c),
+            (x1, c),
+            (x1, d),
+            (b, d),
+            (b, y1),
+            (a, y1),
+            (a, d),
+            (x0, d),
+            (x0, c),
+            (a, c),
+        ]
     if shape == "star":
         # outer radius so that the star's width (2 R sin 72) fills the box; its height is 1.81 R
         radius = side / (2 * math.sin(math.radians(72)))
@@ -134,7 +147,9 @@ def render_scene(
     return Scene(image, objects)
 
 
-def _place(rng: np.random.Generator, n: int, size: int, low: float, high: float, gap: float) -> list[tuple] | None:
+def _place(
+    rng: np.random.Generator, n: int, size: int, low: float, high: float, gap: float
+) -> list[tuple] | None:
     boxes: list[tuple[float, float, float, float]] = []
     for _ in range(n):
         # at least 12 px: below that a star's points merge into a blob
@@ -151,7 +166,9 @@ def _near(a: Sequence[float], b: Sequence[float], gap: float) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def _positions_hold(boxes: list[tuple], specs: list[tuple[int, str, str]], metadata: Mapping[str, Any]) -> bool:
+def _positions_hold(
+    boxes: list[tuple], specs: list[tuple[int, str, str]], metadata: Mapping[str, Any]
+) -> bool:
     for index, req in enumerate(metadata["include"]):
         if "position" not in req:
             continue
@@ -160,7 +177,9 @@ def _positions_hold(boxes: list[tuple], specs: list[tuple[int, str, str]], metad
         theirs = [Detection("", 1.0, b) for b, s in zip(boxes, specs) if s[0] == target]
         for a in mine:
             for b in theirs:
-                if relation not in relative_position(a, b, 0.25) or relative_position(a, b, 0.0) != {relation}:
+                if relation not in relative_position(a, b, 0.25) or relative_position(a, b, 0.0) != {
+                    relation
+                }:
                     return False
     return True
 

@@ -12,13 +12,20 @@ from pathlib import Path
 from flowgrpo_core.evaluation.geneval import COCO_CLASSES
 
 # COCO's own spellings, so that loading exercises the renaming to GenEval's names
-COCO_LABELS = tuple({"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}.get(c, c) for c in COCO_CLASSES)
+COCO_LABELS = tuple(
+    {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}.get(c, c)
+    for c in COCO_CLASSES
+)
 
 
 def _byte_level_vocab() -> dict[str, int]:
     """A character-level CLIP vocabulary. ``<|startoftext|>`` must not get id 0: OWL treats a query whose
     first token is 0 as padding."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = [chr(c) for c in printable + [256 + i for i in range(256 - len(printable))]]
     vocab: dict[str, int] = {}
     for token in [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]:
@@ -40,7 +47,11 @@ def save_tiny_owlv2(folder: str | Path, seed: int = 0, image_size: int = 64) -> 
     vocab = _byte_level_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    ids = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
+    ids = {
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
     config = Owlv2Config(
         text_config={**common, **ids, "vocab_size": len(vocab), "max_position_embeddings": 77},
         vision_config={**common, "image_size": image_size, "patch_size": 16},

@@ -63,48 +63,23 @@ def parse_source(source: str) -> ModelSource:
     )
 
 
-def s3_cache_dir(uri: str) -> Path:
-    from flowgrpo_core.storage import parse_s3_uri
-
-    bucket, prefix = parse_s3_uri(uri)
-    root = Path(os.environ.get("FLOWGRPO_CACHE", Path.home() / ".cache" / "flowgrpo"))
-    return root / "s3" / bucket / prefix
-
-
 def resolve_folder(source: str, revision: str | None = None) -> Path | None:
-    """The local diffusers folder holding ``source``: downloaded from S3 or the hub if needed (the hub
-    honours HF_HUB_OFFLINE and HF_HUB_CACHE). None for tiny models, which are built, not stored."""
+    """The local diffusers folder holding ``source`` (downloaded from S3 or the hub when needed); None for
+    tiny models, which are built, not stored."""
+    from flowgrpo_core.sources import WeightsSourceError
+    from flowgrpo_core.sources import resolve_folder as resolve
+
     parsed = parse_source(source)
     if parsed.kind == "tiny":
         return None
-    if parsed.kind == "local":
-        return Path(parsed.location)
-    if parsed.kind == "s3":
-        from flowgrpo_core.storage import download_prefix
-
-        folder = s3_cache_dir(parsed.location)
-        if not (folder / "model_index.json").is_file():
-            download_prefix(parsed.location, folder)
-        if not (folder / "model_index.json").is_file():
-            raise ModelSourceError(
-                f"{source} holds no model_index.json (expected a diffusers pipeline folder)"
-            )
-        return folder
-    from huggingface_hub import snapshot_download
-
-    rev = f" at revision {revision!r}" if revision else ""
     try:
-        return Path(
-            snapshot_download(
-                parsed.location,
-                revision=revision,
-                local_files_only=_hub_offline(),
-                cache_dir=os.environ.get("HF_HUB_CACHE") or None,
-            )
-        )
-    except Exception as error:  # huggingface_hub raises many types (offline, 404, gated, network)
-        hint = " (HF_HUB_OFFLINE is set and the model is not in the local cache)" if _hub_offline() else ""
-        raise ModelSourceError(f"cannot download model {source!r}{rev}{hint}: {error}") from error
+        folder = resolve(parsed.location, revision if parsed.kind == "hub" else None)
+    except WeightsSourceError as error:
+        rev = f" at revision {revision!r}" if revision else ""
+        raise ModelSourceError(f"cannot download model {source!r}{rev}: {error}") from error
+    if not (folder / "model_index.json").is_file():
+        raise ModelSourceError(f"{source} holds no model_index.json (expected a diffusers pipeline folder)")
+    return folder
 
 
 def load_pipeline(source: str, revision: str | None = None, dtype: str = "float32"):
@@ -123,10 +98,6 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
         return DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load model {source!r} from {folder}: {error}") from error
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
 # VAE downsampling x patch size of every supported family (SD3, FLUX: 8 x 2).

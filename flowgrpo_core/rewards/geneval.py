@@ -73,9 +73,22 @@ class GenEvalReward(Reward):
         colors = ClipColorClassifier(clip, clip_revision, clip_processor, device=device, dtype=dtype)
         self._setup(found, colors, score, threshold, counting_threshold, position_margin)
         self.device = found.device
-        self.info = {"detector": found.info, "clip": colors.clip.info, "score": score, "thresholds": dataclasses.asdict(self.scorer.thresholds)}
+        self.info = {
+            "detector": found.info,
+            "clip": colors.clip.info,
+            "score": score,
+            "thresholds": dataclasses.asdict(self.scorer.thresholds),
+        }
 
-    def _setup(self, detector: Detector, colors: ColorClassifier | None, score: str, threshold: float | None, counting_threshold: float | None, margin: float) -> None:
+    def _setup(
+        self,
+        detector: Detector,
+        colors: ColorClassifier | None,
+        score: str,
+        threshold: float | None,
+        counting_threshold: float | None,
+        margin: float,
+    ) -> None:
         if score not in SCORES:
             raise ValueError(f"unknown GenEval score {score!r}; expected one of {SCORES}")
         defaults = detector.default_thresholds
@@ -94,16 +107,25 @@ class GenEvalReward(Reward):
                 validate_metadata(meta)
             except ValueError as error:
                 hint = "" if meta else "; use a GenEval prompt set such as builtin:geneval_train"
-                raise ValueError(f"reward {self.name!r}: metadata {index} of {prompts[index]!r}: {error}{hint}") from None
+                raise ValueError(
+                    f"reward {self.name!r}: metadata {index} of {prompts[index]!r}: {error}{hint}"
+                ) from None
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput:
+    def score(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]
+    ) -> RewardOutput:
         self.check_inputs(prompts, metadata)
         results = self.scorer(images, metadata)
         correct = [float(r.correct) for r in results]
         fraction = [r.fraction for r in results]
         return RewardOutput(
             scores=correct if self.score_kind == "strict" else fraction,
-            details={"correct": correct, "fraction": fraction, "tag": [r.tag for r in results], "reason": [r.reason for r in results]},
+            details={
+                "correct": correct,
+                "fraction": fraction,
+                "tag": [r.tag for r in results],
+                "reason": [r.reason for r in results],
+            },
         )
 
 
@@ -130,4 +152,9 @@ class ShapesGenEvalReward(GenEvalReward):
         detector = ShapesDetector(tuple(shapes) if shapes is not None else SHAPES)
         self._setup(detector, None, score, threshold, counting_threshold, position_margin)
         self.device = "cpu"
-        self.info = {"detector": "shapes", "shapes": list(detector.shapes), "score": score, "thresholds": dataclasses.asdict(self.scorer.thresholds)}
+        self.info = {
+            "detector": "shapes",
+            "shapes": list(detector.shapes),
+            "score": score,
+            "thresholds": dataclasses.asdict(self.scorer.thresholds),
+        }

@@ -54,7 +54,9 @@ def download_model(ctx: PipelineContext, out_dir: str | Path) -> dict:
             if folder is None:  # tiny: built from its config and seed, then saved like any other model
                 load_pipeline(source, revision).save_pretrained(out)
             else:
-                shutil.copytree(folder, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", ".git*"))
+                shutil.copytree(
+                    folder, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache", ".git*")
+                )
             files = sha256_manifest(out)
         meta = {"family": model_family(out), "source": source, "revision": revision or "", "files": files}
         (out / MANIFEST).write_text(json.dumps(meta, indent=1))

@@ -54,7 +54,9 @@ def train_grpo(
                     log_epoch(trainer, metrics)
         history = trainer.train()
         trainer.save_policy(policy_dir)
-        log_metrics({"stage/work_s": time.perf_counter() - work_started - logging_s})  # per-epoch logging excluded
+        log_metrics(
+            {"stage/work_s": time.perf_counter() - work_started - logging_s}
+        )  # per-epoch logging excluded
         mlflow.log_artifacts(str(policy_dir), "policy")
         with tempfile.TemporaryDirectory() as tmp:
             if history:
