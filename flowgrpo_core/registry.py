@@ -111,7 +111,7 @@ def register_policy(
     passed, reason = promote(model_name, version.version)
     champion = _champion(client, model_name)
     return Registration(
-        model_name, str(version.version), created, passed, reason, champion.version if champion else None
+        model_name, str(version.version), created, passed, reason, str(champion.version) if champion else None
     )
 
 

@@ -68,3 +68,40 @@ def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
     assert {"report.md", "samples.json", "summary_shapes_geneval_base.txt", "samples"} <= artifacts
     grids = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert any("eval_position" in g for g in grids) and any("eval_all" in g for g in grids)
+
+
+def test_ocr_accuracy_through_a_real_ocr_server(tmp_path):
+    """OCR accuracy = mean OCR reward on held-out text prompts, scored by the OCR reward server."""
+    from flowgrpo_core.config import load_config
+    from flowgrpo_core.models.tiny import build_tiny_sd3
+    from flowgrpo_core.stages.evaluate import evaluate
+    from flowgrpo_core.stages.servers import launch_reward_servers, stop_reward_servers
+    from flowgrpo_core.trainer import FlowGRPOTrainer
+
+    overrides = [
+        "prompts.eval=builtin:ocr_test",
+        "eval.metrics=[ocr]",
+        "eval.num_prompts=4",
+        "eval.num_steps=4",
+    ]
+    build_tiny_sd3(seed=0).save_pretrained(tmp_path / "model")
+    trainer = FlowGRPOTrainer(
+        load_config("tiny", overrides=[*overrides, "serving.mode=inline"]), tmp_path / "t", progress=False
+    )
+    trainer.train(epochs=1)
+    trainer.save_policy(tmp_path / "policy")
+    ctx = PipelineContext(
+        "tiny", overrides, "ocr-eval", f"sqlite:///{tmp_path}/mlflow.db", "", str(tmp_path / "work")
+    )
+    try:
+        endpoints = launch_reward_servers(ctx, tmp_path / "endpoints.json")
+        assert endpoints["ocr"]["url"].startswith("http://127.0.0.1:") and endpoints["ocr"]["weight"] == 0.0
+        metrics = evaluate(
+            ctx, tmp_path / "model", tmp_path / "policy", tmp_path / "endpoints.json", tmp_path / "report"
+        )
+    finally:
+        assert sorted(stop_reward_servers(ctx)) == ["jpeg_incompressibility", "ocr"]
+    for side in ("base", "policy"):
+        assert 0.0 <= metrics[f"eval/{side}/ocr_mean"] <= 1.0 and f"eval/{side}/ocr/ocr" in metrics
+    rows = json.loads((tmp_path / "report" / "samples.json").read_text())
+    assert all('"' in row["prompt"] for row in rows) and all(0.0 <= row["policy/ocr"] <= 1.0 for row in rows)

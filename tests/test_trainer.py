@@ -234,3 +234,16 @@ def test_an_epoch_without_signal_trains_nothing(tmp_path):
     metrics = trainer.train_on(samples, torch.zeros(len(samples)), generator)
     assert metrics["train/trained_samples"] == 0 and metrics["train/loss"] == 0.0
     assert trainer.global_step == 0 and all(torch.equal(before[k], v) for k, v in _state(trainer).items())
+
+
+def test_flux_adapter_trains_exactly_on_policy(tmp_path):
+    # FLUX: packed latents, embedded guidance, no CFG batch doubling.
+    trainer = _trainer(tmp_path, "model.source=tiny:flux", "sampling.guidance_scale=3.5", "sampling.batch_size=8",
+                       "train.optimizer_steps_per_epoch=1", "train.lora_target_modules=[]")  # fmt: skip
+    (metrics,) = trainer.train(epochs=1)
+    assert (
+        metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0 and metrics["train/kl"] == 0.0
+    )
+    assert trainer.last_samples.latents.shape[2:] == (16, 16)  # (tokens, 4 x channels)
+    trainer.train(epochs=2)
+    assert any(p.abs().sum() > 0 for n, p in trainer.trainable.items() if "lora_B" in n)

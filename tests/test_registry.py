@@ -1,0 +1,93 @@
+"""The champion gate and promotion, on a real sqlite MLflow registry with real policy folders."""
+
+import pytest
+
+from flowgrpo_core.cli import main
+from flowgrpo_core.config import load_config
+from flowgrpo_core.registry import CANDIDATE, CHAMPION, register_policy
+from flowgrpo_core.trainer import FlowGRPOTrainer
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("policy")
+    trainer = FlowGRPOTrainer(
+        load_config("tiny", overrides=["train.checkpoint_every=0", "sampling.num_steps=4"]),
+        root / "run",
+        progress=False,
+    )
+    trainer.train(epochs=1)
+    return trainer.save_policy(root / "policy")
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    import mlflow
+
+    from flowgrpo_core.tracking import configure
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    configure(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def _register(policy_dir, run_id, policy_value, base_value=1.0, margin=0.0):
+    import mlflow
+
+    metrics = {"eval/policy/reward_mean": policy_value, "eval/base/reward_mean": base_value}
+    with mlflow.start_run():
+        return register_policy(
+            policy_dir, "tiny:sd3", None, "flowgrpo-test", metrics, "eval/policy/reward_mean", margin, run_id
+        )
+
+
+def test_champion_moves_only_through_the_gate(policy_dir, registry):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    worse_than_base = _register(policy_dir, "run-a", 0.9)
+    assert not worse_than_base.gate_passed and worse_than_base.champion is None
+    assert "against the base model" in worse_than_base.gate_reason
+    first = _register(policy_dir, "run-b", 1.2)
+    assert first.gate_passed and first.champion == first.version == "2"
+    tie = _register(policy_dir, "run-c", 1.2)  # no better than the champion: stays a candidate
+    assert not tie.gate_passed and tie.champion == "2" and "against champion v2" in tie.gate_reason
+    assert client.get_model_version_by_alias("flowgrpo-test", CANDIDATE).version == 3
+    within_margin = _register(policy_dir, "run-d", 1.25, margin=0.1)
+    assert not within_margin.gate_passed
+    better = _register(policy_dir, "run-e", 1.5, margin=0.1)
+    assert better.gate_passed and client.get_model_version_by_alias("flowgrpo-test", CHAMPION).version == 5
+    assert client.get_model_version("flowgrpo-test", "4").tags["gate.decision"] == "failed"
+
+
+def test_promote_command_respects_the_gate_and_force(policy_dir, registry, capsys):
+    from mlflow.tracking import MlflowClient
+
+    _register(policy_dir, "run-a", 1.5)  # v1 champion
+    _register(policy_dir, "run-b", 1.2)  # v2 candidate, worse
+    assert main(["promote", "--model", "flowgrpo-test", "--version", "2", "--tracking-uri", registry]) == 1
+    assert "not promoted" in capsys.readouterr().out
+    assert (
+        main(["promote", "--model", "flowgrpo-test", "--version", "2", "--force", "--tracking-uri", registry])
+        == 0
+    )
+    assert "[forced]" in capsys.readouterr().out
+    assert MlflowClient().get_model_version_by_alias("flowgrpo-test", CHAMPION).version == 2
+    assert MlflowClient().get_model_version("flowgrpo-test", "2").tags["gate.decision"] == "forced"
+
+
+def test_unknown_gate_metric_is_an_error(policy_dir, registry):
+    import mlflow
+
+    with mlflow.start_run(), pytest.raises(ValueError, match="gate metric 'eval/policy/nope' is not among"):
+        register_policy(
+            policy_dir,
+            "tiny:sd3",
+            None,
+            "flowgrpo-test",
+            {"eval/policy/reward_mean": 1.0},
+            "eval/policy/nope",
+            0.0,
+            "r",
+        )
