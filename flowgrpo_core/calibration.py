@@ -116,7 +116,7 @@ def run_probe(config, workdir, adapter=None, reward=None, prompts=None, progress
         for key, values in trainer.last_rewards.details.items():
             if key.endswith("/raw"):
                 collected[key[: -len("/raw")]].append(
-                    (trainer.last_samples.prompts, np.asarray(values, dtype=np.float64))
+                    (trainer.last_prompts, np.asarray(values, dtype=np.float64))
                 )
 
     trainer = FlowGRPOTrainer(

@@ -68,6 +68,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def staging_dir(directory: str | os.PathLike, epoch: int, fresh: bool = True) -> Path:
+    """The ``.tmp`` folder checkpoint ``epoch`` is written to before it is renamed into place."""
+    tmp = Path(directory) / (checkpoint_name(epoch) + ".tmp")
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     epoch: int,
@@ -76,14 +85,14 @@ def save_checkpoint(
     config_yaml: str,
     ema: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
+    staged: bool = False,
 ) -> Path:
-    """Write checkpoint ``epoch`` atomically and prune to the newest ``keep``."""
+    """Write checkpoint ``epoch`` atomically and prune to the newest ``keep``. ``staged``: the staging folder
+    already holds files written by other processes (DeepSpeed's per-rank state) and is kept."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / checkpoint_name(epoch)
-    tmp = directory / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(directory, epoch, fresh=not staged)
     save_file({k: v.detach().contiguous().cpu() for k, v in policy.items()}, str(tmp / "policy.safetensors"))
     if ema is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))

@@ -122,6 +122,9 @@ class TrainConfig(_Strict):
     grad_reweight: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # 0: plain torch optimiser (gradients all-reduced across ranks); 1 or 2: DeepSpeed ZeRO stage 1/2 with the
+    # same AdamW as a client optimiser (partitions optimiser state / gradients across ranks)
+    deepspeed_stage: int = Field(0, ge=0, le=2)
     # save a resumable checkpoint every n epochs (and at the end); 0 = only at the end
     checkpoint_every: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -152,11 +155,46 @@ class CalibrationConfig(_Strict):
 
 
 class ServingConfig(_Strict):
-    # 'process': each reward runs as its own HTTP server, as on a cluster; 'inline': in the trainer's process
-    mode: Literal["process", "inline"] = "process"
+    # 'process': each reward runs as its own HTTP server: a child process locally, and a Kubernetes
+    # Deployment + Service in a pipeline compiled for a cluster (a child process would die with its step's
+    # pod); 'kubernetes': always a Deployment + Service (the trainer must run in the cluster to reach it);
+    # 'inline': computed in the trainer's process
+    mode: Literal["process", "inline", "kubernetes"] = "process"
     # interface local reward servers bind; 127.0.0.1 unless other machines must reach them
     host: str = "127.0.0.1"
     startup_timeout_s: float = Field(600.0, gt=0)
+    # extra `flowgrpo serve-reward` arguments per reward, e.g. {pickscore: [--dtype, float16]}
+    server_args: dict[str, list[str]] = Field(default_factory=dict)
+    # on Kubernetes: namespace of the reward Deployments (empty: the namespace the pipeline step runs in)
+    namespace: str = ""
+    # on Kubernetes: reward images are <image_registry>/flowgrpo-<family>:<image_tag> (recipes in images/;
+    # empty tag: the project's version); `images` replaces the image of a family, e.g. {reward-clip: my/img:1}
+    image_registry: str = "ghcr.io/flowgrpo"
+    image_tag: str = ""
+    images: dict[str, str] = Field(default_factory=dict)
+    # on Kubernetes: GPUs of each reward server that runs a neural network (0: they run on CPUs)
+    gpus_per_server: int = Field(1, ge=0)
+
+    @field_validator("server_args")
+    @classmethod
+    def _known_servers(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        from flowgrpo_core.rewards import REWARD_NAMES
+
+        for name in value:
+            if name not in REWARD_NAMES:
+                raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARD_NAMES))}")
+        return value
+
+    @field_validator("images")
+    @classmethod
+    def _known_images(cls, value: dict[str, str]) -> dict[str, str]:
+        from flowgrpo_core.cluster.images import RECIPES, TRAINER
+
+        for family in value:
+            if family not in RECIPES or family == TRAINER:
+                known = ", ".join(r for r in RECIPES if r != TRAINER)
+                raise ValueError(f"unknown reward image family {family!r}; known: {known}")
+        return value
 
 
 class TrackingConfig(_Strict):

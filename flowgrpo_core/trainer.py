@@ -4,6 +4,12 @@ Every random choice of an epoch (prompts, noise seeds, Fast windows, shuffles) c
 seeded by ``(seed, epoch)``; together with the weights, optimiser, EMA and stat tracker saved in a
 checkpoint, that makes an interrupted and resumed run end with the same parameters as an
 uninterrupted one.
+
+Under torchrun every rank draws the same global plan from that generator, samples and scores only its
+own batches, and gathers the rewards so that all ranks compute the same advantages. Optimiser steps are
+defined over global sets of samples: each rank back-propagates its share, normalised by the global size,
+and the gradients are summed over ranks. N processes therefore take the same steps as one process with
+the same global batch (up to floating-point summation order).
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +37,10 @@ from flowgrpo_core.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    staging_dir,
 )
 from flowgrpo_core.config import FlowGRPOConfig
+from flowgrpo_core.distributed import DistributedContext
 from flowgrpo_core.ema import EMA
 from flowgrpo_core.loss import LossOutput, grpo_loss, guard_step_weight
 from flowgrpo_core.models import FlowAdapter, load_model
@@ -43,6 +53,17 @@ EpochCallback = Callable[["FlowGRPOTrainer", dict[str, float]], None]
 _AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Changing these between a run and its resume cannot change what was already computed.
 _RESUMABLE_FIELDS = {"train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.device"}
+
+
+@dataclass
+class EpochSamples:
+    """One epoch's roll-outs as a rank sees them."""
+
+    local: Trajectories  # this rank's roll-outs
+    indices: torch.Tensor  # (n_local,) their global indices
+    prompts: list[str]  # all N prompts of the epoch, every rank's
+    rewards: RewardOutput  # all N rewards in global order, every component
+    timing: dict[str, float]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,9 +91,15 @@ class FlowGRPOTrainer:
     ) -> None:
         self.config = config
         self.output_dir = Path(output_dir)
-        self.device = resolve_device(config.train.device)
+        self.dist = DistributedContext.from_env(resolve_device(config.train.device).type)
+        self.device = self.dist.device(config.train.device)
+        if config.batches_per_epoch % self.dist.world_size:
+            raise ValueError(
+                f"{config.batches_per_epoch} sampling batches per epoch cannot be shared by {self.dist.world_size} "
+                "processes: make group_size x groups_per_epoch / batch_size a multiple of the world size"
+            )
         self.callbacks = list(callbacks)
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         res = config.sampling.resolution
         self.prompts = prompts or load_prompts(config.prompts.train)
         self.reward = reward or build_rewards(config.rewards)
@@ -92,6 +119,7 @@ class FlowGRPOTrainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=t.mixed_precision == "fp16" and self.device.type == "cuda"
         )
+        self.engine = self._setup_deepspeed() if t.deepspeed_stage else None
         self.ema = EMA(self.trainable, t.ema_decay, t.ema_update_interval) if t.ema else None
         self.tracker = PerPromptStatTracker(global_std=t.global_std, buffer_size=t.stat_buffer_size)
         self.autocast_dtype = _AUTOCAST[t.mixed_precision]
@@ -99,8 +127,9 @@ class FlowGRPOTrainer:
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self.counters = {"skipped_loss_steps": 0, "skipped_optimizer_steps": 0, "nonfinite_rewards": 0}
-        self.last_samples: Trajectories | None = None
-        self.last_rewards: RewardOutput | None = None  # the epoch's raw scores, with every component
+        self.last_samples: Trajectories | None = None  # this rank's roll-outs of the last epoch
+        self.last_prompts: list[str] = []  # the last epoch's prompts, all ranks
+        self.last_rewards: RewardOutput | None = None  # the last epoch's scores, all ranks, every component
 
     def _setup_policy(self) -> dict[str, torch.nn.Parameter]:
         t = self.config.train
@@ -122,13 +151,53 @@ class FlowGRPOTrainer:
             p.data = p.data.float()  # optimiser state and updates in float32, whatever the base dtype
         return trainable
 
+    def _setup_deepspeed(self):
+        """A DeepSpeed ZeRO-1/2 engine around the transformer, with our AdamW as its client optimiser (no
+        DeepSpeed op has to be compiled for it). Training calls the module directly and lets the engine do
+        backward (gradient reduction) and step (clipping, partitioned update)."""
+        import deepspeed
+
+        t = self.config.train
+        if not torch.distributed.is_initialized():
+            # DeepSpeed needs a process group even alone; without a launcher, make a private one.
+            for var, value in {
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+            }.items():
+                os.environ.setdefault(var, value)
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            deepspeed.init_distributed(
+                dist_backend="nccl" if self.device.type == "cuda" else "gloo", auto_mpi_discovery=False
+            )
+        config = {
+            "train_micro_batch_size_per_gpu": self.config.sampling.batch_size,
+            "gradient_accumulation_steps": 1,  # windows are closed by hand (set_gradient_accumulation_boundary)
+            "zero_optimization": {"stage": t.deepspeed_stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": t.max_grad_norm,
+            "bf16": {"enabled": t.mixed_precision == "bf16"},
+            "fp16": {"enabled": t.mixed_precision == "fp16"},
+            "steps_per_print": 2**30,
+        }
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=self.adapter.transformer, optimizer=self.optimizer, config=config
+        )
+        self.optimizer = optimizer
+        self.adapter.training_wrapper = engine
+        return engine
+
     # ---- the loop ----
 
     def train(self, epochs: int | None = None) -> list[dict[str, float]]:
         """Run until ``epochs`` epochs are done in total (default: config.train.epochs)."""
         target = self.config.train.epochs if epochs is None else epochs
         every = self.config.train.checkpoint_every
-        tqdm.write(f"[flowgrpo] {self.config.describe()}")
+        self._log(
+            f"[flowgrpo] {self.config.describe()}"
+            + (f"; {self.dist.world_size} processes" if self.dist.enabled else "")
+        )
         for epoch in tqdm(
             range(self.epoch, target),
             desc="epochs",
@@ -139,7 +208,7 @@ class FlowGRPOTrainer:
             metrics = self.run_epoch(epoch)
             self.epoch = epoch + 1
             self.history.append(metrics)
-            tqdm.write(
+            self._log(
                 f"[flowgrpo] epoch {epoch}: reward {metrics['reward/total']:.4f} ± {metrics['reward/total/std']:.4f}  "
                 f"kl {metrics['train/kl']:.3g}  clipfrac {metrics['train/clipfrac']:.3f}  {metrics['time/epoch_s']:.1f}s"
             )
@@ -147,59 +216,99 @@ class FlowGRPOTrainer:
             # replay from the checkpoint's history, never an epoch of training.
             if (every and self.epoch % every == 0) or self.epoch == target:
                 self.save_checkpoint()
-            for callback in self.callbacks:
-                callback(self, metrics)
+            if self.dist.is_main:
+                for callback in self.callbacks:
+                    callback(self, metrics)
         return self.history
+
+    def _log(self, line: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(line)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         start = time.perf_counter()
         generator = epoch_generator(self.config.train.seed, epoch)
-        samples, scores = self.sample_and_score(generator)
+        epoch_samples = self.sample_and_score(generator)
         sampled = time.perf_counter()
-        advantages, reward_metrics = self.advantages(samples.prompts, scores)
-        train_metrics = self.train_on(samples, advantages, generator)
-        self.last_samples, self.last_rewards = samples, scores
+        advantages, reward_metrics = self.advantages(epoch_samples.prompts, epoch_samples.rewards)
+        train_metrics = self.train_on(epoch_samples.local, advantages, generator, epoch_samples.indices)
+        self.last_samples, self.last_prompts = epoch_samples.local, epoch_samples.prompts
+        self.last_rewards = epoch_samples.rewards
         end = time.perf_counter()
         return {
             "epoch": float(epoch),
             **reward_metrics,
             **train_metrics,
+            **epoch_samples.timing,
             "time/sample_s": sampled - start,
             "time/train_s": end - sampled,
             "time/epoch_s": end - start,
         }
 
-    def sample_and_score(self, generator: torch.Generator) -> tuple[Trajectories, RewardOutput]:
-        """Roll out ``groups_per_epoch`` prompts x ``group_size`` images; rewards of a batch are computed in a
-        worker thread while the next batch samples (reward servers answer over HTTP meanwhile)."""
+    def plan_epoch(self, generator: torch.Generator) -> tuple[PromptSet, list[int], list[int]]:
+        """The epoch's global plan, identical on every rank: ``groups_per_epoch`` prompts repeated
+        ``group_size`` times, one noise seed per image, one Fast-window start per sampling batch."""
         s = self.config.sampling
         chosen = self.prompts.take(draw_prompts(self.prompts, s.groups_per_epoch, generator))
-        prompts = [p for p in chosen.prompts for _ in range(s.group_size)]
-        metadata = [m for m in chosen.metadata for _ in range(s.group_size)]
-        seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
-        parts, futures = [], []
+        images = PromptSet([p for p in chosen.prompts for _ in range(s.group_size)],
+                           [m for m in chosen.metadata for _ in range(s.group_size)])  # fmt: skip
+        seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()
+        starts = [
+            sample_window_start(s.window_bounds(), s.sde_window_size, generator) if s.sde_window_size else 0
+            for _ in range(self.config.batches_per_epoch)
+        ]
+        return images, seeds, starts
+
+    def sample_and_score(self, generator: torch.Generator) -> EpochSamples:
+        """Roll out this rank's batches of the plan and score them (a batch's rewards are computed in a worker
+        thread while the next batch samples; reward servers answer over HTTP meanwhile), then gather every
+        rank's rewards."""
+        s = self.config.sampling
+        images, seeds, starts = self.plan_epoch(generator)
+        mine = range(self.dist.rank, self.config.batches_per_epoch, self.dist.world_size)
+        parts, futures, indices = [], [], []
+        rollout_s = 0.0
         with ThreadPoolExecutor(max_workers=1) as pool:
-            for b in tqdm(
-                range(self.config.batches_per_epoch), desc="sampling", leave=False, disable=not self.progress
-            ):
+            for b in tqdm(mine, desc="sampling", leave=False, disable=not self.progress):
                 sl = slice(b * s.batch_size, (b + 1) * s.batch_size)
-                start = (
-                    sample_window_start(s.window_bounds(), s.sde_window_size, generator)
-                    if s.sde_window_size
-                    else 0
-                )
+                started = time.perf_counter()
                 part = rollout(
-                    self.adapter, prompts[sl], seeds[sl],
+                    self.adapter, images.prompts[sl], seeds[sl],
                     resolution=s.resolution, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                    noise_level=s.noise_level, sde_mask=sde_window_mask(len(prompts[sl]), s.num_steps, s.sde_window_size, start),
+                    noise_level=s.noise_level, sde_mask=sde_window_mask(s.batch_size, s.num_steps, s.sde_window_size, starts[b]),
                     negative_prompt=s.negative_prompt, max_sequence_length=s.max_sequence_length, sde_type=s.sde_type,
-                    metadata=metadata[sl], store_means=self.config.train.ratio_norm, autocast_dtype=self.autocast_dtype,
+                    metadata=images.metadata[sl], store_means=self.config.train.ratio_norm, autocast_dtype=self.autocast_dtype,
                 )  # fmt: skip
+                rollout_s += time.perf_counter() - started
                 parts.append(part)
+                indices += range(sl.start, sl.stop)
                 futures.append(pool.submit(self.reward, to_pil(part.images), part.prompts, part.metadata))
+            waited = time.perf_counter()
             outputs = [f.result() for f in futures]
-        details = {k: [v for o in outputs for v in o.details.get(k, [])] for k in outputs[0].details}
-        return Trajectories.cat(parts), RewardOutput(np.concatenate([o.scores for o in outputs]), details)
+            reward_wait_s = time.perf_counter() - waited
+        local = RewardOutput(np.concatenate([o.scores for o in outputs]),
+                             {k: [v for o in outputs for v in o.details.get(k, [])] for k in outputs[0].details})  # fmt: skip
+        gathered = time.perf_counter()
+        rewards = self._gather_rewards(indices, local, len(images))
+        timing = {
+            "time/rollout_s": rollout_s,
+            "time/reward_wait_s": reward_wait_s,
+            "time/gather_s": time.perf_counter() - gathered,
+        }
+        return EpochSamples(Trajectories.cat(parts), torch.tensor(indices), images.prompts, rewards, timing)
+
+    def _gather_rewards(self, indices: list[int], local: RewardOutput, total: int) -> RewardOutput:
+        """Every rank's scores and details, placed at their global indices."""
+        scores = np.full(total, np.nan)
+        details: dict[str, list] = {k: [None] * total for k in local.details}
+        for rank_indices, rank_scores, rank_details in self.dist.all_gather_objects(
+            (indices, local.scores, local.details)
+        ):
+            scores[rank_indices] = rank_scores
+            for key, values in rank_details.items():
+                for i, v in zip(rank_indices, values):
+                    details.setdefault(key, [None] * total)[i] = v
+        return RewardOutput(scores, details)
 
     def advantages(self, prompts: list[str], scores: RewardOutput) -> tuple[torch.Tensor, dict[str, float]]:
         """Group-relative advantages; samples with a non-finite reward get advantage 0 and are not trained."""
@@ -241,48 +350,112 @@ class FlowGRPOTrainer:
         return order[:, :k].cpu()
 
     def train_on(
-        self, samples: Trajectories, advantages: torch.Tensor, generator: torch.Generator
+        self,
+        samples: Trajectories,
+        advantages: torch.Tensor,
+        generator: torch.Generator,
+        indices: torch.Tensor | None = None,
     ) -> dict[str, float]:
+        """Inner epochs over the samples with a non-zero advantage.
+
+        Args:
+            samples: this rank's trajectories.
+            advantages: (N,) advantages of all samples of the epoch (every rank's).
+            indices: (n_local,) global index of each local sample (default: all, single process).
+        """
         t = self.config.train
+        indices = torch.arange(len(samples)) if indices is None else indices
+        local_position = {int(g): pos for pos, g in enumerate(indices.tolist())}
         keep = torch.nonzero(advantages != 0).flatten()
         steps = self.trained_steps(samples.sde_mask)
+        k_steps = steps.shape[1]
         sums: dict[str, float] = defaultdict(float)
         count = 0
         per_step: dict[int, list[float]] = defaultdict(list)
         grad_norms: list[float] = []
         skipped_before = dict(self.counters)
+        compute_s = 0.0
         for _ in range(t.num_inner_epochs):
-            shuffled = keep[torch.randperm(len(keep), generator=generator)]
-            micro = [
-                m for m in shuffled.split(self.config.sampling.batch_size) if len(m)
-            ]  # none when all A = 0
-            for window in _split_evenly(micro, t.optimizer_steps_per_epoch):
-                n_terms = len(window) * steps.shape[1]
-                for index in tqdm(window, desc="training", leave=False, disable=not self.progress):
-                    for k in range(steps.shape[1]):
-                        out = self.step_loss(samples, index, steps[index, k], advantages[index])
+            shuffled = keep[
+                torch.randperm(len(keep), generator=generator)
+            ].tolist()  # same order on every rank
+            for window in _split_evenly(shuffled, t.optimizer_steps_per_epoch):
+                mine = torch.tensor(
+                    [local_position[g] for g in window if g in local_position], dtype=torch.long
+                )
+                micro = [
+                    m for m in mine.split(self.config.sampling.batch_size) if len(m)
+                ]  # none on an idle rank
+                # ZeRO-2 reduces gradients inside backward, in buckets matched across ranks: every rank makes the
+                # same number of backward calls per window, the ones with fewer samples padding with zero-weighted
+                # real ones (a synthetic zero loss would fire the gradient hooks in another order).
+                calls = len(micro) * k_steps
+                if self.engine is not None:
+                    calls = max(self.dist.all_gather_objects(calls))
+                done = 0
+                started = time.perf_counter()
+                for index in tqdm(micro, desc="training", leave=False, disable=not self.progress):
+                    local_adv = advantages[indices[index]]
+                    for k in range(k_steps):
+                        out = self.step_loss(samples, index, steps[index, k], local_adv)
+                        done += 1
                         if not torch.isfinite(out.loss):
                             self.counters["skipped_loss_steps"] += 1
+                            if self.engine is not None:
+                                self._backward(self._padding_loss(samples, steps), last=done == calls)
                             continue
-                        self.scaler.scale(out.loss / n_terms).backward()
+                        # Each sample-step weighs 1 / (samples in the window x trained steps), whatever its rank.
+                        self._backward(out.loss * (len(index) / (len(window) * k_steps)), last=done == calls)
+                        # Per-sample weights: the statistics do not depend on how samples fall into micro-batches.
                         for key, value in out.metrics().items():
-                            sums[key] += value
-                        count += 1
+                            sums[key] += value * len(index)
+                        count += len(index)
                         for j, r in zip(steps[index, k].tolist(), out.ratio.tolist()):
                             per_step[j].append(r)
+                while done < calls:
+                    done += 1
+                    self._backward(self._padding_loss(samples, steps), last=done == calls)
+                compute_s += time.perf_counter() - started
                 grad_norms.append(self.optimizer_step())
-        names = ("loss", "policy_loss", "kl", "clipfrac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
-        metrics = {f"train/{k}": sums[k] / count if count else 0.0 for k in names}
-        if count:
-            metrics["train/ratio_min"] = min(r for v in per_step.values() for r in v)
-            metrics["train/ratio_max"] = max(r for v in per_step.values() for r in v)
-        for j, ratios in sorted(per_step.items()):
-            metrics[f"train/ratio_mean/step_{j}"] = float(np.mean(ratios))
+        return self._train_metrics(sums, count, per_step, grad_norms, len(keep), skipped_before, compute_s)
+
+    def _train_metrics(
+        self, sums, count, per_step, grad_norms, kept, skipped_before, compute_s
+    ) -> dict[str, float]:
+        """Loss statistics averaged over every rank's terms; counters summed over ranks."""
+        skipped = {
+            key: self.counters[key] - skipped_before[key]
+            for key in ("skipped_loss_steps", "skipped_optimizer_steps")
+        }
+        parts = self.dist.all_gather_objects(
+            (dict(sums), count, dict(per_step), skipped["skipped_loss_steps"])
+        )
+        total = sum(c for _, c, _, _ in parts)
+        names = ("loss", "policy_loss", "kl", "clipfrac", "approx_kl", "ratio_mean")
+        metrics = {
+            f"train/{k}": sum(s.get(k, 0.0) for s, _, _, _ in parts) / total if total else 0.0 for k in names
+        }
+        ratios: dict[int, list[float]] = defaultdict(list)
+        for _, _, steps, _ in parts:
+            for j, values in steps.items():
+                ratios[j] += values
+        every = [r for v in ratios.values() for r in v]
+        metrics["train/ratio_min"] = min(every) if every else 0.0
+        metrics["train/ratio_max"] = max(every) if every else 0.0
+        for j, values in sorted(ratios.items()):
+            metrics[f"train/ratio_mean/step_{j}"] = float(np.mean(values))
         finite_norms = [g for g in grad_norms if math.isfinite(g)]
         metrics["train/grad_norm"] = float(np.mean(finite_norms)) if finite_norms else 0.0
-        metrics["train/trained_samples"] = float(len(keep))
-        for key in ("skipped_loss_steps", "skipped_optimizer_steps"):
-            metrics[f"train/{key}"] = float(self.counters[key] - skipped_before[key])
+        metrics["train/trained_samples"] = float(kept)
+        all_skipped = sum(p[3] for p in parts)
+        self.counters["skipped_loss_steps"] = (
+            skipped_before["skipped_loss_steps"] + all_skipped
+        )  # the same on every rank
+        metrics["train/skipped_loss_steps"] = float(all_skipped)
+        metrics["train/skipped_optimizer_steps"] = float(
+            skipped["skipped_optimizer_steps"]
+        )  # same on every rank
+        metrics["time/forward_backward_s"] = compute_s
         return metrics
 
     def step_loss(
@@ -322,8 +495,26 @@ class FlowGRPOTrainer:
             step_weight=guard_step_weight(sigma, sigma_next) if t.grad_reweight else None,
         )  # fmt: skip
 
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if self.engine is None:
+            self.scaler.scale(loss).backward()
+            return
+        self.engine.set_gradient_accumulation_boundary(last)
+        # DeepSpeed averages gradients over ranks; our losses are already normalised globally, so undo it.
+        self.engine.backward(loss * torch.distributed.get_world_size(), scale_wrt_gas=False)
+
+    def _padding_loss(self, samples: Trajectories, steps: torch.Tensor) -> torch.Tensor:
+        """The real loss graph of this rank's first sample, weighted 0: gradients of exactly 0, reached through
+        the same modules in the same order as a real backward."""
+        index = torch.zeros(1, dtype=torch.long)
+        return self.step_loss(samples, index, steps[index, 0], torch.zeros(1)).loss * 0.0
+
     def optimizer_step(self) -> float:
-        """Clip, step, update EMA. A non-finite gradient norm skips the step (counted), never applies it."""
+        """Sum gradients over ranks, clip, step, update EMA. A non-finite gradient norm skips the step
+        (counted), never applies it; the norm is computed after the all-reduce, so every rank agrees."""
+        if self.engine is not None:
+            return self._deepspeed_step()
+        self.dist.all_reduce_grads(list(self.trainable.values()))
         self.scaler.unscale_(self.optimizer)
         norm = float(
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.config.train.max_grad_norm)
@@ -341,17 +532,45 @@ class FlowGRPOTrainer:
             self.ema.step()
         return norm
 
+    def _deepspeed_step(self) -> float:
+        """The engine clips and steps; in fp32 it skips a step whose global gradient norm is not finite, which
+        ``was_step_applied`` reports."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        if not self.engine.was_step_applied() or not math.isfinite(norm):
+            self.counters["skipped_optimizer_steps"] += 1
+            return norm
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.step()
+        return norm
+
     # ---- checkpoints and export ----
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Written by rank 0 (every rank holds the same state); the others wait until it is complete. With
+        DeepSpeed, every rank first writes its optimiser partition into the same staging folder."""
+        if self.engine is not None:
+            if self.dist.is_main:
+                staging_dir(self.checkpoint_dir, self.epoch)
+            self.dist.barrier()
+            tmp = staging_dir(self.checkpoint_dir, self.epoch, fresh=False)
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+            self.dist.barrier()
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
         state = {
             "epoch": self.epoch,
             "global_step": self.global_step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict()
+            if self.engine is None
+            else {},  # DeepSpeed keeps its own
             "scaler": self.scaler.state_dict(),
             "tracker": self.tracker.state_dict(),
             "rng": rng_state(),
@@ -361,10 +580,13 @@ class FlowGRPOTrainer:
             if self.ema
             else {},
         }
-        return save_checkpoint(
+        path = save_checkpoint(
             self.checkpoint_dir, self.epoch, dict(self.trainable), state, self.config.to_yaml(),
             ema=self.ema.shadow if self.ema else None, keep=self.config.train.keep_checkpoints,
+            staged=self.engine is not None,
         )  # fmt: skip
+        self.dist.barrier()
+        return path
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Restore the latest (or the given) checkpoint; returns False when there is none."""
@@ -382,7 +604,13 @@ class FlowGRPOTrainer:
             for name, param in self.trainable.items():
                 param.copy_(ckpt["policy"][name])
         state = ckpt["state"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.engine is not None:
+            self.engine.load_checkpoint(
+                str(Path(path) / "deepspeed"), tag="state", load_module_strict=False,
+                load_optimizer_states=True, load_lr_scheduler_states=False,
+            )  # fmt: skip
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.tracker.load_state_dict(state["tracker"])
         if self.ema is not None:
@@ -393,7 +621,7 @@ class FlowGRPOTrainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = [dict(h) for h in state["history"]]
         self.counters.update({k: int(v) for k, v in state["counters"].items()})
-        tqdm.write(f"[flowgrpo] resumed from {path} at epoch {self.epoch}")
+        self._log(f"[flowgrpo] resumed from {path} at epoch {self.epoch}")
         return True
 
     def _check_compatible(self, saved_yaml: str, path: Path) -> None:
@@ -413,8 +641,10 @@ class FlowGRPOTrainer:
 
     def save_policy(self, directory: str | Path) -> Path:
         """The trained policy: LoRA weights in diffusers format (or the full transformer), the EMA version
-        in ``ema/``, the resolved config and the metric history."""
+        in ``ema/``, the resolved config and the metric history. Written by rank 0 only."""
         directory = Path(directory)
+        if not self.dist.is_main:
+            return directory
         directory.mkdir(parents=True, exist_ok=True)
         self._export_weights(directory)
         if self.ema is not None:
@@ -442,3 +672,11 @@ def _split_evenly(items: list, parts: int) -> list[list]:
         out.append(items[start:end])
         start = end
     return [chunk for chunk in out if chunk]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

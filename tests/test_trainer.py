@@ -40,8 +40,9 @@ def test_updates_move_log_probs_along_the_advantages(tmp_path):
     trainer = _trainer(tmp_path, "sampling.batch_size=8", "train.optimizer_steps_per_epoch=1", "train.beta=0",
                        "train.lora=false", "train.learning_rate=1e-3", "train.clip_range=10")  # fmt: skip
     generator = torch.Generator().manual_seed(0)
-    samples, scores = trainer.sample_and_score(generator)
-    advantages, _ = trainer.advantages(samples.prompts, scores)
+    epoch = trainer.sample_and_score(generator)
+    samples = epoch.local
+    advantages, _ = trainer.advantages(epoch.prompts, epoch.rewards)
     steps = trainer.trained_steps(samples.sde_mask)
     index = torch.arange(len(samples))
 
@@ -159,7 +160,7 @@ def test_nonfinite_rewards_are_dropped_and_counted(tmp_path):
 def test_nonfinite_loss_and_gradients_are_skipped_never_applied(tmp_path):
     trainer = _trainer(tmp_path, "train.beta=0", "train.lora=false", "train.optimizer_steps_per_epoch=1")
     generator = torch.Generator().manual_seed(0)
-    samples, _ = trainer.sample_and_score(generator)
+    samples = trainer.sample_and_score(generator).local
     before = _state(trainer)
     nan_adv = torch.full((len(samples),), float("nan"))
     metrics = trainer.train_on(samples, nan_adv, generator)
@@ -229,7 +230,7 @@ def test_seeded_tiny_run_raises_the_jpeg_reward(tmp_path):
 def test_an_epoch_without_signal_trains_nothing(tmp_path):
     trainer = _trainer(tmp_path)
     generator = torch.Generator().manual_seed(0)
-    samples, _ = trainer.sample_and_score(generator)
+    samples = trainer.sample_and_score(generator).local
     before = _state(trainer)
     metrics = trainer.train_on(samples, torch.zeros(len(samples)), generator)
     assert metrics["train/trained_samples"] == 0 and metrics["train/loss"] == 0.0

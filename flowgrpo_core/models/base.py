@@ -60,6 +60,9 @@ class FlowAdapter(ABC):
         self.lora_adapter_name: str | None = None
         self._reference_copy: nn.Module | None = None
         self._active: nn.Module | None = None  # set while the reference copy stands in
+        # What training forwards go through when a wrapper owns the module (a DeepSpeed engine, whose forward
+        # does per-micro-step bookkeeping its backward relies on); set by the trainer.
+        self.training_wrapper: nn.Module | None = None
 
     # ---- what each family defines ----
 
@@ -111,6 +114,13 @@ class FlowAdapter(ABC):
     @property
     def transformer(self) -> nn.Module:
         return self._active if self._active is not None else self.pipeline.transformer
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The module to call: the training wrapper for forwards that build a graph, else the transformer."""
+        if self._active is None and self.training_wrapper is not None and torch.is_grad_enabled():
+            return self.training_wrapper
+        return self.transformer
 
     @property
     def device(self) -> torch.device:
@@ -169,11 +179,19 @@ class FlowAdapter(ABC):
         """The base model for the KL term: with LoRA, the same weights with the adapter switched off (no
         second copy in memory); with full fine-tuning, the frozen copy."""
         if self.lora_adapter_name is not None:
-            self.transformer.disable_adapters()
+            # Flip peft's switch directly: its disable/enable_adapters() also toggles requires_grad on the LoRA
+            # weights, which re-creates their gradient accumulators and detaches the hooks DeepSpeed's ZeRO-2
+            # reduces gradients with (and costs a set_adapter per training step).
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
+            for layer in layers:
+                layer._disable_adapters = True
             try:
                 yield
             finally:
-                self.transformer.enable_adapters()
+                for layer in layers:
+                    layer._disable_adapters = False
         elif self._reference_copy is not None:
             self._active = self._reference_copy
             try:

@@ -72,7 +72,7 @@ class FluxAdapter(FlowAdapter):
             guidance = torch.full((batch,), guidance_scale, device=self.device, dtype=torch.float32)
         # The pipeline casts the timestep to the latent dtype before dividing by 1000; do the same.
         timestep = (sigma.float() * NUM_TRAIN_TIMESTEPS).to(self.dtype) / NUM_TRAIN_TIMESTEPS
-        return self.transformer(
+        return self.denoiser(
             hidden_states=x,
             timestep=timestep,
             guidance=guidance,

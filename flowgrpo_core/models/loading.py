@@ -1,4 +1,5 @@
-"""Where a base model comes from: ``tiny:<family>[@seed]``, a local diffusers folder, ``s3://``, or a hub id."""
+"""Where a base model comes from: ``tiny:<family>[@seed]``, a model packaged with flowgrpo (``shapes:sd3``), a
+local diffusers folder, ``s3://``, or a hub id."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from typing import Literal
 
 import torch
 
-SourceKind = Literal["tiny", "local", "s3", "hub"]
+SourceKind = Literal["tiny", "packaged", "local", "s3", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Models trained by the project and shipped in the package (a few MB each): source -> folder under data/.
+# shapes:sd3 is the shapes-world base model (`flowgrpo pretrain-shapes`; data/shapes-sd3/PROVENANCE.md).
+PACKAGED_MODELS = {"shapes:sd3": "shapes-sd3"}
+PACKAGED_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
 class ModelSourceError(ValueError):
@@ -22,7 +27,7 @@ class ModelSourceError(ValueError):
 @dataclass(frozen=True)
 class ModelSource:
     kind: SourceKind
-    location: str  # family for tiny, path, URI or hub id
+    location: str  # family for tiny, folder for packaged and local, URI or hub id
     seed: int = 0
 
     @property
@@ -45,6 +50,18 @@ def parse_source(source: str) -> ModelSource:
         if seed and not seed.isdigit():
             raise ModelSourceError(f"tiny model seed in {source!r} must be a non-negative integer")
         return ModelSource("tiny", family, int(seed or 0))
+    if source.startswith("shapes:"):
+        if source not in PACKAGED_MODELS:
+            raise ModelSourceError(
+                f"unknown packaged model {source!r}; expected one of {sorted(PACKAGED_MODELS)}"
+            )
+        folder = PACKAGED_DIR / PACKAGED_MODELS[source]
+        if not (folder / "model_index.json").is_file():
+            raise ModelSourceError(
+                f"packaged model {source!r} is missing from {folder} (reinstall flowgrpo, or rebuild it as "
+                f"{folder / 'PROVENANCE.md'} says)"
+            )
+        return ModelSource("packaged", str(folder))
     if source.startswith("s3://"):
         return ModelSource("s3", source)
     if os.path.isabs(source) or source.startswith((".", "~")) or Path(source).exists():
@@ -72,6 +89,8 @@ def resolve_folder(source: str, revision: str | None = None) -> Path | None:
     parsed = parse_source(source)
     if parsed.kind == "tiny":
         return None
+    if parsed.kind == "packaged":
+        return Path(parsed.location)
     try:
         folder = resolve(parsed.location, revision if parsed.kind == "hub" else None)
     except WeightsSourceError as error:
@@ -114,7 +133,7 @@ def resolution_factor(source: str) -> int:
         parsed = parse_source(source)
     except ModelSourceError:
         return DEFAULT_RESOLUTION_FACTOR
-    if parsed.kind != "local":
+    if parsed.kind not in ("local", "packaged"):
         return DEFAULT_RESOLUTION_FACTOR
     folder = Path(parsed.location)
     try:

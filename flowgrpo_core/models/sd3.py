@@ -75,7 +75,7 @@ class SD3Adapter(FlowAdapter):
             x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
             embeds = torch.cat([cond.tensors["neg_embeds"], embeds])
             pooled = torch.cat([cond.tensors["neg_pooled"], pooled])
-        velocity = self.transformer(
+        velocity = self.denoiser(
             hidden_states=x,
             timestep=timestep,
             encoder_hidden_states=embeds,
