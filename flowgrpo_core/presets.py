@@ -15,9 +15,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS
+
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
-_SD3_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 _SD3_REFERENCE: dict[str, Any] = {
     "model": {"source": SD35_MEDIUM, "dtype": "float16"},
@@ -77,7 +78,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                 "lora": True,
                 "lora_rank": 8,
                 "lora_alpha": 16.0,
-                "lora_target_modules": [*_SD3_ATTENTION, "proj_out", "ff.net.0.proj", "ff.net.2"],
+                "lora_target_modules": [
+                    *JOINT_ATTENTION_PROJECTIONS,
+                    "proj_out",
+                    "ff.net.0.proj",
+                    "ff.net.2",
+                ],
                 "optimizer_steps_per_epoch": 2,
                 "ema": True,
                 "ema_update_interval": 1,  # 2 optimiser steps per epoch: the reference's 8 would never update

@@ -46,6 +46,20 @@ class Conditioning:
         return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
 
 
+# The joint-attention projections of MMDiT blocks (image stream, then text stream) that receive LoRA
+# (ALGORITHM.md sect. 4); SD3 and FLUX name them alike.
+JOINT_ATTENTION_PROJECTIONS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+
+
 class FlowAdapter(ABC):
     """A flow-matching text-to-image model: ``v = model(x_sigma, sigma, text)``, ``x_sigma = (1-sigma) x0 + sigma noise``."""
 

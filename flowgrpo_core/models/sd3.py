@@ -6,23 +6,14 @@ from collections.abc import Sequence
 
 import torch
 
-from flowgrpo_core.models.base import Conditioning, FlowAdapter
+from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS, Conditioning, FlowAdapter
 
 NUM_TRAIN_TIMESTEPS = 1000
 
 
 class SD3Adapter(FlowAdapter):
     family = "sd3"
-    lora_target_modules = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    )
+    lora_target_modules = JOINT_ATTENTION_PROJECTIONS
 
     @property
     def resolution_factor(self) -> int:

@@ -82,41 +82,15 @@ def build_tiny_sd3(seed: int = 0, spec: TinySD3Spec = TinySD3Spec()):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip_config = CLIPTextConfig(
-            hidden_size=spec.clip_hidden,
-            intermediate_size=spec.clip_hidden * 2,
-            num_hidden_layers=2,  # SD3 reads hidden_states[-2]
-            num_attention_heads=4,
-            projection_dim=spec.clip_hidden,
-            vocab_size=1000,
-            max_position_embeddings=77,  # the pipeline pads CLIP prompts to 77
-            hidden_act="gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        clip_config = _clip_config(tokenizer, spec.clip_hidden, projection_dim=spec.clip_hidden)
         text_encoder = CLIPTextModelWithProjection(clip_config)
         text_encoder_2 = CLIPTextModelWithProjection(clip_config)
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=1000,
-                d_model=spec.t5_d_model,
-                d_kv=16,
-                d_ff=spec.t5_d_model,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=16,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        text_encoder_3 = _tiny_t5(d_model=spec.t5_d_model, d_kv=16)
         inner = spec.num_attention_heads * spec.attention_head_dim
         transformer = SD3Transformer2DModel(
             sample_size=32,
@@ -149,40 +123,13 @@ def build_tiny_sd3(seed: int = 0, spec: TinySD3Spec = TinySD3Spec()):
 def build_tiny_flux(seed: int = 0):
     """A ``FluxPipeline`` (guidance-distilled like FLUX.1-dev) with random weights."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                vocab_size=1000,
-                max_position_embeddings=77,
-                hidden_act="gelu",
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=1000,
-                d_model=32,
-                d_kv=8,
-                d_ff=32,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=16,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+        text_encoder_2 = _tiny_t5(d_model=32, d_kv=8)
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=16,  # 4 latent channels x 2x2 packing
@@ -214,6 +161,44 @@ def build_tiny_flux(seed: int = 0):
         tokenizer_2=tiny_t5_tokenizer(),
     )
     return _eval_mode(pipe)
+
+
+def _clip_config(tokenizer, hidden: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,  # SD3 reads hidden_states[-2]
+        num_attention_heads=4,
+        vocab_size=1000,
+        max_position_embeddings=77,  # the pipelines pad CLIP prompts to 77
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def _tiny_t5(d_model: int, d_kv: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=1000,
+            d_model=d_model,
+            d_kv=d_kv,
+            d_ff=d_model,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
 
 
 def _tiny_vae(blocks: tuple[int, ...], latent_channels: int):
