@@ -10,7 +10,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint clean
+IMAGE_REGISTRY ?= ghcr.io/flowgrpo
+IMAGE_TAG      ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGES         := $(patsubst images/%.Dockerfile,%,$(wildcard images/*.Dockerfile))
+
+.PHONY: setup run test lint clean images
 
 setup: $(STAMP)
 
@@ -33,3 +37,12 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs flowgrpo-runs local_outputs .pytest_cache
+
+# One image per recipe in images/, tagged <registry>/flowgrpo-<recipe>:<version> (the names the pipeline and
+# the reward Deployments use). BuildKit reads images/<recipe>.Dockerfile.dockerignore, which keeps .venv out.
+images:
+	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine here ('docker info' failed); the recipes are still linted and checked by 'make test' (tests/test_images.py)" >&2; exit 1; }
+	@for image in $(IMAGES); do \
+	  echo "== $(IMAGE_REGISTRY)/flowgrpo-$$image:$(IMAGE_TAG)"; \
+	  DOCKER_BUILDKIT=1 docker build -f images/$$image.Dockerfile -t $(IMAGE_REGISTRY)/flowgrpo-$$image:$(IMAGE_TAG) . || exit 1; \
+	done

@@ -10,6 +10,8 @@ from pathlib import Path
 EPILOG = """examples:
   flowgrpo run --preset tiny                                 # the whole DAG locally, tracked in MLflow
   flowgrpo compile --preset sd3-geneval -o flowgrpo.yaml     # KFP IR YAML for a cluster
+  flowgrpo compile --preset sd3-ocr --gpus 8 --nodes 2 --pvc flowgrpo-work --s3-secret s3-creds \\
+      --node-selector cloud.google.com/gke-accelerator=nvidia-h100-80gb --toleration nvidia.com/gpu:NoSchedule
   flowgrpo submit --host https://kfp.example --preset sd3-ocr --tracking-uri http://mlflow:5000
   flowgrpo promote --model flowgrpo-sd3 --version 7
   flowgrpo train --preset tiny --epochs 3 --out runs/x       # the trainer alone, no pipeline
@@ -78,12 +80,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
         )
-    trainer = FlowGRPOTrainer(cfg, out, progress=not args.no_progress)
-    if args.resume and not trainer.resume():
+    reward = None
+    if args.endpoints:
+        from flowgrpo_core.stages.common import build_training_reward, read_endpoints
+
+        if not Path(args.endpoints).is_file():
+            raise FileNotFoundError(f"endpoints file {args.endpoints!r} does not exist")
+        reward = build_training_reward(cfg, read_endpoints(args.endpoints))
+    trainer = FlowGRPOTrainer(cfg, out, reward=reward, progress=not args.no_progress)
+    if args.resume and not trainer.resume() and trainer.dist.is_main:
         print(f"[flowgrpo] no checkpoint in {out / 'checkpoints'}; starting from scratch", file=sys.stderr)
     history = trainer.train()
     policy = trainer.save_policy(out / "policy")
-    if history:
+    if history and trainer.dist.is_main:
         first, last = history[0]["reward/total"], history[-1]["reward/total"]
         print(f"[flowgrpo] reward {first:.4f} -> {last:.4f} over {len(history)} epochs; policy in {policy}")
     return 0
@@ -109,6 +118,56 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         default="flowgrpo-runs/work",
         help="folder for checkpoints and reward-server pid files (a PVC path on a cluster)",
     )
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how the compiled pipeline runs on Kubernetes (``compile`` and ``submit``)."""
+    group = parser.add_argument_group("cluster (Kubernetes resources of the compiled pipeline)")
+    group.add_argument("--gpus", type=int, default=0,
+                       help="GPUs of each model-running stage, and of each training node (default 0)")  # fmt: skip
+    group.add_argument("--nodes", type=int, default=1,
+                       help="training nodes; > 1 trains as a PyTorchJob (Kubeflow training operator), needs --pvc (default 1)")  # fmt: skip
+    group.add_argument("--accelerator", default="nvidia.com/gpu",
+                       help="resource name GPUs are requested as (default: nvidia.com/gpu)")  # fmt: skip
+    group.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                       help="node label the GPU pods must match, e.g. cloud.google.com/gke-accelerator=nvidia-h100-80gb (repeatable)")  # fmt: skip
+    group.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
+                       help="taint the GPU pods tolerate, e.g. nvidia.com/gpu:NoSchedule (repeatable)")  # fmt: skip
+    group.add_argument("--pvc", default="",
+                       help="ReadWriteMany PersistentVolumeClaim mounted by every step: work folder (checkpoints), model caches")  # fmt: skip
+    group.add_argument("--pvc-mount", default="/mnt/flowgrpo", metavar="PATH",
+                       help="where the PVC is mounted; the default --workdir moves to PATH/work (default: /mnt/flowgrpo)")  # fmt: skip
+    group.add_argument("--s3-secret", default="", metavar="NAME",
+                       help="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY [, AWS_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, ...]")  # fmt: skip
+    group.add_argument("--mlflow-secret", default="", metavar="NAME",
+                       help="Secret with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")  # fmt: skip
+    group.add_argument(
+        "--hf-secret", default="", metavar="NAME", help="Secret with HF_TOKEN (gated hub models)"
+    )
+    group.add_argument("--reward-token-secret", default="", metavar="NAME",
+                       help="Secret with FLOWGRPO_REWARD_TOKEN, the reward servers' bearer token")  # fmt: skip
+    group.add_argument("--image", default="", help="image of every step and training node (default: $FLOWGRPO_TRAINER_IMAGE "
+                       "or ghcr.io/flowgrpo/flowgrpo-trainer:<version>)")  # fmt: skip
+    group.add_argument("--image-pull-secret", action="append", default=[], metavar="NAME",
+                       help="Secret for pulling the images from a private registry (repeatable)")  # fmt: skip
+    group.add_argument(
+        "--worker-cpu", default="8", help="CPU of each training node when --nodes > 1 (default 8)"
+    )
+    group.add_argument("--worker-memory", default="64Gi",
+                       help="memory of each training node when --nodes > 1 (default 64Gi)")  # fmt: skip
+
+
+def _cluster_options(args: argparse.Namespace):
+    from flowgrpo_core.cluster.options import ClusterOptions, Toleration, parse_key_value
+
+    return ClusterOptions(
+        gpus=args.gpus, nodes=args.nodes, accelerator=args.accelerator,
+        node_selector=tuple(parse_key_value(text, "--node-selector") for text in args.node_selector),
+        tolerations=tuple(Toleration.parse(text) for text in args.toleration),
+        pvc=args.pvc, mount_path=args.pvc_mount, s3_secret=args.s3_secret, mlflow_secret=args.mlflow_secret,
+        hf_secret=args.hf_secret, reward_token_secret=args.reward_token_secret, trainer_image=args.image,
+        image_pull_secrets=tuple(args.image_pull_secret), worker_cpu=args.worker_cpu, worker_memory=args.worker_memory,
+    )  # fmt: skip
 
 
 def _pipeline_args(args: argparse.Namespace):
@@ -143,7 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.runner import compile_pipeline
 
-    path = compile_pipeline(_pipeline_args(args), args.output, gpus=args.gpus)
+    path = compile_pipeline(_pipeline_args(args), args.output, cluster=_cluster_options(args))
     print(f"[flowgrpo] compiled {path}")
     return 0
 
@@ -156,7 +215,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         args.host,
         run_name=args.run_name,
         kfp_experiment=args.kfp_experiment,
-        gpus=args.gpus,
+        cluster=_cluster_options(args),
     )
     print(f"[flowgrpo] submitted run {run_id} to {args.host}")
     return 0
@@ -199,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     train.add_argument(
+        "--endpoints",
+        metavar="FILE",
+        help="reward servers to score with: the launch stage's JSON {name: {url, weight}} (default: in-process rewards)",
+    )
+    train.add_argument(
         "--show-config", action="store_true", help="print the resolved config as YAML and exit"
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
@@ -219,11 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_ = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML", description="Compile the pipeline with "
                               "these parameters as defaults, for upload to Kubeflow Pipelines.")  # fmt: skip
     add_pipeline_arguments(compile_)
+    add_cluster_arguments(compile_)
     compile_.add_argument(
         "-o", "--output", default="flowgrpo.yaml", help="output YAML file (default: flowgrpo.yaml)"
-    )
-    compile_.add_argument(
-        "--gpus", type=int, default=0, help="GPUs requested by each model-running stage (default 0)"
     )
     compile_.set_defaults(func=_cmd_compile)
 
@@ -236,9 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit_.add_argument("--run-name", help="KFP run name (default: flowgrpo-<preset>)")
     submit_.add_argument("--kfp-experiment", help="KFP experiment (default: flowgrpo-<preset>)")
-    submit_.add_argument(
-        "--gpus", type=int, default=0, help="GPUs requested by each model-running stage (default 0)"
-    )
+    add_cluster_arguments(submit_)
     submit_.set_defaults(func=_cmd_submit)
 
     promote_ = sub.add_parser(

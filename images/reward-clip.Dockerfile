@@ -1,31 +1,41 @@
 # Reward server for the torch rewards built on transformers: clipscore, pickscore, aesthetic, hpsv2 and
 # imagereward (all CLIP / BLIP architectures expressed with transformers; no open_clip, no torchvision).
 #
-#   docker build -f images/reward-clip.Dockerfile -t flowgrpo-reward-clip .                     # CPU torch
-#   docker build -f images/reward-clip.Dockerfile --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
-#       -t flowgrpo-reward-clip:cu128 .                                                          # CUDA torch
+#   docker build -f images/reward-clip.Dockerfile -t ghcr.io/flowgrpo/flowgrpo-reward-clip:0.1.0 .  # CUDA torch
+#   docker build -f images/reward-clip.Dockerfile --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu \
+#       -t flowgrpo-reward-clip:cpu .                                                            # CPU torch
 #   docker run --rm --gpus all -p 8000:8000 -e FLOWGRPO_REWARD_TOKEN=change-me -e HF_TOKEN \
-#       -v hf-cache:/cache flowgrpo-reward-clip:cu128 pickscore --device cuda --dtype float16
+#       -v hf-cache:/cache ghcr.io/flowgrpo/flowgrpo-reward-clip:0.1.0 pickscore --device cuda --dtype float16
 #
 # Weights come from the hub (cached in /cache), a mounted folder (--model /models/x) or S3
 # (--model s3://bucket/prefix with AWS_ENDPOINT_URL and credentials in the environment).
-FROM python:3.11.7-slim
+FROM python:3.11.7-slim-bookworm
+LABEL org.opencontainers.image.title="flowgrpo-reward-clip" \
+      org.opencontainers.image.description="flowgrpo reward server: clipscore, pickscore, aesthetic, hpsv2, imagereward" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/flowgrpo
 # torch first, from its own index, so that nothing below can swap it for another build
-RUN pip install --index-url "${TORCH_INDEX}" "torch==2.13.0"
-RUN pip install \
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==2.13.0"
+# a layer of its own on purpose: changing a pin below must not download torch (~2.5 GB with CUDA) again
+# hadolint ignore=DL3059
+RUN pip install --no-cache-dir \
         "transformers==5.23.0" "tokenizers==0.23.3" "safetensors==0.8.0" "huggingface_hub==2.4.0" \
         "numpy==2.4.6" "pillow==13.0.0" "boto3==1.44.5"
 COPY pyproject.toml ./
 COPY flowgrpo_core ./flowgrpo_core
-RUN touch README.md && pip install --no-deps . && rm -rf /opt/flowgrpo/build
+RUN touch README.md && pip install --no-cache-dir --no-deps . && rm -rf /opt/flowgrpo/build
 
+# /cache belongs to the server's user, so a volume mounted there (`-v hf-cache:/cache`) is writable
+RUN useradd --uid 65532 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin flowgrpo \
+    && mkdir -p /cache && chown flowgrpo:flowgrpo /cache
 USER 65532:65532
 ENV HOME=/tmp HF_HOME=/cache/huggingface FLOWGRPO_CACHE=/cache/flowgrpo
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=600s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+# weights load before the server listens: give them time before failures count
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 ENTRYPOINT ["python", "-m", "flowgrpo_core.serving", "serve-reward", "--host", "0.0.0.0", "--port", "8000"]
 CMD ["pickscore"]

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowgrpo_core.cluster.options import ClusterOptions
 from flowgrpo_core.config import FlowGRPOConfig
 from flowgrpo_core.tracking import DEFAULT_TRACKING_URI
 
@@ -110,16 +111,36 @@ def _stage_runs(parent) -> list:
     )
 
 
-def compile_pipeline(args: PipelineArguments, output: str | Path, gpus: int = 0) -> Path:
+def for_cluster(args: PipelineArguments, cluster: ClusterOptions) -> PipelineArguments:
+    """The arguments of a cluster run: with a PVC, the default work folder moves onto it (checkpoints must
+    survive the step's pod for a retry to resume; training nodes share them)."""
+    import dataclasses
+
+    if cluster.pvc and args.workdir == PipelineArguments.workdir:
+        args = dataclasses.replace(args, workdir=cluster.mount_path.rstrip("/") + "/work")
+    if cluster.distributed_training and not cluster.on_volume(args.workdir):
+        raise ValueError(
+            f"--nodes {cluster.nodes}: the work folder {args.workdir!r} must be on the PVC (under {cluster.mount_path})"
+        )
+    return args
+
+
+def compile_pipeline(
+    args: PipelineArguments, output: str | Path, gpus: int = 0, cluster: ClusterOptions | None = None
+) -> Path:
     """KFP IR YAML whose parameter defaults are these arguments (so the UI shows them pre-filled)."""
     from kfp import compiler
 
     from pipelines.flowgrpo_pipeline import build_pipeline
 
+    cluster = cluster or ClusterOptions(gpus=gpus)
+    args = for_cluster(args, cluster)
     args.validate(check_tracking=False)  # the cluster reaches its own tracking server, this machine may not
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(gpus), str(output), pipeline_parameters=args.as_dict())
+    compiler.Compiler().compile(
+        build_pipeline(cluster=cluster), str(output), pipeline_parameters=args.as_dict()
+    )
     return output
 
 
@@ -129,17 +150,20 @@ def submit(
     run_name: str | None = None,
     kfp_experiment: str | None = None,
     gpus: int = 0,
+    cluster: ClusterOptions | None = None,
 ) -> str:
     """Submit to Kubeflow Pipelines at ``host``; returns the KFP run id."""
     import kfp
 
     from pipelines.flowgrpo_pipeline import build_pipeline
 
+    cluster = cluster or ClusterOptions(gpus=gpus)
+    args = for_cluster(args, cluster)
     args.validate(check_tracking=False)
     _check_kfp_host(host)
     client = kfp.Client(host=host)
     run = client.create_run_from_pipeline_func(
-        build_pipeline(gpus), arguments=args.as_dict(), run_name=run_name or f"flowgrpo-{args.preset}",
+        build_pipeline(cluster=cluster), arguments=args.as_dict(), run_name=run_name or f"flowgrpo-{args.preset}",
         experiment_name=kfp_experiment or f"flowgrpo-{args.preset}",
     )  # fmt: skip
     return run.run_id

@@ -12,6 +12,18 @@ def train_grpo(
 ) -> dict:
     """Train and write the policy to ``policy_dir``. Checkpoints live in ``<workdir>/<run id>/train``, so a
     retried stage (same run id) resumes where the killed attempt stopped instead of starting over."""
+    from flowgrpo_core.cluster.options import ClusterOptions
+
+    cluster = ClusterOptions.from_env()  # None unless the pipeline was compiled for a cluster
+    if cluster is not None and cluster.distributed_training:  # --nodes > 1: a PyTorchJob trains, we wait
+        from flowgrpo_core.cluster.trainjob import train_on_pytorchjob
+
+        return train_on_pytorchjob(ctx, cluster, model_dir, endpoints_path, policy_dir)
+    if cluster is not None and cluster.gpus > 1:  # one node, several GPUs: one process per GPU
+        from flowgrpo_core.cluster.trainjob import train_on_local_processes
+
+        return train_on_local_processes(ctx, cluster.gpus, model_dir, endpoints_path, policy_dir)
+
     import tempfile
     import time
 
