@@ -24,10 +24,12 @@ def policy_dir(tmp_path_factory):
 def registry(tmp_path):
     import mlflow
 
-    from flowgrpo_core.tracking import configure
+    from flowgrpo_core.tracking import configure, ensure_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     configure(uri)
+    # the Default experiment would put artifacts in ./mlruns of the working directory
+    mlflow.set_experiment(experiment_id=ensure_experiment("registry-test", uri))
     yield uri
     mlflow.set_tracking_uri(None)
 
