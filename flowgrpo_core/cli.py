@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 EPILOG = """examples:
-  flowgrpo run --preset tiny                                 # the whole DAG locally, tracked in MLflow
+  flowgrpo run --preset shapes                               # the whole DAG locally, tracked in MLflow (make run)
+  flowgrpo run --preset tiny                                 # the same on a random tiny SD3, in about a minute
   flowgrpo compile --preset sd3-geneval -o flowgrpo.yaml     # KFP IR YAML for a cluster
   flowgrpo compile --preset sd3-ocr --gpus 8 --nodes 2 --pvc flowgrpo-work --s3-secret s3-creds \\
       --node-selector cloud.google.com/gke-accelerator=nvidia-h100-80gb --toleration nvidia.com/gpu:NoSchedule
@@ -16,6 +17,7 @@ EPILOG = """examples:
   flowgrpo promote --model flowgrpo-sd3 --version 7
   flowgrpo train --preset tiny --epochs 3 --out runs/x       # the trainer alone, no pipeline
   flowgrpo serve-reward ocr --port 18001
+  flowgrpo pretrain-shapes --out runs/shapes-sd3             # rebuild the shapes world's base model
   flowgrpo presets
 """
 
@@ -319,9 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     promote_.set_defaults(func=_cmd_promote)
 
+    from flowgrpo_core.pretrain.config import add_pretrain_shapes_parser
     from flowgrpo_core.serving.commands import add_serve_reward_parser
 
     add_serve_reward_parser(sub)
+    add_pretrain_shapes_parser(sub)
     return parser
 
 

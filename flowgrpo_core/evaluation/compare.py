@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from flowgrpo_core.evaluation.geneval import GenEvalReport, summarize_verdicts
 from flowgrpo_core.models.base import FlowAdapter
 from flowgrpo_core.prompts import PromptSet
 from flowgrpo_core.rewards.base import Reward
@@ -50,6 +51,33 @@ def generate(
         )  # fmt: skip
         images += to_pil(out.images)
     return images
+
+
+def geneval_accuracy(
+    adapter: FlowAdapter,
+    prompt_set: PromptSet,
+    reward: Reward,
+    *,
+    resolution: int,
+    num_steps: int,
+    guidance_scale: float,
+    batch_size: int,
+    seed: int = 0,
+    images_per_prompt: int = 1,
+    max_sequence_length: int = 256,
+) -> GenEvalReport:
+    """GenEval accuracy of one model's ODE samples, per task and overall (the mean over tasks), from the
+    per-image verdicts (``details["correct"]``) of a GenEval-type ``reward``. Seeds as in :func:`compare`."""
+    prompts = [p for p in prompt_set.prompts for _ in range(images_per_prompt)]
+    metadata = [m for m in prompt_set.metadata for _ in range(images_per_prompt)]
+    images = generate(
+        adapter, prompts, [seed + i for i in range(len(prompts))], resolution=resolution, num_steps=num_steps,
+        guidance_scale=guidance_scale, batch_size=batch_size, max_sequence_length=max_sequence_length,
+    )  # fmt: skip
+    reports = _verdict_reports(reward(images, prompts, metadata).details, [m["tag"] for m in metadata], prompts)
+    if "correct" not in reports:
+        raise ValueError(f"reward {reward.name!r} gives no per-image verdicts (details['correct']): not a GenEval reward")
+    return reports["correct"]
 
 
 def compare(
@@ -139,8 +167,6 @@ def compare(
 
 def _verdict_reports(details: Mapping[str, list], tags: Sequence[str], prompts: Sequence[str]) -> dict:
     """GenEval-style reports for every ``correct`` / ``<component>/correct`` verdict list in ``details``."""
-    from flowgrpo_core.evaluation.geneval import summarize_verdicts
-
     found = {}
     for key, values in details.items():
         if key == "correct" or key.endswith("/correct"):

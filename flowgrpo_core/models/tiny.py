@@ -7,12 +7,13 @@ Tokenizers are built in memory (byte-level BPE for CLIP, a character Unigram for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """The 256 printable stand-ins for bytes that byte-level BPE vocabularies use (GPT-2 / CLIP)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -41,24 +42,28 @@ _CLIP_MERGES = (
 )
 
 
-def tiny_clip_tokenizer():
+def tiny_clip_tokenizer(merges: Sequence[tuple[str, str]] = _CLIP_MERGES, max_length: int = 77):
+    """A byte-level BPE CLIP tokenizer with only ``merges`` beyond single bytes (the vocabulary follows)."""
     from transformers import CLIPTokenizer
 
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     vocab: dict[str, int] = {}
     for token in ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]:
         vocab.setdefault(token, len(vocab))
-    for merge in _CLIP_MERGES:
+    for merge in merges:
         vocab.setdefault("".join(merge), len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=list(_CLIP_MERGES), model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=max_length)
 
 
-def tiny_t5_tokenizer():
+def tiny_t5_tokenizer(words: Sequence[str] = ()):
+    """A character-level Unigram T5 tokenizer; each of ``words`` gets one likely piece that beats its
+    spelling (each character costs -3)."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     for char in map(chr, range(33, 127)):
         pieces += [(char, -3.0), ("▁" + char, -3.5)]
+    pieces += [("▁" + word, -1.0) for word in words]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 

@@ -1,0 +1,151 @@
+"""Held-out GenEval accuracy in the shapes world: the base model, then Flow-GRPO and Flow-GRPO-Fast trained
+side by side under the same CPU budget (issue 7; the number the README publishes).
+
+Both methods start from the packaged base model (``shapes:sd3``) with the ``shapes`` preset, train on
+``builtin:shapes_train`` and are evaluated on ``builtin:shapes_test`` (no prompt in common, and held out from
+pre-training too) with the preset's evaluation: ODE sampling, fixed seeds, the EMA weights, GenEval's strict
+rules judged by the shapes detector; overall = the mean of the six task accuracies. Fast differs from the
+full method only by ``--fast-set`` (default: a 2-step SDE window in the first half of the schedule).
+
+Time is the CPU time of the method's process (``resource.getrusage``: user + system, every thread) spent in
+training epochs (sampling, rewards, optimisation), not wall time, because the machine is shared; evaluation
+is excluded. Each method is evaluated every ``--eval-every`` CPU-minutes and at the end of its budget. The
+methods run side by side in their own processes (``--jobs``), ``--threads`` torch threads each.
+
+    python benchmarks/shapes_geneval.py [--cpu-minutes 30] [--eval-every 2.5] [--set KEY=VALUE] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import io
+import json
+import multiprocessing
+import resource
+import tempfile
+import time
+
+import torch
+
+from flowgrpo_core.config import FlowGRPOConfig, load_config
+from flowgrpo_core.evaluation.geneval import TAGS
+from flowgrpo_core.pretrain.run import shapes_accuracy
+from flowgrpo_core.prompts import load_prompts
+from flowgrpo_core.trainer import FlowGRPOTrainer
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def held_out_accuracy(trainer: FlowGRPOTrainer, cfg: FlowGRPOConfig) -> dict[str, float]:
+    """The policy's (EMA weights when EMA is on) accuracy on the preset's evaluation prompts."""
+    e = cfg.eval
+    prompts = load_prompts(cfg.prompts.eval)
+    prompts = prompts.take(list(range(min(e.num_prompts, len(prompts)))))
+    ema = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
+    with ema:
+        return shapes_accuracy(trainer.adapter, prompts, images_per_prompt=e.images_per_prompt, num_steps=e.num_steps,
+                               guidance_scale=e.guidance_scale, seed=e.seed, batch_size=e.batch_size,
+                               max_sequence_length=cfg.sampling.max_sequence_length)  # fmt: skip
+
+
+def train_under_budget(
+    name: str, cfg: FlowGRPOConfig, cpu_budget_s: float, eval_every_s: float, threads: int = 1
+) -> list[dict]:
+    """Train epoch after epoch until the CPU budget is spent; returns the evaluation points
+    ``{"method", "epoch", "cpu_min", <tag>: accuracy, "overall"}`` (the first at 0 CPU-minutes)."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = FlowGRPOTrainer(cfg, out, progress=False)
+        points = [{"method": name, "epoch": 0, "cpu_min": 0.0, **held_out_accuracy(trainer, cfg)}]
+        print(_row(points[-1]), flush=True)
+        spent, next_eval, epoch = 0.0, eval_every_s, 0
+        while spent < cpu_budget_s:
+            started = cpu_seconds()
+            # run_epoch, not train(): train() writes a checkpoint each call, which is not part of the method
+            with contextlib.redirect_stderr(io.StringIO()):
+                metrics = trainer.run_epoch(epoch)
+            spent += cpu_seconds() - started
+            trainer.history.append(metrics)
+            epoch = trainer.epoch = epoch + 1
+            if spent >= next_eval or spent >= cpu_budget_s:
+                points.append({"method": name, "epoch": epoch, "cpu_min": spent / 60, **held_out_accuracy(trainer, cfg)})
+                print(_row(points[-1]) + f"   (train reward {metrics['reward/total']:.3f})", flush=True)
+                next_eval += eval_every_s
+        return points
+
+
+def first_reaching(points: list[dict], target: float) -> float | None:
+    """CPU-minutes at the first evaluation whose overall accuracy reaches ``target``."""
+    return next((p["cpu_min"] for p in points if p["overall"] >= target - 1e-9), None)
+
+
+def _row(p: dict) -> str:
+    tags = " | ".join(f"{p[t]:.2f}" for t in TAGS)
+    return f"| {p['method']} | {p['epoch']} | {p['cpu_min']:.1f} | {tags} | **{p['overall']:.3f}** |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="shapes", help="preset both methods start from (default: shapes)")
+    parser.add_argument("--cpu-minutes", type=float, default=30.0, help="training CPU budget per method (default 30)")
+    parser.add_argument("--eval-every", type=float, default=2.5, help="CPU-minutes between evaluations (default 2.5)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for both methods (repeatable)")  # fmt: skip
+    parser.add_argument("--fast-set", dest="fast", action="append", default=None, metavar="KEY=VALUE",
+                        help="what makes Flow-GRPO-Fast (default: sampling.sde_window_size=2)")  # fmt: skip
+    parser.add_argument("--methods", default="full,fast", help="comma-separated subset of full,fast")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per method (default 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="methods trained at the same time, one process each (default 2)")
+    parser.add_argument("--json", metavar="PATH", help="also write every evaluation point as JSON")
+    args = parser.parse_args()
+    fast_overrides = args.fast or ["sampling.sde_window_size=2"]
+    configs = {
+        "Flow-GRPO": load_config(args.preset, overrides=args.overrides),
+        "Flow-GRPO-Fast": load_config(args.preset, overrides=[*args.overrides, *fast_overrides]),
+    }
+    chosen = {"full": "Flow-GRPO", "fast": "Flow-GRPO-Fast"}
+    configs = {name: cfg for key, name in chosen.items() if key in args.methods.split(",") for cfg in [configs[name]]}
+    print(f"preset {args.preset}, {args.cpu_minutes:g} CPU-minutes of training per method, {args.threads} thread(s)")
+    for name, cfg in configs.items():
+        print(f"{name}: {cfg.describe()}")
+    e = next(iter(configs.values())).eval
+    print(f"held-out: {e.num_prompts} prompts of {next(iter(configs.values())).prompts.eval} x {e.images_per_prompt} images, "
+          f"{e.num_steps} ODE steps, CFG {e.guidance_scale:g}\n")  # fmt: skip
+    header = "| method | epochs | CPU-min | " + " | ".join(TAGS) + " | overall |\n|---|---|---|" + "---|" * len(TAGS) + "---|"
+    print(header)
+    started = time.monotonic()
+    budget = (60 * args.cpu_minutes, 60 * args.eval_every, args.threads)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: torch threads are per process
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
+        futures = {name: pool.submit(train_under_budget, name, cfg, *budget) for name, cfg in configs.items()}
+        curves = {name: future.result() for name, future in futures.items()}
+    print(f"\nwall time {(time.monotonic() - started) / 60:.1f} min\n")
+    print(header)
+    for points in curves.values():
+        for p in points:
+            print(_row(p))
+    print()
+    base = next(iter(curves.values()))[0]["overall"]
+    for name, points in curves.items():
+        final = points[-1]["overall"]
+        print(f"{name}: base {base:.3f} -> {final:.3f} after {points[-1]['cpu_min']:.1f} CPU-min ({100 * (final - base):+.1f} points)")
+    if "Flow-GRPO" in curves and "Flow-GRPO-Fast" in curves:
+        target = curves["Flow-GRPO"][-1]["overall"]
+        full_t = first_reaching(curves["Flow-GRPO"], target)
+        fast_t = first_reaching(curves["Flow-GRPO-Fast"], target)
+        speedup = ("never within its budget" if fast_t is None else "at once" if fast_t == 0
+                   else f"{full_t / fast_t:.1f}x sooner")  # fmt: skip
+        print(f"first reaching Flow-GRPO's final accuracy {target:.3f}: Flow-GRPO at {full_t:.1f} CPU-min, "
+              f"Flow-GRPO-Fast at {'-' if fast_t is None else f'{fast_t:.1f}'} CPU-min ({speedup})")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "curves": curves}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

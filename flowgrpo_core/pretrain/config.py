@@ -1,0 +1,126 @@
+"""What a shapes-world pre-training run does, and its command line (no torch import: ``flowgrpo --help``
+stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, replace
+
+from flowgrpo_core.evaluation.geneval import TAGS
+
+
+@dataclass(frozen=True)
+class ShapesModelSpec:
+    """Sizes of the shapes-world SD3 (defaults: the shipped model, ~3M parameters, 64 px)."""
+
+    resolution: int = 64
+    # 3 blocks: downsampling x4, so a 64 px scene is a 16 x 16 latent (8 x 8 tokens after 2 x 2 patches);
+    # SD3's x8 leaves 4 x 4 tokens, too coarse to place four 12 px shapes
+    vae_blocks: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 8
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    clip_hidden: int = 32
+    t5_d_model: int = 64
+    max_text_tokens: int = 16  # CLIP pads to this; also T5's max_sequence_length
+    shift: float = 1.0  # scheduler shift: 3.0 suits SD3 at 1024 px; a 16 x 16 latent needs none
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """What ``flowgrpo pretrain-shapes`` does; the main fields are command-line options."""
+
+    seed: int = 0
+    model: ShapesModelSpec = field(default_factory=ShapesModelSpec)
+    vae_steps: int = 1500
+    steps: int = 6000  # transformer steps
+    minutes: float | None = None  # wall-clock budget for both phases (not reproducible across machines)
+    vae_share: float = 0.3  # share of ``minutes`` given to the VAE
+    vae_batch_size: int = 32
+    batch_size: int = 32  # transformer phase
+    vae_learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    vae_kl_weight: float = 1e-4  # per latent element, against per-pixel reconstruction errors
+    vae_shape_weight: float = 4.0  # extra weight of pixels that differ from the background
+    caption_dropout: float = 0.1
+    tag_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TAGS, 1.0))
+    held_out: str | None = "builtin:shapes_test"  # no caption has the requirements of these prompts
+    eval_every: int = 1000  # transformer steps between evaluations; 0: only at the end
+    eval_prompts: str = "builtin:shapes_test"  # "": no evaluation
+    eval_images_per_prompt: int = 2
+    eval_steps: int = 20
+    guidance_scale: float = 4.5
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("vae_steps", "steps", "vae_batch_size", "batch_size", "warmup_steps", "threads", "eval_images_per_prompt"):
+            if getattr(self, name) < (0 if name.endswith("steps") else 1):
+                raise ValueError(f"pretrain-shapes: {name} must be positive, got {getattr(self, name)}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"pretrain-shapes: minutes must be positive, got {self.minutes}")
+        unknown = set(self.tag_weights) - set(TAGS)
+        if unknown:
+            raise ValueError(f"pretrain-shapes: unknown tags {sorted(unknown)} in tag_weights; tags: {', '.join(TAGS)}")
+
+
+DESCRIPTION = """Pre-train the shapes-world base model (a tiny SD3: MMDiT + CLIP/T5 + KL VAE) by rectified flow
+on scenes rendered on the fly, and save it as a diffusers folder (safetensors) with pretrain.json (config,
+losses, held-out accuracy during training). Step-bounded runs (--steps) are reproducible from the seed, bit for
+bit with one thread; --minutes bounds wall time instead (machine-dependent)."""
+
+EPILOG = """examples:
+  flowgrpo pretrain-shapes --out runs/shapes-sd3          # the shipped shapes:sd3 (its PROVENANCE.md)
+  flowgrpo pretrain-shapes --out /tmp/s --minutes 10 --eval-every 500
+  flowgrpo pretrain-shapes --out /tmp/s --steps 20 --vae-steps 20 --no-eval
+"""
+
+
+def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``pretrain-shapes`` to the ``flowgrpo`` command line."""
+    d = PretrainConfig()
+    p = subparsers.add_parser(
+        "pretrain-shapes", help="pre-train the shapes-world base model (tiny SD3) on a CPU",
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="folder for the diffusers pipeline (created)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, data and noise (default {d.seed})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"transformer steps (default {d.steps})")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps, help=f"VAE steps (default {d.vae_steps})")
+    p.add_argument("--minutes", type=float, default=None,
+                   help=f"wall-clock budget of both phases (VAE: {round(100 * d.vae_share)}%%); the steps become upper bounds")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"scenes per transformer step (default {d.batch_size})")
+    p.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size, help=f"scenes per VAE step (default {d.vae_batch_size})")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help=f"transformer learning rate (default {d.learning_rate:g})")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help=f"linear learning-rate warm-up of both phases (default {d.warmup_steps})")  # fmt: skip
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help=f"transformer steps between held-out evaluations, 0: only at the end (default {d.eval_every})")  # fmt: skip
+    p.add_argument("--eval-prompts", default=d.eval_prompts, help=f"prompt set evaluated (default {d.eval_prompts})")
+    p.add_argument("--eval-images-per-prompt", type=int, default=d.eval_images_per_prompt,
+                   help=f"images per evaluated prompt (default {d.eval_images_per_prompt})")  # fmt: skip
+    p.add_argument("--no-eval", action="store_true", help="skip every evaluation")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help=f"torch CPU threads; 1 is reproducible bit for bit (default {d.threads})")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_pretrain_shapes)
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    cfg = PretrainConfig(
+        seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, minutes=args.minutes, batch_size=args.batch_size,
+        vae_batch_size=args.vae_batch_size,
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+        eval_prompts=args.eval_prompts, eval_images_per_prompt=args.eval_images_per_prompt, threads=args.threads,
+    )  # fmt: skip
+    return replace(cfg, eval_every=0, eval_prompts="") if args.no_eval else cfg
+
+
+def _cmd_pretrain_shapes(args: argparse.Namespace) -> int:
+    from flowgrpo_core.pretrain.run import pretrain_shapes
+
+    cfg = config_from_args(args)
+    pretrain_shapes(cfg, args.out, progress=not args.no_progress)
+    return 0
