@@ -109,7 +109,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                 "group_size": 8,
                 "groups_per_epoch": 8,
                 "batch_size": 16,
-                "max_sequence_length": 10,  # the base model was pre-trained with 10 T5 tokens
+                "max_sequence_length": 16,  # the base model was pre-trained with 16 T5 tokens
             },
             "train": {
                 "epochs": 30,

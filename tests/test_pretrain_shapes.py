@@ -1,0 +1,89 @@
+"""`flowgrpo pretrain-shapes` (issue 7): the world's tokenizers, held-out captions, a short run end to end, and
+reproducibility from the seed. None of these needs the packaged model."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from flowgrpo_core.evaluation.compare import generate
+from flowgrpo_core.evaluation.prompt_sets import requirement_key
+from flowgrpo_core.models import load_model
+from flowgrpo_core.pretrain.config import PretrainConfig, add_pretrain_shapes_parser, config_from_args
+from flowgrpo_core.pretrain.flow_matching import CaptionSampler, shifted_sigma, warmup_cosine
+from flowgrpo_core.pretrain.run import pretrain_shapes
+from flowgrpo_core.pretrain.shapes_model import shapes_clip_tokenizer, shapes_t5_tokenizer, world_words
+from flowgrpo_core.prompts import load_prompts
+
+SHAPES_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def test_world_words_are_single_tokens():
+    clip, t5 = shapes_clip_tokenizer(), shapes_t5_tokenizer()
+    for word in world_words():
+        assert clip.tokenize(word) == [word + "</w>"]
+        assert t5.tokenize(word) == ["▁" + word]
+    prompt = "a purple triangle left of two crosses"
+    assert len(clip(prompt).input_ids) == 2 + len(prompt.split())  # start + words + end
+
+
+def test_caption_sampler_holds_out_the_test_requirements():
+    test = load_prompts("builtin:shapes_test").metadata
+    sampler = CaptionSampler(dict.fromkeys(SHAPES_TAGS, 1.0), test)
+    drawn = sampler(np.random.default_rng(0), 3000)
+    assert {m["tag"] for m in drawn} == set(SHAPES_TAGS)
+    assert not {requirement_key(m) for m in drawn} & {requirement_key(m) for m in test}
+    with pytest.raises(ValueError, match="unknown tags"):
+        CaptionSampler({"counting": 1.0, "colour": 1.0})
+
+
+def test_pretrain_shapes_command_trains_and_saves_a_loadable_model(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_pretrain_shapes_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["pretrain-shapes", "--out", str(tmp_path), "--steps", "40", "--vae-steps", "40",
+                              "--batch-size", "8", "--vae-batch-size", "8", "--warmup-steps", "5", "--no-eval", "--seed", "3"])  # fmt: skip
+    cfg = config_from_args(args)
+    assert (cfg.steps, cfg.vae_steps, cfg.seed, cfg.eval_prompts) == (40, 40, 3, "")
+    result = pretrain_shapes(cfg, tmp_path, progress=False)
+    assert len(result.vae_losses) == len(result.losses) == 40
+    assert np.mean(result.vae_losses[-10:]) < 0.8 * np.mean(result.vae_losses[:10])
+    assert np.mean(result.losses[-10:]) < 0.8 * np.mean(result.losses[:10])
+    assert (tmp_path / "pretrain.json").is_file()
+    adapter = load_model(str(tmp_path))
+    vae = adapter.pipeline.vae.config
+    assert vae.scaling_factor != 1.0 and vae.shift_factor != 0.0  # set from the trained latents
+    assert generate(adapter, ["a circle"], [0], resolution=64, num_steps=4, guidance_scale=4.5,
+                    batch_size=1, max_sequence_length=16)[0].size == (64, 64)  # fmt: skip
+
+
+def test_pretraining_is_reproducible_from_its_seed(tmp_path):
+    cfg = PretrainConfig(vae_steps=3, steps=3, batch_size=4, vae_batch_size=4, warmup_steps=2, eval_prompts="", eval_every=0, seed=1)
+    a = pretrain_shapes(cfg, tmp_path / "a", progress=False)
+    b = pretrain_shapes(cfg, tmp_path / "b", progress=False)
+    assert a.losses == b.losses and a.vae_losses == b.vae_losses
+    for name in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_schedules_match_the_scheduler_and_the_warmup():
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    unshifted = torch.linspace(1.0, 0.1, 10)
+    scheduler.set_timesteps(sigmas=unshifted.numpy())  # the scheduler applies its static shift to these
+    assert torch.allclose(shifted_sigma(unshifted, 3.0), scheduler.sigmas[:-1].float(), atol=1e-6)
+    assert shifted_sigma(torch.tensor([0.5]), 3.0).item() == pytest.approx(0.75)
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1) and warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0) and warmup_cosine(100, 100, 10) == pytest.approx(0.1)
+
+
+def test_bad_pretrain_settings_fail_before_training():
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        PretrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown tags"):
+        PretrainConfig(tag_weights={"colour": 1.0})
+    with pytest.raises(ValueError, match="unknown prompt set 'builtin:nope'"):
+        pretrain_shapes(PretrainConfig(steps=1, vae_steps=1, eval_prompts="builtin:nope"), "/nonexistent", progress=False)
