@@ -4,6 +4,7 @@ reproducibility from the seed. None of these needs the packaged model."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,12 @@ import pytest
 from flowgrpo_core.evaluation.compare import generate
 from flowgrpo_core.evaluation.prompt_sets import requirement_key
 from flowgrpo_core.models import load_model
-from flowgrpo_core.pretrain.config import PretrainConfig, add_pretrain_shapes_parser, config_from_args
+from flowgrpo_core.pretrain.config import (
+    PretrainConfig,
+    ShapesModelSpec,
+    add_pretrain_shapes_parser,
+    config_from_args,
+)
 from flowgrpo_core.pretrain.flow_matching import CaptionSampler, shifted_sigma, warmup_cosine
 from flowgrpo_core.pretrain.run import pretrain_shapes
 from flowgrpo_core.pretrain.shapes_model import shapes_clip_tokenizer, shapes_t5_tokenizer, world_words
@@ -65,6 +71,14 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     assert a.losses == b.losses and a.vae_losses == b.vae_losses
     for name in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # phase 2 from a's trained VAE is phase 2 of a: the phases draw from their own generators
+    c = pretrain_shapes(replace(cfg, vae_from=str(tmp_path / "a")), tmp_path / "c", progress=False)
+    assert c.losses == a.losses and c.vae_losses == []
+    for name in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_3/model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+    with pytest.raises(ValueError, match="latent_channels=8, this model needs 4"):
+        pretrain_shapes(replace(cfg, vae_from=str(tmp_path / "a"), model=ShapesModelSpec(latent_channels=4)),
+                        tmp_path / "d", progress=False)  # fmt: skip
 
 
 def test_schedules_match_the_scheduler_and_the_warmup():

@@ -18,6 +18,7 @@ class ShapesModelSpec:
     # SD3's x8 leaves 4 x 4 tokens, too coarse to place four 12 px shapes
     vae_blocks: tuple[int, ...] = (16, 32, 64)
     latent_channels: int = 8
+    patch_size: int = 2  # latent pixels per token side
     num_layers: int = 4
     num_attention_heads: int = 4
     attention_head_dim: int = 32
@@ -36,6 +37,9 @@ class PretrainConfig:
     seed: int = 0
     model: ShapesModelSpec = field(default_factory=ShapesModelSpec)
     vae_steps: int = 1500
+    # a trained VAE to start phase 2 from (a pipeline folder or its vae/ folder) instead of phase 1: phases draw
+    # from their own generators, so this gives the same transformer as the full run that trained that VAE
+    vae_from: str | None = None
     steps: int = 6000  # transformer steps
     minutes: float | None = None  # wall-clock budget for both phases (not reproducible across machines)
     vae_share: float = 0.3  # share of ``minutes`` given to the VAE
@@ -91,6 +95,8 @@ def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, data and noise (default {d.seed})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"transformer steps (default {d.steps})")
     p.add_argument("--vae-steps", type=int, default=d.vae_steps, help=f"VAE steps (default {d.vae_steps})")
+    p.add_argument("--vae-from", metavar="DIR", default=None,
+                   help="skip phase 1 and use the trained VAE of DIR (a pipeline folder or its vae/ folder)")
     p.add_argument("--minutes", type=float, default=None,
                    help=f"wall-clock budget of both phases (VAE: {round(100 * d.vae_share)}%%); the steps become upper bounds")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"scenes per transformer step (default {d.batch_size})")
@@ -113,7 +119,7 @@ def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     cfg = PretrainConfig(
         seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, minutes=args.minutes, batch_size=args.batch_size,
-        vae_batch_size=args.vae_batch_size,
+        vae_batch_size=args.vae_batch_size, vae_from=args.vae_from,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         eval_prompts=args.eval_prompts, eval_images_per_prompt=args.eval_images_per_prompt, threads=args.threads,
     )  # fmt: skip

@@ -88,8 +88,11 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     deadline = start + 60 * cfg.minutes if cfg.minutes else None
     vae_deadline = start + 60 * cfg.minutes * cfg.vae_share if cfg.minutes else None
 
-    vae_losses = train_vae(pipe.vae, sampler, cfg, Phase(cfg.vae_steps, vae_deadline), *_streams(cfg.seed), progress)
-    set_latent_scale(pipe.vae, sampler, cfg.model.resolution, np.random.default_rng(cfg.seed + 1))
+    if cfg.vae_from:
+        pipe.vae, vae_losses = load_trained_vae(cfg.vae_from, pipe.vae.config), []
+    else:
+        vae_losses = train_vae(pipe.vae, sampler, cfg, Phase(cfg.vae_steps, vae_deadline), *_streams(cfg.seed), progress)
+        set_latent_scale(pipe.vae, sampler, cfg.model.resolution, np.random.default_rng(cfg.seed + 1))
     recon = reconstruction_accuracy(pipe.vae, sampler(np.random.default_rng(cfg.seed + 2), 200), cfg.model.resolution)
     tqdm.write(f"[pretrain-shapes] VAE: {len(vae_losses)} steps, reconstructions judged correct: {recon:.1%}")
 
@@ -111,13 +114,29 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     record = {
-        "config": asdict(cfg), "vae_steps_done": len(vae_losses), "steps_done": len(losses),
+        "config": asdict(cfg), "vae_steps_done": len(vae_losses) if not cfg.vae_from else "from vae_from", "steps_done": len(losses),
         "seconds": round(seconds, 1), "reconstruction_accuracy": recon, "evaluations": evaluations,
         "vae_loss_every_50": vae_losses[::50], "loss_every_50": losses[::50], "torch": torch.__version__,
     }  # fmt: skip
     (out / "pretrain.json").write_text(json.dumps(record, indent=1))
     tqdm.write(f"[pretrain-shapes] saved {out} after {seconds / 60:.1f} min")
     return PretrainResult(out, vae_losses, losses, evaluations, recon, seconds)
+
+
+def load_trained_vae(folder: str | Path, expected) -> Any:
+    """The VAE saved by an earlier run (its pipeline folder or the ``vae/`` inside), checked against the sizes
+    this run builds (``expected``: the fresh VAE's config)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"vae_from: {folder} has no config.json (expected a pipeline folder or its vae/ folder)")
+    vae = AutoencoderKL.from_pretrained(folder)
+    for key in ("block_out_channels", "latent_channels", "sample_size", "layers_per_block"):
+        if list(np.atleast_1d(vae.config[key])) != list(np.atleast_1d(expected[key])):
+            raise ValueError(f"vae_from: {folder} has {key}={vae.config[key]}, this model needs {expected[key]}")
+    return vae.eval().requires_grad_(False)
 
 
 def _streams(seed: int) -> tuple[np.random.Generator, torch.Generator]:

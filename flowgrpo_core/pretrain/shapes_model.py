@@ -56,7 +56,6 @@ def shapes_t5_tokenizer(words: Sequence[str] | None = None):
 
 def build_shapes_sd3(spec: ShapesModelSpec | None = None, seed: int = 0):
     """A ``StableDiffusion3Pipeline`` of the shapes-world sizes with random weights (same seed, same weights)."""
-    spec = spec or ShapesModelSpec()
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -64,6 +63,8 @@ def build_shapes_sd3(spec: ShapesModelSpec | None = None, seed: int = 0):
         StableDiffusion3Pipeline,
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    spec = spec or ShapesModelSpec()
 
     clip_tokenizer = shapes_clip_tokenizer(spec.max_text_tokens)
     t5_tokenizer = shapes_t5_tokenizer()
@@ -102,9 +103,11 @@ def build_shapes_sd3(spec: ShapesModelSpec | None = None, seed: int = 0):
             )
         )
         inner = spec.num_attention_heads * spec.attention_head_dim
+        # each trained part starts from its own draw, whatever the sizes of the parts built before it
+        torch.manual_seed(seed + 1)
         transformer = SD3Transformer2DModel(
             sample_size=latent_side,
-            patch_size=2,
+            patch_size=spec.patch_size,
             in_channels=spec.latent_channels,
             num_layers=spec.num_layers,
             attention_head_dim=spec.attention_head_dim,
@@ -113,9 +116,10 @@ def build_shapes_sd3(spec: ShapesModelSpec | None = None, seed: int = 0):
             caption_projection_dim=inner,
             pooled_projection_dim=2 * spec.clip_hidden,
             out_channels=spec.latent_channels,
-            pos_embed_max_size=latent_side // 2,
+            pos_embed_max_size=latent_side // spec.patch_size,
             qk_norm="rms_norm",  # as SD3.5: keeps attention logits bounded at a high learning rate
         )
+        torch.manual_seed(seed + 2)
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
