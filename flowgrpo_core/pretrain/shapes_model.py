@@ -103,8 +103,6 @@ def build_shapes_sd3(spec: ShapesModelSpec | None = None, seed: int = 0):
             )
         )
         inner = spec.num_attention_heads * spec.attention_head_dim
-        # each trained part starts from its own draw, whatever the sizes of the parts built before it
-        torch.manual_seed(seed + 1)
         transformer = SD3Transformer2DModel(
             sample_size=latent_side,
             patch_size=spec.patch_size,
@@ -119,7 +117,6 @@ def build_shapes_sd3(spec: ShapesModelSpec | None = None, seed: int = 0):
             pos_embed_max_size=latent_side // spec.patch_size,
             qk_norm="rms_norm",  # as SD3.5: keeps attention logits bounded at a high learning rate
         )
-        torch.manual_seed(seed + 2)
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
