@@ -99,6 +99,8 @@ def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="skip phase 1 and use the trained VAE of DIR (a pipeline folder or its vae/ folder)")
     p.add_argument("--minutes", type=float, default=None,
                    help=f"wall-clock budget of both phases (VAE: {round(100 * d.vae_share)}%%); the steps become upper bounds")  # fmt: skip
+    p.add_argument("--patch-size", type=int, default=ShapesModelSpec().patch_size,
+                   help=f"latent pixels per transformer token side (default {ShapesModelSpec().patch_size})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"scenes per transformer step (default {d.batch_size})")
     p.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size, help=f"scenes per VAE step (default {d.vae_batch_size})")
     p.add_argument("--lr", type=float, default=d.learning_rate, help=f"transformer learning rate (default {d.learning_rate:g})")
@@ -118,7 +120,7 @@ def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     cfg = PretrainConfig(
-        seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, minutes=args.minutes, batch_size=args.batch_size,
+        model=ShapesModelSpec(patch_size=args.patch_size), seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, minutes=args.minutes, batch_size=args.batch_size,
         vae_batch_size=args.vae_batch_size, vae_from=args.vae_from,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         eval_prompts=args.eval_prompts, eval_images_per_prompt=args.eval_images_per_prompt, threads=args.threads,
