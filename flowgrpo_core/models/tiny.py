@@ -82,34 +82,21 @@ class TinySD3Spec:
 
 def build_tiny_sd3(seed: int = 0, spec: TinySD3Spec = TinySD3Spec()):
     """A ``StableDiffusion3Pipeline`` with random weights, identical for equal seeds."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip_config = _clip_config(tokenizer, spec.clip_hidden, projection_dim=spec.clip_hidden)
+        clip_config = clip_text_config(tokenizer, spec.clip_hidden, projection_dim=spec.clip_hidden)
         text_encoder = CLIPTextModelWithProjection(clip_config)
         text_encoder_2 = CLIPTextModelWithProjection(clip_config)
-        text_encoder_3 = _tiny_t5(d_model=spec.t5_d_model, d_kv=16)
-        inner = spec.num_attention_heads * spec.attention_head_dim
-        transformer = SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=2,
-            in_channels=spec.latent_channels,
-            num_layers=spec.num_layers,
-            attention_head_dim=spec.attention_head_dim,
-            num_attention_heads=spec.num_attention_heads,
-            joint_attention_dim=spec.t5_d_model,  # CLIP (2 x hidden) is padded to the T5 width
-            caption_projection_dim=inner,
-            pooled_projection_dim=2 * spec.clip_hidden,
-            out_channels=spec.latent_channels,
-            pos_embed_max_size=128,
-        )
+        text_encoder_3 = t5_encoder(d_model=spec.t5_d_model, d_kv=16)
+        transformer = sd3_transformer(
+            sample_size=32, patch_size=2, latent_channels=spec.latent_channels, num_layers=spec.num_layers,
+            num_attention_heads=spec.num_attention_heads, attention_head_dim=spec.attention_head_dim,
+            t5_d_model=spec.t5_d_model, clip_hidden=spec.clip_hidden, pos_embed_max_size=128,
+        )  # fmt: skip
         vae = _tiny_vae(spec.vae_blocks, spec.latent_channels)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -133,8 +120,8 @@ def build_tiny_flux(seed: int = 0):
     tokenizer = tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
-        text_encoder_2 = _tiny_t5(d_model=32, d_kv=8)
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32))
+        text_encoder_2 = t5_encoder(d_model=32, d_kv=8)
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=16,  # 4 latent channels x 2x2 packing
@@ -168,16 +155,19 @@ def build_tiny_flux(seed: int = 0):
     return _eval_mode(pipe)
 
 
-def _clip_config(tokenizer, hidden: int, **extra):
+def clip_text_config(tokenizer, hidden: int, *, intermediate: int | None = None, vocab_size: int = 1000,
+                     max_positions: int = 77, **extra):
+    """A 2-layer CLIP text config for ``tokenizer`` (``max_positions``: the pipelines pad CLIP prompts to the
+    tokenizer's ``model_max_length``, 77 for the tiny one)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=2,  # SD3 reads hidden_states[-2]
         num_attention_heads=4,
-        vocab_size=1000,
-        max_position_embeddings=77,  # the pipelines pad CLIP prompts to 77
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
         hidden_act="gelu",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -186,23 +176,49 @@ def _clip_config(tokenizer, hidden: int, **extra):
     )
 
 
-def _tiny_t5(d_model: int, d_kv: int):
+def t5_encoder(d_model: int, d_kv: int, *, d_ff: int | None = None, vocab_size: int = 1000, max_distance: int = 16,
+               **extra):
+    """A 2-layer T5 encoder with random weights (``extra``: more ``T5Config`` fields)."""
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(
         T5Config(
-            vocab_size=1000,
+            vocab_size=vocab_size,
             d_model=d_model,
             d_kv=d_kv,
-            d_ff=d_model,
+            d_ff=d_ff or d_model,
             num_layers=2,
             num_heads=4,
             relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
+            relative_attention_max_distance=max_distance,
             pad_token_id=0,
             eos_token_id=1,
             decoder_start_token_id=0,
+            **extra,
         )
+    )
+
+
+def sd3_transformer(
+    *, sample_size: int, patch_size: int, latent_channels: int, num_layers: int, num_attention_heads: int,
+    attention_head_dim: int, t5_d_model: int, clip_hidden: int, pos_embed_max_size: int, **extra,
+):  # fmt: skip
+    """An MMDiT sized for two CLIPs of width ``clip_hidden`` and a T5 of width ``t5_d_model``."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=patch_size,
+        in_channels=latent_channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=t5_d_model,  # CLIP (2 x hidden) is padded to the T5 width
+        caption_projection_dim=num_attention_heads * attention_head_dim,
+        pooled_projection_dim=2 * clip_hidden,
+        out_channels=latent_channels,
+        pos_embed_max_size=pos_embed_max_size,
+        **extra,
     )
 
 

@@ -13,7 +13,13 @@ import torch
 
 from flowgrpo_core.evaluation.geneval import COLORS
 from flowgrpo_core.evaluation.prompt_sets import NUMBERS, SHAPES_WORLD, make_plural
-from flowgrpo_core.models.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+from flowgrpo_core.models.tiny import (
+    clip_text_config,
+    sd3_transformer,
+    t5_encoder,
+    tiny_clip_tokenizer,
+    tiny_t5_tokenizer,
+)
 from flowgrpo_core.pretrain.config import ShapesModelSpec
 
 RELATION_WORDS = ("left", "right", "of", "above", "below")
@@ -56,13 +62,8 @@ def shapes_t5_tokenizer(words: Sequence[str] | None = None):
 
 def build_shapes_sd3(spec: ShapesModelSpec | None = None, seed: int = 0):
     """A ``StableDiffusion3Pipeline`` of the shapes-world sizes with random weights (same seed, same weights)."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
 
     spec = spec or ShapesModelSpec()
 
@@ -71,52 +72,23 @@ def build_shapes_sd3(spec: ShapesModelSpec | None = None, seed: int = 0):
     latent_side = spec.resolution // 2 ** (len(spec.vae_blocks) - 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip_config = CLIPTextConfig(
-            hidden_size=spec.clip_hidden,
-            intermediate_size=spec.clip_hidden * 4,
-            num_hidden_layers=2,  # SD3 reads hidden_states[-2]; the last layer feeds the pooled embedding
-            num_attention_heads=4,
-            projection_dim=spec.clip_hidden,
-            vocab_size=len(clip_tokenizer),
-            max_position_embeddings=spec.max_text_tokens,
-            hidden_act="gelu",
-            bos_token_id=clip_tokenizer.bos_token_id,
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        )
+        clip_config = clip_text_config(
+            clip_tokenizer, spec.clip_hidden, intermediate=spec.clip_hidden * 4, vocab_size=len(clip_tokenizer),
+            max_positions=spec.max_text_tokens, projection_dim=spec.clip_hidden,
+        )  # fmt: skip
         text_encoder = CLIPTextModelWithProjection(clip_config)
         text_encoder_2 = CLIPTextModelWithProjection(clip_config)
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=spec.t5_d_model,
-                d_kv=spec.t5_d_model // 4,
-                d_ff=spec.t5_d_model * 2,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=spec.max_text_tokens,
-                dropout_rate=0.0,  # the same function in training and sampling
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
-        inner = spec.num_attention_heads * spec.attention_head_dim
-        transformer = SD3Transformer2DModel(
-            sample_size=latent_side,
-            patch_size=spec.patch_size,
-            in_channels=spec.latent_channels,
-            num_layers=spec.num_layers,
-            attention_head_dim=spec.attention_head_dim,
-            num_attention_heads=spec.num_attention_heads,
-            joint_attention_dim=spec.t5_d_model,  # CLIP (2 x hidden) is padded to the T5 width
-            caption_projection_dim=inner,
-            pooled_projection_dim=2 * spec.clip_hidden,
-            out_channels=spec.latent_channels,
+        text_encoder_3 = t5_encoder(
+            spec.t5_d_model, spec.t5_d_model // 4, d_ff=spec.t5_d_model * 2, vocab_size=len(t5_tokenizer),
+            max_distance=spec.max_text_tokens, dropout_rate=0.0,  # the same function in training and sampling
+        )  # fmt: skip
+        transformer = sd3_transformer(
+            sample_size=latent_side, patch_size=spec.patch_size, latent_channels=spec.latent_channels,
+            num_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
+            attention_head_dim=spec.attention_head_dim, t5_d_model=spec.t5_d_model, clip_hidden=spec.clip_hidden,
             pos_embed_max_size=latent_side // spec.patch_size,
             qk_norm="rms_norm",  # as SD3.5: keeps attention logits bounded at a high learning rate
-        )
+        )  # fmt: skip
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
