@@ -76,6 +76,14 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     assert c.losses == a.losses and c.vae_losses == []
     for name in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_3/model.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
+    # continuing from a's saved model keeps its VAE and trains its transformer further
+    d = pretrain_shapes(replace(cfg, init_from=str(tmp_path / "a"), steps=2, seed=2), tmp_path / "d", progress=False)
+    assert len(d.losses) == 2 and d.vae_losses == []
+    assert (tmp_path / "a" / "vae/diffusion_pytorch_model.safetensors").read_bytes() == (
+        tmp_path / "d" / "vae/diffusion_pytorch_model.safetensors").read_bytes()  # fmt: skip
+    with pytest.raises(ValueError, match="transformer does not fit"):
+        pretrain_shapes(replace(cfg, init_from=str(tmp_path / "a"), model=ShapesModelSpec(patch_size=1)),
+                        tmp_path / "e", progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="latent_channels=8, this model needs 4"):
         pretrain_shapes(replace(cfg, vae_from=str(tmp_path / "a"), model=ShapesModelSpec(latent_channels=4)),
                         tmp_path / "d", progress=False)  # fmt: skip

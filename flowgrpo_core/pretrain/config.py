@@ -40,6 +40,11 @@ class PretrainConfig:
     # a trained VAE to start phase 2 from (a pipeline folder or its vae/ folder) instead of phase 1: phases draw
     # from their own generators, so this gives the same transformer as the full run that trained that VAE
     vae_from: str | None = None
+    # continue pre-training a saved model (its VAE, text encoders and transformer; a fresh optimiser and EMA)
+    init_from: str | None = None
+    # transformer learning rate after warm-up: constant (a k-step prefix of a run is the k-step run) or a cosine
+    # down to a tenth at the last step
+    lr_schedule: str = "constant"
     steps: int = 6000  # transformer steps
     minutes: float | None = None  # wall-clock budget for both phases (not reproducible across machines)
     vae_share: float = 0.3  # share of ``minutes`` given to the VAE
@@ -67,6 +72,10 @@ class PretrainConfig:
                 raise ValueError(f"pretrain-shapes: {name} must be positive, got {getattr(self, name)}")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"pretrain-shapes: minutes must be positive, got {self.minutes}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"pretrain-shapes: lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.init_from and self.vae_from:
+            raise ValueError("pretrain-shapes: init_from brings its own VAE; do not give vae_from too")
         unknown = set(self.tag_weights) - set(TAGS)
         if unknown:
             raise ValueError(f"pretrain-shapes: unknown tags {sorted(unknown)} in tag_weights; tags: {', '.join(TAGS)}")
@@ -97,6 +106,10 @@ def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vae-steps", type=int, default=d.vae_steps, help=f"VAE steps (default {d.vae_steps})")
     p.add_argument("--vae-from", metavar="DIR", default=None,
                    help="skip phase 1 and use the trained VAE of DIR (a pipeline folder or its vae/ folder)")
+    p.add_argument("--init-from", metavar="DIR", default=None,
+                   help="continue pre-training the model saved in DIR (skips phase 1; fresh optimiser and EMA)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule,
+                   help=f"transformer learning rate after warm-up (default {d.lr_schedule})")
     p.add_argument("--minutes", type=float, default=None,
                    help=f"wall-clock budget of both phases (VAE: {round(100 * d.vae_share)}%%); the steps become upper bounds")  # fmt: skip
     p.add_argument("--patch-size", type=int, default=ShapesModelSpec().patch_size,
@@ -122,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     cfg = PretrainConfig(
         model=ShapesModelSpec(patch_size=args.patch_size), seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, minutes=args.minutes, batch_size=args.batch_size,
         vae_batch_size=args.vae_batch_size, vae_from=args.vae_from,
+        init_from=args.init_from, lr_schedule=args.lr_schedule,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         eval_prompts=args.eval_prompts, eval_images_per_prompt=args.eval_images_per_prompt, threads=args.threads,
     )  # fmt: skip

@@ -158,7 +158,10 @@ def train_transformer(
     step = 0
     while not phase.done(step):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup_steps)
+            group["lr"] = cfg.learning_rate * (
+                min(1.0, (step + 1) / cfg.warmup_steps) if cfg.lr_schedule == "constant"
+                else warmup_cosine(step, phase.steps, cfg.warmup_steps)
+            )  # fmt: skip
         metadata = sampler(rng, cfg.batch_size)
         with torch.no_grad():
             x0 = (vae.encode(render_batch(metadata, spec.resolution, rng)).latent_dist.mode() - shift) * scale

@@ -88,7 +88,10 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     deadline = start + 60 * cfg.minutes if cfg.minutes else None
     vae_deadline = start + 60 * cfg.minutes * cfg.vae_share if cfg.minutes else None
 
-    if cfg.vae_from:
+    if cfg.init_from:
+        load_trained_parts(pipe, cfg.init_from)
+        vae_losses = []
+    elif cfg.vae_from:
         pipe.vae, vae_losses = load_trained_vae(cfg.vae_from, pipe.vae.config), []
     else:
         vae_losses = train_vae(pipe.vae, sampler, cfg, Phase(cfg.vae_steps, vae_deadline), *_streams(cfg.seed), progress)
@@ -114,7 +117,7 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     record = {
-        "config": asdict(cfg), "vae_steps_done": len(vae_losses) if not cfg.vae_from else "from vae_from", "steps_done": len(losses),
+        "config": asdict(cfg), "vae_steps_done": len(vae_losses), "steps_done": len(losses),
         "seconds": round(seconds, 1), "reconstruction_accuracy": recon, "evaluations": evaluations,
         "vae_loss_every_50": vae_losses[::50], "loss_every_50": losses[::50], "torch": torch.__version__,
     }  # fmt: skip
@@ -137,6 +140,21 @@ def load_trained_vae(folder: str | Path, expected) -> Any:
         if list(np.atleast_1d(vae.config[key])) != list(np.atleast_1d(expected[key])):
             raise ValueError(f"vae_from: {folder} has {key}={vae.config[key]}, this model needs {expected[key]}")
     return vae.eval().requires_grad_(False)
+
+
+def load_trained_parts(pipe, folder: str | Path) -> None:
+    """Load the VAE, text encoders and transformer of a saved shapes-world pipeline into ``pipe`` (same sizes)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    if not (Path(folder) / "model_index.json").is_file():
+        raise FileNotFoundError(f"init_from: {folder} is not a saved pipeline (no model_index.json)")
+    saved = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.vae = load_trained_vae(folder, pipe.vae.config)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):
+        try:
+            getattr(pipe, name).load_state_dict(getattr(saved, name).state_dict())
+        except RuntimeError as error:
+            raise ValueError(f"init_from: {folder}/{name} does not fit this model's sizes: {error}") from None
 
 
 def _streams(seed: int) -> tuple[np.random.Generator, torch.Generator]:
