@@ -48,7 +48,8 @@ def held_out_accuracy(trainer: FlowGRPOTrainer, cfg: FlowGRPOConfig) -> dict[str
     prompts = prompts.take(list(range(min(e.num_prompts, len(prompts)))))
     ema = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
     with ema:
-        return shapes_accuracy(trainer.adapter, prompts, images_per_prompt=e.images_per_prompt, num_steps=e.num_steps,
+        return shapes_accuracy(trainer.adapter, prompts, images_per_prompt=e.images_per_prompt, min_images_per_tag=e.min_images_per_tag,
+                               num_steps=e.num_steps,
                                guidance_scale=e.guidance_scale, seed=e.seed, batch_size=e.batch_size,
                                max_sequence_length=cfg.sampling.max_sequence_length)  # fmt: skip
 
@@ -114,7 +115,7 @@ def main() -> None:
     for name, cfg in configs.items():
         print(f"{name}: {cfg.describe()}")
     e = next(iter(configs.values())).eval
-    print(f"held-out: {e.num_prompts} prompts of {next(iter(configs.values())).prompts.eval} x {e.images_per_prompt} images, "
+    print(f"held-out: {e.num_prompts} prompts of {next(iter(configs.values())).prompts.eval} x {e.images_per_prompt} images (at least {e.min_images_per_tag} per task), "
           f"{e.num_steps} ODE steps, CFG {e.guidance_scale:g}\n")  # fmt: skip
     header = "| method | epochs | CPU-min | " + " | ".join(TAGS) + " | overall |\n|---|---|---|" + "---|" * len(TAGS) + "---|"
     print(header)

@@ -142,6 +142,9 @@ class EvalConfig(_Strict):
     guidance_scale: float = Field(4.5, ge=0)
     num_prompts: int = Field(32, ge=1)
     images_per_prompt: int = Field(1, ge=1)
+    # more images for the prompts of tasks with few prompts, so every task has at least this many (GenEval's
+    # overall accuracy is a mean over tasks; a task with one prompt would make it noisy)
+    min_images_per_tag: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     seed: int = 0
     # rewards evaluated on base and policy images (default: the training rewards)

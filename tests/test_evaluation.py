@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flowgrpo_core.evaluation.compare import _verdict_reports
+from flowgrpo_core.evaluation.compare import _verdict_reports, images_per_prompt_plan
 from flowgrpo_core.stages import PipelineContext
 
 
@@ -20,6 +20,14 @@ def test_verdicts_are_reported_per_task_and_as_the_mean_over_tasks():
     assert nested["geneval/correct"].per_tag == {"colors": 0.5}
 
 
+def test_tasks_with_few_prompts_get_more_images():
+    tags = ["color_attr"] * 5 + ["single_object"] + ["counting"] * 3
+    assert images_per_prompt_plan(tags, 2) == [2] * 9
+    # at least 8 images per task: 5 x 2 = 10 already; 1 x 8; 3 x ceil(8 / 3) = 9
+    assert images_per_prompt_plan(tags, 2, 8) == [2] * 5 + [8] + [3] * 3
+    assert images_per_prompt_plan(tags, 4, 3) == [4] * 9  # never fewer than images_per_prompt
+
+
 def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -29,7 +37,7 @@ def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
     from flowgrpo_core.trainer import FlowGRPOTrainer
 
     overrides = ["serving.mode=inline", "prompts.eval=builtin:shapes_test", "eval.metrics=[shapes_geneval]", "eval.num_prompts=12",
-                 "eval.num_steps=4", "train.learning_rate=0.05"]  # fmt: skip
+                 "eval.min_images_per_tag=3", "eval.num_steps=4", "train.learning_rate=0.05"]  # fmt: skip
     build_tiny_sd3(seed=0).save_pretrained(tmp_path / "model")
     trainer = FlowGRPOTrainer(load_config("tiny", overrides=overrides), tmp_path / "train", progress=False)
     trainer.train(epochs=2)
@@ -52,7 +60,13 @@ def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
         in (tmp_path / "report" / "summary_shapes_geneval_policy.txt").read_text()
     )
     rows = json.loads((tmp_path / "report" / "samples.json").read_text())
-    assert len(rows) == 12 and {"prompt", "tag", "seed", "base/reward", "policy/shapes_geneval"} <= set(
+    from flowgrpo_core.prompts import load_prompts
+
+    tags = [m["tag"] for m in load_prompts("builtin:shapes_test").metadata[:12]]
+    plan = images_per_prompt_plan(tags, 1, 3)
+    assert sum(plan) > 12 and len(rows) == sum(plan)
+    assert [r["seed"] for r in rows] == list(range(len(rows)))
+    assert len(rows) == sum(plan) and {"prompt", "tag", "seed", "base/reward", "policy/shapes_geneval"} <= set(
         rows[0]
     )
 

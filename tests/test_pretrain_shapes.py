@@ -18,7 +18,7 @@ from flowgrpo_core.pretrain.config import (
     add_pretrain_shapes_parser,
     config_from_args,
 )
-from flowgrpo_core.pretrain.flow_matching import CaptionSampler, shifted_sigma, warmup_cosine
+from flowgrpo_core.pretrain.flow_matching import CaptionSampler, scene_batches, shifted_sigma, warmup_cosine
 from flowgrpo_core.pretrain.run import pretrain_shapes
 from flowgrpo_core.pretrain.shapes_model import shapes_clip_tokenizer, shapes_t5_tokenizer, world_words
 from flowgrpo_core.prompts import load_prompts
@@ -89,6 +89,43 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
                         tmp_path / "d", progress=False)  # fmt: skip
 
 
+def test_scene_batches_are_fixed_for_a_number_of_workers():
+    import torch
+
+    test = load_prompts("builtin:shapes_test").metadata
+    sampler = CaptionSampler(dict.fromkeys(SHAPES_TAGS, 1.0), test)
+
+    def take(workers: int, n: int = 3):
+        batches = scene_batches(sampler, 4, 64, np.random.default_rng(0), workers=workers, seed=5, stream=2)
+        return [next(batches) for _ in range(n)]
+
+    two, again = take(2), take(2)
+    assert [m for m, _ in two] == [m for m, _ in again]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(two, again))
+    assert two[0][1].shape == (4, 3, 64, 64) and two[0][1].min() >= -1 and two[0][1].max() <= 1
+    assert two[0][0] != two[1][0]  # the workers draw different captions
+    held = {requirement_key(m) for m in test}
+    assert not {requirement_key(m) for batch, _ in two for m in batch} & held
+    # in-process batches draw from the caller's generator only when asked for, so its other draws keep their place
+    rng = np.random.default_rng(0)
+    lazy = scene_batches(sampler, 4, 64, rng)
+    first = next(lazy)[0]
+    direct = np.random.default_rng(0)
+    assert first == sampler(direct, 4)
+
+
+def test_a_long_run_keeps_checkpoints_and_workers_runs_are_reproducible(tmp_path):
+    cfg = PretrainConfig(vae_steps=2, steps=3, batch_size=4, vae_batch_size=4, warmup_steps=2, eval_prompts="",
+                         eval_every=2, seed=1, workers=2)  # fmt: skip
+    a = pretrain_shapes(cfg, tmp_path / "a", progress=False)
+    b = pretrain_shapes(cfg, tmp_path / "b", progress=False)
+    assert a.losses == b.losses and len(a.losses) == 3
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert load_model(str(tmp_path / "a" / "step-2")).family == "sd3"  # the checkpoint of the evaluation at step 2
+    assert not (tmp_path / "a" / "step-3").exists()  # the last step is the folder itself
+
+
 def test_schedules_match_the_scheduler_and_the_warmup():
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -107,5 +144,14 @@ def test_bad_pretrain_settings_fail_before_training():
         PretrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="unknown tags"):
         PretrainConfig(tag_weights={"colour": 1.0})
+    with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N"):
+        PretrainConfig(device="tpu")
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        PretrainConfig(workers=-1)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device cuda requested but .* sees no CUDA GPU"):
+            pretrain_shapes(PretrainConfig(device="cuda"), "/nonexistent", progress=False)
     with pytest.raises(ValueError, match="unknown prompt set 'builtin:nope'"):
         pretrain_shapes(PretrainConfig(steps=1, vae_steps=1, eval_prompts="builtin:nope"), "/nonexistent", progress=False)

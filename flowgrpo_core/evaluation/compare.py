@@ -53,6 +53,25 @@ def generate(
     return images
 
 
+def images_per_prompt_plan(tags: Sequence[str], images_per_prompt: int, min_images_per_tag: int = 0) -> list[int]:
+    """Images to draw for each prompt: ``images_per_prompt``, raised for the prompts of a task with few
+    prompts so that every task gets at least ``min_images_per_tag`` images. The overall accuracy is a mean
+    over tasks, so a task with one prompt would otherwise weigh as much as fifty prompts on a few images."""
+    counts = defaultdict(int)
+    for tag in tags:
+        counts[tag] += 1
+    return [max(images_per_prompt, -(-min_images_per_tag // counts[tag])) for tag in tags]
+
+
+def _expand(prompt_set: PromptSet, images_per_prompt: int, min_images_per_tag: int) -> tuple[list[str], list[dict]]:
+    """Prompts and metadata repeated as :func:`images_per_prompt_plan` says, prompt by prompt."""
+    tags = [str(m.get("tag", "all")) for m in prompt_set.metadata]
+    plan = images_per_prompt_plan(tags, images_per_prompt, min_images_per_tag)
+    prompts = [p for p, n in zip(prompt_set.prompts, plan) for _ in range(n)]
+    metadata = [m for m, n in zip(prompt_set.metadata, plan) for _ in range(n)]
+    return prompts, metadata
+
+
 def geneval_accuracy(
     adapter: FlowAdapter,
     prompt_set: PromptSet,
@@ -64,12 +83,13 @@ def geneval_accuracy(
     batch_size: int,
     seed: int = 0,
     images_per_prompt: int = 1,
+    min_images_per_tag: int = 0,
     max_sequence_length: int = 256,
 ) -> GenEvalReport:
     """GenEval accuracy of one model's ODE samples, per task and overall (the mean over tasks), from the
-    per-image verdicts (``details["correct"]``) of a GenEval-type ``reward``. Seeds as in :func:`compare`."""
-    prompts = [p for p in prompt_set.prompts for _ in range(images_per_prompt)]
-    metadata = [m for m in prompt_set.metadata for _ in range(images_per_prompt)]
+    per-image verdicts (``details["correct"]``) of a GenEval-type ``reward``. Seeds and images per prompt as
+    in :func:`compare`."""
+    prompts, metadata = _expand(prompt_set, images_per_prompt, min_images_per_tag)
     images = generate(
         adapter, prompts, [seed + i for i in range(len(prompts))], resolution=resolution, num_steps=num_steps,
         guidance_scale=guidance_scale, batch_size=batch_size, max_sequence_length=max_sequence_length,
@@ -91,6 +111,7 @@ def compare(
     batch_size: int,
     seed: int = 0,
     images_per_prompt: int = 1,
+    min_images_per_tag: int = 0,
     negative_prompt: str = "",
     max_sequence_length: int = 256,
     grid_columns: int = 8,
@@ -102,11 +123,12 @@ def compare(
     ``tag``) ``eval/base/<m>/<tag>`` and ``eval/policy/<m>/<tag>``. A metric that reports per-image verdicts
     (``details["correct"]``, as GenEval does) also gets its accuracy the way the benchmark reports it:
     ``eval/<side>/<m>/accuracy/<tag>`` and ``eval/<side>/<m>/accuracy/overall`` (the mean over tasks).
+    Each prompt gets ``images_per_prompt`` images, more in tasks with few prompts (``min_images_per_tag``);
+    image ``i`` of the expanded list has seed ``seed + i``.
     """
     from flowgrpo_core.tracking import image_grid
 
-    prompts = [p for p in prompt_set.prompts for _ in range(images_per_prompt)]
-    metadata = [m for m in prompt_set.metadata for _ in range(images_per_prompt)]
+    prompts, metadata = _expand(prompt_set, images_per_prompt, min_images_per_tag)
     seeds = [seed + i for i in range(len(prompts))]
     kwargs = dict(resolution=resolution, num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size,
                   negative_prompt=negative_prompt, max_sequence_length=max_sequence_length)  # fmt: skip

@@ -59,17 +59,28 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     tag_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TAGS, 1.0))
     held_out: str | None = "builtin:shapes_test"  # no caption has the requirements of these prompts
-    eval_every: int = 1000  # transformer steps between evaluations; 0: only at the end
+    eval_every: int = 1000  # transformer steps between evaluations and checkpoints (out/step-N); 0: only at the end
     eval_prompts: str = "builtin:shapes_test"  # "": no evaluation
     eval_images_per_prompt: int = 2
+    eval_min_images_per_tag: int = 32  # as the shapes preset: every task judged on at least this many images
     eval_steps: int = 20
     guidance_scale: float = 4.5
     threads: int = 1
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    # processes rendering scenes ahead of the training loop (a GPU outruns one CPU core); 0: rendered in the
+    # training process. The data sequence depends on this number, so it is part of a run's recipe.
+    workers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vae_steps", "steps", "vae_batch_size", "batch_size", "warmup_steps", "threads", "eval_images_per_prompt"):
             if getattr(self, name) < (0 if name.endswith("steps") else 1):
                 raise ValueError(f"pretrain-shapes: {name} must be positive, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"pretrain-shapes: workers must be >= 0, got {self.workers}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"pretrain-shapes: device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.eval_min_images_per_tag < 0:
+            raise ValueError(f"pretrain-shapes: eval_min_images_per_tag must be >= 0, got {self.eval_min_images_per_tag}")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"pretrain-shapes: minutes must be positive, got {self.minutes}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -120,13 +131,19 @@ def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help=f"linear learning-rate warm-up of both phases (default {d.warmup_steps})")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help=f"transformer steps between held-out evaluations, 0: only at the end (default {d.eval_every})")  # fmt: skip
+                   help=f"transformer steps between held-out evaluations and checkpoints (OUT/step-N), 0: only at the end (default {d.eval_every})")  # fmt: skip
     p.add_argument("--eval-prompts", default=d.eval_prompts, help=f"prompt set evaluated (default {d.eval_prompts})")
     p.add_argument("--eval-images-per-prompt", type=int, default=d.eval_images_per_prompt,
                    help=f"images per evaluated prompt (default {d.eval_images_per_prompt})")  # fmt: skip
+    p.add_argument("--eval-min-images-per-tag", type=int, default=d.eval_min_images_per_tag,
+                   help=f"more images in tasks with few prompts, up to this many per task (default {d.eval_min_images_per_tag})")  # fmt: skip
     p.add_argument("--no-eval", action="store_true", help="skip every evaluation")
     p.add_argument("--threads", type=int, default=d.threads,
                    help=f"torch CPU threads; 1 is reproducible bit for bit (default {d.threads})")  # fmt: skip
+    p.add_argument("--device", default=d.device, help=f"cpu, cuda or cuda:N (default {d.device})")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="processes rendering scenes ahead of training, for a GPU; part of the recipe: the data "
+                        f"sequence depends on it (default {d.workers}: in the training process)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_pretrain_shapes)
 
@@ -137,7 +154,9 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         vae_batch_size=args.vae_batch_size, vae_from=args.vae_from,
         init_from=args.init_from, lr_schedule=args.lr_schedule,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-        eval_prompts=args.eval_prompts, eval_images_per_prompt=args.eval_images_per_prompt, threads=args.threads,
+        eval_prompts=args.eval_prompts, eval_images_per_prompt=args.eval_images_per_prompt,
+        eval_min_images_per_tag=args.eval_min_images_per_tag, threads=args.threads,
+        device=args.device, workers=args.workers,
     )  # fmt: skip
     return replace(cfg, eval_every=0, eval_prompts="") if args.no_eval else cfg
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +79,47 @@ def render_batch(metadata: Sequence[dict], size: int, rng: np.random.Generator) 
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
+Batch = tuple[list[dict], torch.Tensor]  # captions' metadata, scenes (B, 3, size, size) in [-1, 1]
+
+
+def scene_batches(
+    sampler: CaptionSampler, batch_size: int, size: int, rng: np.random.Generator, workers: int = 0,
+    seed: int = 0, stream: int = 0,
+) -> Iterator[Batch]:  # fmt: skip
+    """Endless batches of captions and the scenes drawn for them.
+
+    ``workers=0``: drawn here from ``rng``, lazily, so the caller's own draws from ``rng`` between batches
+    keep their place in the sequence. ``workers>0``: that many processes render ahead (a GPU outruns one
+    CPU core), each from its own generator seeded by ``(seed, stream, worker)``; batches arrive from the
+    workers in turn, so the sequence is fixed for a given number of workers."""
+    if workers == 0:
+        while True:
+            metadata = sampler(rng, batch_size)
+            yield metadata, render_batch(metadata, size, rng)
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_SceneStream(sampler, batch_size, size, seed, stream), batch_size=None, num_workers=workers,
+                        collate_fn=_as_is, prefetch_factor=4, pin_memory=torch.cuda.is_available())  # fmt: skip
+    yield from loader
+
+
+class _SceneStream(torch.utils.data.IterableDataset):
+    def __init__(self, sampler: CaptionSampler, batch_size: int, size: int, seed: int, stream: int) -> None:
+        self.sampler, self.batch_size, self.size, self.seed, self.stream = sampler, batch_size, size, seed, stream
+
+    def __iter__(self) -> Iterator[Batch]:
+        torch.set_num_threads(1)
+        worker = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, self.stream, worker.id if worker else 0])
+        while True:
+            metadata = self.sampler(rng, self.batch_size)
+            yield metadata, render_batch(metadata, self.size, rng)
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
 @dataclass
 class Phase:
     """A step budget with an optional wall-clock deadline (a ``time.monotonic()`` value)."""
@@ -98,6 +139,8 @@ def train_vae(
     """Phase 1: reconstruction (L1 + MSE on pixels in [-1, 1]) + ``vae_kl_weight`` x KL per latent element,
     decoding posterior samples. Returns the loss per step; ``evaluate(step)`` runs every ``evaluate_every``."""
     vae.requires_grad_(True)
+    device = next(vae.parameters()).device
+    batches = scene_batches(sampler, cfg.vae_batch_size, cfg.model.resolution, rng, cfg.workers, cfg.seed, stream=1)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
     losses: list[float] = []
     bar = tqdm(total=phase.steps, desc="vae", disable=not progress)
@@ -105,9 +148,10 @@ def train_vae(
     while not phase.done(step):
         for group in optimizer.param_groups:
             group["lr"] = cfg.vae_learning_rate * warmup_cosine(step, phase.steps, cfg.warmup_steps)
-        images = render_batch(sampler(rng, cfg.vae_batch_size), cfg.model.resolution, rng)
+        images = next(batches)[1].to(device, non_blocking=True)
         posterior = vae.encode(images).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=noise)
+        # noise from a CPU generator whatever the device: the same run on a GPU draws the same numbers
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=noise).to(device)
         recon = vae.decode(z).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         # Shapes cover a few percent of the canvas: weigh their pixels up, or the grey background dominates
@@ -133,7 +177,8 @@ def train_vae(
 @torch.no_grad()
 def set_latent_scale(vae, sampler: CaptionSampler, size: int, rng: np.random.Generator, batches: int = 8) -> None:
     """SD3's convention: ``latents = (z - shift_factor) * scaling_factor`` has mean 0 and std 1."""
-    z = torch.cat([vae.encode(render_batch(sampler(rng, 64), size, rng)).latent_dist.mode() for _ in range(batches)])
+    device = next(vae.parameters()).device
+    z = torch.cat([vae.encode(render_batch(sampler(rng, 64), size, rng).to(device)).latent_dist.mode() for _ in range(batches)])
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
 
 
@@ -152,6 +197,8 @@ def train_transformer(
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=0.01)
     ema = EMA(params, cfg.ema_decay, update_interval=1)
     vae, spec = pipe.vae, cfg.model
+    device = pipe.transformer.device
+    batches = scene_batches(sampler, cfg.batch_size, spec.resolution, rng, cfg.workers, cfg.seed, stream=2)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     losses: list[float] = []
     bar = tqdm(total=phase.steps, desc="transformer", disable=not progress)
@@ -162,17 +209,17 @@ def train_transformer(
                 min(1.0, (step + 1) / cfg.warmup_steps) if cfg.lr_schedule == "constant"
                 else warmup_cosine(step, phase.steps, cfg.warmup_steps)
             )  # fmt: skip
-        metadata = sampler(rng, cfg.batch_size)
+        metadata, images = next(batches)
         with torch.no_grad():
-            x0 = (vae.encode(render_batch(metadata, spec.resolution, rng)).latent_dist.mode() - shift) * scale
+            x0 = (vae.encode(images.to(device, non_blocking=True)).latent_dist.mode() - shift) * scale
         drop = rng.random(len(metadata)) < cfg.caption_dropout
         prompts = ["" if d else m["prompt"] for m, d in zip(metadata, drop)]
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=x0.device, do_classifier_free_guidance=False,
             max_sequence_length=spec.max_text_tokens,
         )  # fmt: skip
-        sigma = shifted_sigma(torch.sigmoid(torch.randn(len(metadata), generator=noise)), spec.shift)
-        eps = torch.randn(x0.shape, generator=noise)
+        sigma = shifted_sigma(torch.sigmoid(torch.randn(len(metadata), generator=noise)), spec.shift).to(device)
+        eps = torch.randn(x0.shape, generator=noise).to(device)
         s = sigma.view(-1, 1, 1, 1)
         velocity = pipe.transformer(
             hidden_states=(1 - s) * x0 + s * eps, timestep=sigma * 1000, encoder_hidden_states=embeds,

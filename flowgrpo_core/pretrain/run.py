@@ -30,6 +30,7 @@ def shapes_accuracy(
     prompt_set,
     *,
     images_per_prompt: int = 1,
+    min_images_per_tag: int = 0,
     num_steps: int = 20,
     guidance_scale: float = 4.5,
     seed: int = 0,
@@ -44,7 +45,8 @@ def shapes_accuracy(
     report = geneval_accuracy(
         adapter, prompt_set, ShapesGenEvalReward(score="strict"), resolution=adapter.pipeline.vae.config.sample_size,
         num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size, seed=seed,
-        images_per_prompt=images_per_prompt, max_sequence_length=max_sequence_length,
+        images_per_prompt=images_per_prompt, min_images_per_tag=min_images_per_tag,
+        max_sequence_length=max_sequence_length,
     )  # fmt: skip
     return {**report.per_tag, "overall": report.overall}
 
@@ -56,7 +58,7 @@ def reconstruction_accuracy(vae, metadata: Sequence[dict], size: int, seed: int 
     from flowgrpo_core.rewards.geneval import ShapesGenEvalReward
     from flowgrpo_core.sampling import to_pil
 
-    images = render_batch(metadata, size, np.random.default_rng(seed))
+    images = render_batch(metadata, size, np.random.default_rng(seed)).to(next(vae.parameters()).device)
     recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
     pil = to_pil((recon / 2 + 0.5).clamp(0, 1))
     return float(np.mean(ShapesGenEvalReward(score="strict")(pil, [m["prompt"] for m in metadata], list(metadata)).scores))
@@ -79,12 +81,15 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     from flowgrpo_core.prompts import load_prompts
 
     torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"pretrain-shapes: device {cfg.device} requested but torch {torch.__version__} sees no CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # no effect on a CPU
     start = time.monotonic()
     out = Path(out)
     eval_set = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None  # bad names fail before training
     held_out = load_prompts(cfg.held_out).metadata if cfg.held_out else []
     sampler = CaptionSampler(cfg.tag_weights, held_out)
-    pipe = build_shapes_sd3(cfg.model, seed=cfg.seed)
+    pipe = build_shapes_sd3(cfg.model, seed=cfg.seed).to(cfg.device)  # built on the CPU: the same weights anywhere
     deadline = start + 60 * cfg.minutes if cfg.minutes else None
     vae_deadline = start + 60 * cfg.minutes * cfg.vae_share if cfg.minutes else None
 
@@ -96,6 +101,7 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     else:
         vae_losses = train_vae(pipe.vae, sampler, cfg, Phase(cfg.vae_steps, vae_deadline), *_streams(cfg.seed), progress)
         set_latent_scale(pipe.vae, sampler, cfg.model.resolution, np.random.default_rng(cfg.seed + 1))
+    pipe.to(cfg.device)  # a loaded VAE arrives on the CPU
     recon = reconstruction_accuracy(pipe.vae, sampler(np.random.default_rng(cfg.seed + 2), 200), cfg.model.resolution)
     tqdm.write(f"[pretrain-shapes] VAE: {len(vae_losses)} steps, reconstructions judged correct: {recon:.1%}")
 
@@ -103,9 +109,12 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     evaluations: list[dict[str, Any]] = []
 
     def evaluate(step: int) -> None:
+        if step < cfg.steps:  # a checkpoint (EMA weights) at every periodic evaluation: a stopped run loses little
+            pipe.save_pretrained(out / f"step-{step}", safe_serialization=True)
         if eval_set is None:
             return
         acc = shapes_accuracy(adapter, eval_set, images_per_prompt=cfg.eval_images_per_prompt,
+                              min_images_per_tag=cfg.eval_min_images_per_tag,
                               num_steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale,
                               max_sequence_length=cfg.model.max_text_tokens)  # fmt: skip
         evaluations.append({"step": step, "seconds": round(time.monotonic() - start, 1), **acc})

@@ -41,6 +41,7 @@ def evaluate(
             result = compare(
                 adapter, prompts, metrics, resolution=s.resolution, num_steps=e.num_steps, guidance_scale=e.guidance_scale,
                 batch_size=e.batch_size, seed=e.seed, images_per_prompt=e.images_per_prompt,
+                min_images_per_tag=e.min_images_per_tag,
                 negative_prompt=s.negative_prompt, max_sequence_length=s.max_sequence_length,
             )  # fmt: skip
         mlflow.set_tag("eval.weights", "ema" if weights.name == "ema" else "final")
