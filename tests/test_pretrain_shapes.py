@@ -151,7 +151,7 @@ def test_bad_pretrain_settings_fail_before_training():
     import torch
 
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="device cuda requested but .* sees no CUDA GPU"):
+        with pytest.raises(RuntimeError, match=r"device cuda requested but .* sees no CUDA GPU"):
             pretrain_shapes(PretrainConfig(device="cuda"), "/nonexistent", progress=False)
     with pytest.raises(ValueError, match="unknown prompt set 'builtin:nope'"):
         pretrain_shapes(PretrainConfig(steps=1, vae_steps=1, eval_prompts="builtin:nope"), "/nonexistent", progress=False)
