@@ -4,6 +4,7 @@ reproducibility from the seed. None of these needs the packaged model."""
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -65,6 +66,8 @@ def test_pretrain_shapes_command_trains_and_saves_a_loadable_model(tmp_path):
 
 
 def test_pretraining_is_reproducible_from_its_seed(tmp_path):
+    import torch
+
     cfg = PretrainConfig(vae_steps=3, steps=3, batch_size=4, vae_batch_size=4, warmup_steps=2, eval_prompts="", eval_every=0, seed=1)
     a = pretrain_shapes(cfg, tmp_path / "a", progress=False)
     b = pretrain_shapes(cfg, tmp_path / "b", progress=False)
@@ -81,6 +84,15 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     assert len(d.losses) == 2 and d.vae_losses == []
     assert (tmp_path / "a" / "vae/diffusion_pytorch_model.safetensors").read_bytes() == (
         tmp_path / "d" / "vae/diffusion_pytorch_model.safetensors").read_bytes()  # fmt: skip
+    # zero more steps in float16: the same weights in half the bytes, and the record of the run it came from
+    pretrain_shapes(replace(cfg, init_from=str(tmp_path / "d"), steps=0, save_dtype="float16"), tmp_path / "h", progress=False)
+    full, half = (load_model(str(tmp_path / x)).pipeline.transformer.state_dict() for x in ("d", "h"))
+    assert all(half[k].dtype == torch.float32 and torch.equal(half[k], full[k].half().float()) for k in full)
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "h" / name).stat().st_size < 0.6 * (tmp_path / "d" / name).stat().st_size
+    record = json.loads((tmp_path / "h" / "pretrain.json").read_text())
+    assert record["steps_done"] == 0 and record["started_from"]["steps_done"] == 2
+    assert record["started_from"]["started_from"]["steps_done"] == 3  # d came from a
     with pytest.raises(ValueError, match="transformer does not fit"):
         pretrain_shapes(replace(cfg, init_from=str(tmp_path / "a"), model=ShapesModelSpec(patch_size=1)),
                         tmp_path / "e", progress=False)  # fmt: skip
@@ -146,6 +158,8 @@ def test_bad_pretrain_settings_fail_before_training():
         PretrainConfig(tag_weights={"colour": 1.0})
     with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N"):
         PretrainConfig(device="tpu")
+    with pytest.raises(ValueError, match="save_dtype must be float32 or float16"):
+        PretrainConfig(save_dtype="bfloat16")
     with pytest.raises(ValueError, match="workers must be >= 0"):
         PretrainConfig(workers=-1)
     import torch

@@ -70,11 +70,14 @@ class PretrainConfig:
     # processes rendering scenes ahead of the training loop (a GPU outruns one CPU core); 0: rendered in the
     # training process. The data sequence depends on this number, so it is part of a run's recipe.
     workers: int = 0
+    save_dtype: str = "float32"  # of the final folder (checkpoints stay float32); float16 halves it
 
     def __post_init__(self) -> None:
         for name in ("vae_steps", "steps", "vae_batch_size", "batch_size", "warmup_steps", "threads", "eval_images_per_prompt"):
             if getattr(self, name) < (0 if name.endswith("steps") else 1):
                 raise ValueError(f"pretrain-shapes: {name} must be positive, got {getattr(self, name)}")
+        if self.save_dtype not in ("float32", "float16"):
+            raise ValueError(f"pretrain-shapes: save_dtype must be float32 or float16, got {self.save_dtype!r}")
         if self.workers < 0:
             raise ValueError(f"pretrain-shapes: workers must be >= 0, got {self.workers}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
@@ -144,6 +147,8 @@ def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=d.workers,
                    help="processes rendering scenes ahead of training, for a GPU; part of the recipe: the data "
                         f"sequence depends on it (default {d.workers}: in the training process)")  # fmt: skip
+    p.add_argument("--save-dtype", choices=("float32", "float16"), default=d.save_dtype,
+                   help="weights of the saved folder; float16 halves it (--init-from DIR --steps 0 converts DIR)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_pretrain_shapes)
 
@@ -156,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         learning_rate=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
         eval_prompts=args.eval_prompts, eval_images_per_prompt=args.eval_images_per_prompt,
         eval_min_images_per_tag=args.eval_min_images_per_tag, threads=args.threads,
-        device=args.device, workers=args.workers,
+        device=args.device, workers=args.workers, save_dtype=args.save_dtype,
     )  # fmt: skip
     return replace(cfg, eval_every=0, eval_prompts="") if args.no_eval else cfg
 

@@ -124,12 +124,16 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     evaluate(len(losses))
     seconds = time.monotonic() - start
     out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
+    # float16 halves the folder; the model is loaded back in float32 for sampling and training
+    pipe.to(dtype=getattr(torch, cfg.save_dtype)).save_pretrained(out, safe_serialization=True)
     record = {
         "config": asdict(cfg), "vae_steps_done": len(vae_losses), "steps_done": len(losses),
         "seconds": round(seconds, 1), "reconstruction_accuracy": recon, "evaluations": evaluations,
         "vae_loss_every_50": vae_losses[::50], "loss_every_50": losses[::50], "torch": torch.__version__,
     }  # fmt: skip
+    earlier = Path(cfg.init_from or cfg.vae_from or "") / "pretrain.json"
+    if (cfg.init_from or cfg.vae_from) and earlier.is_file():  # the whole chain of runs stays in one record
+        record["started_from"] = json.loads(earlier.read_text())
     (out / "pretrain.json").write_text(json.dumps(record, indent=1))
     tqdm.write(f"[pretrain-shapes] saved {out} after {seconds / 60:.1f} min")
     return PretrainResult(out, vae_losses, losses, evaluations, recon, seconds)
