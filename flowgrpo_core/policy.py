@@ -31,7 +31,7 @@ def attach_policy(adapter: FlowAdapter, policy_dir: str | Path, ema: bool = True
         adapter.keep_reference_copy()
         base = adapter.pipeline.transformer
         tuned = (
-            type(base).from_pretrained(folder / "transformer", torch_dtype=base.dtype).to(base.device).eval()
+            type(base).from_pretrained(folder / "transformer", dtype=base.dtype).to(base.device).eval()
         )
         adapter.pipeline.register_modules(transformer=tuned)
     else:

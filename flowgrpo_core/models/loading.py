@@ -114,7 +114,7 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str = "float3
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     folder = resolve_folder(source, revision)
     try:
-        return DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+        return DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load model {source!r} from {folder}: {error}") from error
 
