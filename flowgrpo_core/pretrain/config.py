@@ -100,8 +100,11 @@ on scenes rendered on the fly, and save it as a diffusers folder (safetensors) w
 losses, held-out accuracy during training). Step-bounded runs (--steps) are reproducible from the seed, bit for
 bit with one thread; --minutes bounds wall time instead (machine-dependent)."""
 
-EPILOG = """examples:
-  flowgrpo pretrain-shapes --out runs/shapes-sd3          # the shipped shapes:sd3 (its PROVENANCE.md)
+EPILOG = """examples (the shipped shapes:sd3 is the first three, see its PROVENANCE.md):
+  flowgrpo pretrain-shapes --out runs/shapes-a --steps 9000
+  flowgrpo pretrain-shapes --out runs/shapes-b --init-from runs/shapes-a --seed 1 --steps 20000 --lr-schedule cosine --eval-every 5000
+  flowgrpo pretrain-shapes --out runs/shapes-sd3 --init-from runs/shapes-b --steps 0 --save-dtype float16 --no-eval
+  flowgrpo pretrain-shapes --out /tmp/g --device cuda --workers 12 --batch-size 128   # on a GPU
   flowgrpo pretrain-shapes --out /tmp/s --minutes 10 --eval-every 500
   flowgrpo pretrain-shapes --out /tmp/s --steps 20 --vae-steps 20 --no-eval
 """
