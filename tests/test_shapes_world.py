@@ -22,7 +22,7 @@ from flowgrpo_core.trainer import FlowGRPOTrainer
 # skipped, never as passed.
 pytestmark = pytest.mark.skipif(
     not (Path(__file__).resolve().parents[1] / "flowgrpo_core" / "data" / "shapes-sd3" / "model_index.json").is_file(),
-    reason="the packaged shapes:sd3 model is not shipped yet (flowgrpo_core/data/shapes-sd3, issue 7)",
+    reason="the packaged shapes:sd3 folder is missing (flowgrpo_core/data/shapes-sd3: package data not installed)",
 )
 
 # the shipped model scores 0.29 on this subset (0.31 on all of shapes_test, PROVENANCE.md); the margin absorbs
