@@ -4,7 +4,7 @@ seeds for both, so every difference comes from the weights; paired statistics pe
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -57,9 +57,7 @@ def images_per_prompt_plan(tags: Sequence[str], images_per_prompt: int, min_imag
     """Images to draw for each prompt: ``images_per_prompt``, raised for the prompts of a task with few
     prompts so that every task gets at least ``min_images_per_tag`` images. The overall accuracy is a mean
     over tasks, so a task with one prompt would otherwise weigh as much as fifty prompts on a few images."""
-    counts = defaultdict(int)
-    for tag in tags:
-        counts[tag] += 1
+    counts = Counter(tags)
     return [max(images_per_prompt, -(-min_images_per_tag // counts[tag])) for tag in tags]
 
 

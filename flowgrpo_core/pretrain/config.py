@@ -80,7 +80,7 @@ class PretrainConfig:
             raise ValueError(f"pretrain-shapes: save_dtype must be float32 or float16, got {self.save_dtype!r}")
         if self.workers < 0:
             raise ValueError(f"pretrain-shapes: workers must be >= 0, got {self.workers}")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+        if not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"pretrain-shapes: device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.eval_min_images_per_tag < 0:
             raise ValueError(f"pretrain-shapes: eval_min_images_per_tag must be >= 0, got {self.eval_min_images_per_tag}")

@@ -109,8 +109,6 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     evaluations: list[dict[str, Any]] = []
 
     def evaluate(step: int) -> None:
-        if step < cfg.steps:  # a checkpoint (EMA weights) at every periodic evaluation: a stopped run loses little
-            pipe.save_pretrained(out / f"step-{step}", safe_serialization=True)
         if eval_set is None:
             return
         acc = shapes_accuracy(adapter, eval_set, images_per_prompt=cfg.eval_images_per_prompt,
@@ -120,7 +118,14 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
         evaluations.append({"step": step, "seconds": round(time.monotonic() - start, 1), **acc})
         tqdm.write(f"[pretrain-shapes] step {step}: {cfg.eval_prompts} " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
 
-    losses = train_transformer(pipe, sampler, cfg, Phase(cfg.steps, deadline), *_streams(cfg.seed), evaluate, progress)
+    def checkpoint_and_evaluate(step: int) -> None:
+        # a checkpoint (EMA weights) at every periodic evaluation: a stopped run loses little
+        pipe.save_pretrained(out / f"step-{step}", safe_serialization=True)
+        evaluate(step)
+
+    losses = train_transformer(
+        pipe, sampler, cfg, Phase(cfg.steps, deadline), *_streams(cfg.seed), checkpoint_and_evaluate, progress
+    )
     evaluate(len(losses))
     seconds = time.monotonic() - start
     out.mkdir(parents=True, exist_ok=True)
@@ -131,9 +136,9 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
         "seconds": round(seconds, 1), "reconstruction_accuracy": recon, "evaluations": evaluations,
         "vae_loss_every_50": vae_losses[::50], "loss_every_50": losses[::50], "torch": torch.__version__,
     }  # fmt: skip
-    earlier = Path(cfg.init_from or cfg.vae_from or "") / "pretrain.json"
-    if (cfg.init_from or cfg.vae_from) and earlier.is_file():  # the whole chain of runs stays in one record
-        record["started_from"] = json.loads(earlier.read_text())
+    source = cfg.init_from or cfg.vae_from
+    if source and (Path(source) / "pretrain.json").is_file():  # the whole chain of runs stays in one record
+        record["started_from"] = json.loads((Path(source) / "pretrain.json").read_text())
     (out / "pretrain.json").write_text(json.dumps(record, indent=1))
     tqdm.write(f"[pretrain-shapes] saved {out} after {seconds / 60:.1f} min")
     return PretrainResult(out, vae_losses, losses, evaluations, recon, seconds)
