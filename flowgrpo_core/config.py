@@ -135,6 +135,8 @@ class PromptsConfig(_Strict):
     # builtin:<name>, or a .txt (one prompt per line) / .jsonl ({"prompt", "metadata"}) / .parquet file
     train: str = "builtin:animals"
     eval: str = "builtin:animals"
+    # draw each epoch's training prompts evenly over their metadata 'tag' (GenEval's tasks) instead of uniformly
+    balance_tags: bool = False
 
 
 class EvalConfig(_Strict):

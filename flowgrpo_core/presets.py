@@ -103,7 +103,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             "model": {"source": "shapes:sd3", "dtype": "float32"},
             "sampling": {
                 "resolution": 64,
-                "num_steps": 10,
+                "num_steps": 6,  # 10 CPU-min probes: 0.347 with 6 steps, 0.303 with 10 (more epochs per minute)
                 "guidance_scale": 4.5,
                 "noise_level": 0.7,
                 "group_size": 8,
@@ -128,7 +128,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                 "device": "cpu",
             },
             "rewards": {"shapes_geneval": 1.0},
-            "prompts": {"train": "builtin:shapes_train", "eval": "builtin:shapes_test"},
+            # the score is a mean over the six tasks, and 150 of the 236 training prompts are colour attribution
+            "prompts": {"train": "builtin:shapes_train", "eval": "builtin:shapes_test", "balance_tags": True},
             "eval": {
                 "num_steps": 20,
                 "guidance_scale": 4.5,

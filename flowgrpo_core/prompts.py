@@ -150,9 +150,42 @@ def _read_jsonl(path: Path) -> PromptSet:
     return PromptSet(prompts, metadata)
 
 
-def draw_prompts(prompt_set: PromptSet, count: int, generator: torch.Generator) -> list[int]:
-    """Indices of ``count`` prompts: without replacement while the set lasts, then another pass."""
-    order: list[int] = []
-    while len(order) < count:
-        order += torch.randperm(len(prompt_set), generator=generator).tolist()
-    return order[:count]
+def draw_prompts(
+    prompt_set: PromptSet, count: int, generator: torch.Generator, by_tag: bool = False
+) -> list[int]:
+    """Indices of ``count`` prompts: without replacement while the set lasts, then another pass.
+
+    ``by_tag``: as many prompts of each metadata ``tag`` as the count allows (GenEval's overall accuracy is a
+    mean over tasks, while a generated training set holds far more prompts of some tasks than of others):
+    the tags take turns in a random order, each drawing from its own shuffled prompts.
+    """
+    if not by_tag:
+        order: list[int] = []
+        while len(order) < count:
+            order += torch.randperm(len(prompt_set), generator=generator).tolist()
+        return order[:count]
+    groups = tag_groups(prompt_set)
+    queues: list[list[int]] = [[] for _ in groups]
+    chosen: list[int] = []
+    while len(chosen) < count:
+        for g in torch.randperm(len(groups), generator=generator).tolist():
+            if not queues[g]:
+                queues[g] = [
+                    groups[g][i] for i in torch.randperm(len(groups[g]), generator=generator).tolist()
+                ]
+            chosen.append(queues[g].pop())
+    return chosen[:count]
+
+
+def tag_groups(prompt_set: PromptSet) -> list[list[int]]:
+    """Prompt indices grouped by metadata ``tag``, in sorted tag order; an error names an untagged prompt."""
+    groups: dict[str, list[int]] = {}
+    for i, meta in enumerate(prompt_set.metadata):
+        tag = meta.get("tag")
+        if not isinstance(tag, str):
+            raise ValueError(
+                f"prompt {i} ({prompt_set.prompts[i]!r}) has no metadata 'tag': drawing by tag "
+                "(prompts.balance_tags) needs one on every prompt"
+            )
+        groups.setdefault(tag, []).append(i)
+    return [groups[t] for t in sorted(groups)]

@@ -44,7 +44,7 @@ from flowgrpo_core.distributed import DistributedContext
 from flowgrpo_core.ema import EMA
 from flowgrpo_core.loss import LossOutput, grpo_loss, guard_step_weight
 from flowgrpo_core.models import FlowAdapter, load_model
-from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts
+from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts, tag_groups
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
 from flowgrpo_core.sampling import Trajectories, rollout, sample_window_start, sde_window_mask, to_pil
 from flowgrpo_core.sde import gaussian_kl, kl_std, sde_step_with_logprob
@@ -102,6 +102,8 @@ class FlowGRPOTrainer:
         self.progress = progress and self.dist.is_main
         res = config.sampling.resolution
         self.prompts = prompts or load_prompts(config.prompts.train)
+        if config.prompts.balance_tags:
+            tag_groups(self.prompts)  # an untagged prompt fails here, before the model loads
         self.reward = reward or build_rewards(config.rewards)
         self.adapter = adapter or load_model(config.model.source, config.model.revision, config.model.dtype)
         self.adapter.check_resolution(res, res)
@@ -249,7 +251,9 @@ class FlowGRPOTrainer:
         """The epoch's global plan, identical on every rank: ``groups_per_epoch`` prompts repeated
         ``group_size`` times, one noise seed per image, one Fast-window start per sampling batch."""
         s = self.config.sampling
-        chosen = self.prompts.take(draw_prompts(self.prompts, s.groups_per_epoch, generator))
+        chosen = self.prompts.take(
+            draw_prompts(self.prompts, s.groups_per_epoch, generator, self.config.prompts.balance_tags)
+        )
         images = PromptSet([p for p in chosen.prompts for _ in range(s.group_size)],
                            [m for m in chosen.metadata for _ in range(s.group_size)])  # fmt: skip
         seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()

@@ -11,8 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from flowgrpo_core.evaluation import prompt_sets
+from flowgrpo_core.evaluation.geneval import TAGS
 from flowgrpo_core.evaluation.prompt_sets import (
     BUILTIN_SETS,
     DATA_DIR,
@@ -23,7 +25,7 @@ from flowgrpo_core.evaluation.prompt_sets import (
     requirement_key,
     write_prompt_parquet,
 )
-from flowgrpo_core.prompts import load_prompts
+from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts
 from flowgrpo_core.rewards.ocr import quoted_text
 
 
@@ -254,3 +256,22 @@ def test_not_parquet_fails_with_the_path(tmp_path):
     path.write_text("a photo of a cat\n")
     with pytest.raises(ValueError, match=r"prompts\.parquet: not a readable Parquet file"):
         read_prompt_parquet(path)
+
+
+def test_draw_by_tag_is_even_over_tasks_and_reproducible():
+    train = load_prompts("builtin:shapes_train")  # 150 of its 236 prompts are color_attr
+    draw = lambda seed: draw_prompts(train, 60, torch.Generator().manual_seed(seed), by_tag=True)  # noqa: E731
+    chosen = draw(0)
+    assert Counter(train.metadata[i]["tag"] for i in chosen) == {tag: 10 for tag in TAGS}
+    # a tag with 3 prompts repeats only after all 3 were drawn
+    singles = [i for i in chosen if train.metadata[i]["tag"] == "single_object"]
+    assert all(len(set(singles[k : k + 3])) == 3 for k in range(0, 9, 3))
+    assert chosen == draw(0) and chosen != draw(1)
+    uniform = draw_prompts(train, 60, torch.Generator().manual_seed(0))
+    assert Counter(train.metadata[i]["tag"] for i in uniform)["color_attr"] > 25
+
+
+def test_draw_by_tag_names_an_untagged_prompt():
+    prompts = PromptSet(["a cat", "a dog"], [{"tag": "animals"}, {}])
+    with pytest.raises(ValueError, match=r"prompt 1 \('a dog'\) has no metadata 'tag'"):
+        draw_prompts(prompts, 2, torch.Generator(), by_tag=True)
