@@ -46,8 +46,7 @@ def held_out_accuracy(trainer: FlowGRPOTrainer, cfg: FlowGRPOConfig) -> dict[str
     e = cfg.eval
     prompts = load_prompts(cfg.prompts.eval)
     prompts = prompts.take(list(range(min(e.num_prompts, len(prompts)))))
-    ema = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
-    with ema:
+    with trainer.evaluation_weights():
         return shapes_accuracy(trainer.adapter, prompts, images_per_prompt=e.images_per_prompt, min_images_per_tag=e.min_images_per_tag,
                                num_steps=e.num_steps,
                                guidance_scale=e.guidance_scale, seed=e.seed, batch_size=e.batch_size,

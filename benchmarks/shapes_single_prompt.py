@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,8 +40,7 @@ def ode_accuracy(trainer: FlowGRPOTrainer, prompts: PromptSet, images: int) -> t
     cfg = trainer.config
     texts = [p for p in prompts.prompts for _ in range(images)]
     meta = [m for m in prompts.metadata for _ in range(images)]
-    ema = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
-    with ema:
+    with trainer.evaluation_weights():
         pictures = generate(trainer.adapter, texts, list(range(len(texts))), resolution=cfg.sampling.resolution,
                             num_steps=cfg.eval.num_steps, guidance_scale=cfg.eval.guidance_scale,
                             batch_size=cfg.eval.batch_size, max_sequence_length=cfg.sampling.max_sequence_length)  # fmt: skip
@@ -63,12 +60,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompts = chosen_prompts(args.prompts)
+    cfg = load_config("shapes", overrides=["prompts.balance_tags=false", *args.overrides])
+    print(cfg.describe(), flush=True)
     with tempfile.TemporaryDirectory() as out:
-        path = Path(out) / "prompts.jsonl"
-        path.write_text("".join(json.dumps({"prompt": p, "metadata": m}) + "\n" for p, m in zip(prompts.prompts, prompts.metadata)))
-        cfg = load_config("shapes", overrides=[f"prompts.train={path}", "prompts.balance_tags=false", *args.overrides])
-        print(cfg.describe(), flush=True)
-        trainer = FlowGRPOTrainer(cfg, out, progress=False)
+        trainer = FlowGRPOTrainer(cfg, out, prompts=prompts, progress=False)
         accuracy, reward = ode_accuracy(trainer, prompts, args.images)
         print(f"epoch 0: ODE accuracy {accuracy:.3f}, ODE reward {reward:.3f}", flush=True)
         started = time.monotonic()

@@ -643,6 +643,10 @@ class FlowGRPOTrainer:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])
             raise ValueError(f"cannot resume from {path}: the config changed ({details})")
 
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        """The weights the policy is judged by: the EMA weights swapped in when EMA is on."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
     def save_policy(self, directory: str | Path) -> Path:
         """The trained policy: LoRA weights in diffusers format (or the full transformer), the EMA version
         in ``ema/``, the resolved config and the metric history. Written by rank 0 only."""
