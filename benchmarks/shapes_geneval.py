@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import math
 import multiprocessing
 import resource
 import tempfile
@@ -84,9 +85,15 @@ def first_reaching(points: list[dict], target: float) -> float | None:
     return next((p["cpu_min"] for p in points if p["overall"] >= target - 1e-9), None)
 
 
+def significant_gain(a: dict, b: dict) -> bool:
+    """Whether ``b``'s overall accuracy exceeds ``a``'s by more than two standard errors of the difference
+    (the two evaluations' binomial errors combined as if independent)."""
+    return b["overall"] - a["overall"] > 2 * math.hypot(a["overall_se"], b["overall_se"])
+
+
 def _row(p: dict) -> str:
     tags = " | ".join(f"{p[t]:.2f}" for t in TAGS)
-    return f"| {p['method']} | {p['epoch']} | {p['cpu_min']:.1f} | {tags} | **{p['overall']:.3f}** |"
+    return f"| {p['method']} | {p['epoch']} | {p['cpu_min']:.1f} | {tags} | **{p['overall']:.3f}** ± {p['overall_se']:.3f} |"
 
 
 def main() -> None:
@@ -116,7 +123,7 @@ def main() -> None:
     e = next(iter(configs.values())).eval
     print(f"held-out: {e.num_prompts} prompts of {next(iter(configs.values())).prompts.eval} x {e.images_per_prompt} images (at least {e.min_images_per_tag} per task), "
           f"{e.num_steps} ODE steps, CFG {e.guidance_scale:g}\n")  # fmt: skip
-    header = "| method | epochs | CPU-min | " + " | ".join(TAGS) + " | overall |\n|---|---|---|" + "---|" * len(TAGS) + "---|"
+    header = "| method | epochs | CPU-min | " + " | ".join(TAGS) + " | overall ± standard error |\n|---|---|---|" + "---|" * len(TAGS) + "---|"
     print(header)
     started = time.monotonic()
     budget = (60 * args.cpu_minutes, 60 * args.eval_every, args.threads)
@@ -130,21 +137,32 @@ def main() -> None:
         for p in points:
             print(_row(p))
     print()
-    base = next(iter(curves.values()))[0]["overall"]
+    base = next(iter(curves.values()))[0]
     for name, points in curves.items():
-        final = points[-1]["overall"]
-        print(f"{name}: base {base:.3f} -> {final:.3f} after {points[-1]['cpu_min']:.1f} CPU-min ({100 * (final - base):+.1f} points)")
+        final = points[-1]
+        gain = final["overall"] - base["overall"]
+        error = math.hypot(base["overall_se"], final["overall_se"])
+        verdict = "significant" if significant_gain(base, final) else "within two standard errors: not significant"
+        print(f"{name}: base {base['overall']:.3f} -> {final['overall']:.3f} after {final['cpu_min']:.1f} CPU-min "
+              f"({100 * gain:+.1f} ± {100 * error:.1f} points, {verdict})")  # fmt: skip
     if "Flow-GRPO" in curves and "Flow-GRPO-Fast" in curves:
-        target = curves["Flow-GRPO"][-1]["overall"]
-        full_t = first_reaching(curves["Flow-GRPO"], target)
-        fast_t = first_reaching(curves["Flow-GRPO-Fast"], target)
-        speedup = ("never within its budget" if fast_t is None else "at once" if fast_t == 0
-                   else f"{full_t / fast_t:.1f}x sooner")  # fmt: skip
-        print(f"first reaching Flow-GRPO's final accuracy {target:.3f}: Flow-GRPO at {full_t:.1f} CPU-min, "
-              f"Flow-GRPO-Fast at {'-' if fast_t is None else f'{fast_t:.1f}'} CPU-min ({speedup})")  # fmt: skip
+        print(speedup_line(base, curves["Flow-GRPO"], curves["Flow-GRPO-Fast"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "curves": curves}, f, indent=1)
+
+
+def speedup_line(base: dict, full: list[dict], fast: list[dict]) -> str:
+    """How much sooner Fast first reaches the full method's final accuracy, or why that is not measured."""
+    if not significant_gain(base, full[-1]):
+        # the target is Flow-GRPO's final accuracy; when that is noise, a time to reach it is noise too
+        return "no speed-up measured: Flow-GRPO's final accuracy is not significantly above the base"
+    target = full[-1]["overall"]
+    full_t, fast_t = first_reaching(full, target), first_reaching(fast, target)
+    speedup = ("never within its budget" if fast_t is None else "at once" if fast_t == 0
+               else f"{full_t / fast_t:.1f}x sooner")  # fmt: skip
+    return (f"first reaching Flow-GRPO's final accuracy {target:.3f}: Flow-GRPO at {full_t:.1f} CPU-min, "
+            f"Flow-GRPO-Fast at {'-' if fast_t is None else f'{fast_t:.1f}'} CPU-min ({speedup})")  # fmt: skip
 
 
 if __name__ == "__main__":

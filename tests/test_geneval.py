@@ -3,6 +3,8 @@ and the transformers code path (tiny random OWLv2 / Mask2Former + CLIP) end to e
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -203,9 +205,21 @@ def test_report_is_the_mean_over_tags_like_geneval_summary():
     }
     text = report.to_text()
     assert "single_object    = 75.00% (3 / 4)" in text and "Overall score (avg. over tasks): 0.37500" in text
+    # sqrt(0.75 * 0.25 / 4 + 0 / 1) / 2 tasks
+    assert report.standard_error == pytest.approx(math.sqrt(0.75 * 0.25 / 4) / 2)
+    assert "(standard error 0.10825)" in text
     results = [verdict([det("bench", (0, 0, 9, 9), s)], SINGLE) for s in (0.9, 0.1)]
     assert summarize(results, [SINGLE, SINGLE]).per_tag == {"single_object": 0.5}
     assert summarize(results, [SINGLE, SINGLE]).prompts == 1
+
+
+def test_standard_error_of_the_mean_over_tags():
+    tags = ["single_object"] * 10 + ["counting"] * 20
+    correct = [True] * 5 + [False] * 5 + [True] * 4 + [False] * 16
+    report = summarize_verdicts(tags, correct)
+    # each task a binomial proportion: var 0.5 * 0.5 / 10 and 0.2 * 0.8 / 20; the mean of two divides by 2
+    assert report.standard_error == pytest.approx(math.sqrt(0.025 + 0.008) / 2)
+    assert summarize_verdicts(["counting"] * 3, [True] * 3).standard_error == 0.0
 
 
 # ---- the transformers code path on tiny random models --------------------------------------------

@@ -37,8 +37,9 @@ def shapes_accuracy(
     batch_size: int = 32,
     max_sequence_length: int = 16,
 ) -> dict[str, float]:
-    """Shapes-world GenEval accuracy of ODE samples: ``{tag: accuracy, ..., "overall": mean over tags}``,
-    strict rules, judged by the shapes detector. Resolution: the VAE's ``sample_size``."""
+    """Shapes-world GenEval accuracy of ODE samples: ``{tag: accuracy, ..., "overall": mean over tags,
+    "overall_se": its standard error}``, strict rules, judged by the shapes detector. Resolution: the VAE's
+    ``sample_size``."""
     from flowgrpo_core.evaluation.compare import geneval_accuracy
     from flowgrpo_core.rewards.geneval import ShapesGenEvalReward
 
@@ -48,7 +49,7 @@ def shapes_accuracy(
         images_per_prompt=images_per_prompt, min_images_per_tag=min_images_per_tag,
         max_sequence_length=max_sequence_length,
     )  # fmt: skip
-    return {**report.per_tag, "overall": report.overall}
+    return {**report.per_tag, "overall": report.overall, "overall_se": report.standard_error}
 
 
 @torch.no_grad()
@@ -69,7 +70,7 @@ class PretrainResult:
     out: Path
     vae_losses: list[float]
     losses: list[float]
-    evaluations: list[dict[str, Any]]  # {"step", "seconds", <tag>: accuracy, "overall"}
+    evaluations: list[dict[str, Any]]  # {"step", "seconds", <tag>: accuracy, "overall", "overall_se"}
     reconstruction_accuracy: float
     seconds: float
 

@@ -1,0 +1,45 @@
+"""The verdicts of benchmarks/shapes_geneval.py: a gain or a speed-up is claimed only beyond the noise."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_geneval.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("shapes_geneval", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def point(cpu_min: float, overall: float, se: float = 0.03) -> dict:
+    return {"cpu_min": cpu_min, "overall": overall, "overall_se": se}
+
+
+def test_gain_must_exceed_two_standard_errors_of_the_difference(bench):
+    base = point(0, 0.30)
+    # 2 * hypot(0.03, 0.04) = 0.10
+    assert not bench.significant_gain(base, point(30, 0.39, se=0.04))
+    assert bench.significant_gain(base, point(30, 0.41, se=0.04))
+
+
+def test_no_speed_up_is_claimed_when_the_full_method_did_not_improve(bench):
+    base = point(0, 0.307)
+    full = [base, point(10, 0.324), point(30, 0.331)]
+    fast = [base, point(10, 0.389), point(30, 0.345)]  # the 2026-12-01 run: "3.0x sooner" was noise
+    assert bench.speedup_line(base, full, fast).startswith("no speed-up measured")
+
+
+def test_speed_up_is_the_ratio_of_first_times_to_the_full_methods_final_accuracy(bench):
+    base = point(0, 0.30)
+    full = [base, point(10, 0.40), point(20, 0.50), point(30, 0.60)]
+    fast = [base, point(5, 0.45), point(10, 0.61), point(30, 0.70)]
+    line = bench.speedup_line(base, full, fast)
+    assert "Flow-GRPO at 30.0 CPU-min, Flow-GRPO-Fast at 10.0 CPU-min (3.0x sooner)" in line
+    assert "(never within its budget)" in bench.speedup_line(base, full, [base, point(30, 0.5)])
