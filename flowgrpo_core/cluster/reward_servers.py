@@ -48,6 +48,7 @@ _CLIP = ServerSpec(images.REWARD_CLIP, True, "4", "16Gi")
 REWARD_SERVERS: dict[str, ServerSpec] = {
     "jpeg_compressibility": _LIGHT,
     "jpeg_incompressibility": _LIGHT,
+    "brightness": _LIGHT,
     # PP-OCR on onnxruntime's CPU provider: CPUs, not a GPU
     "ocr": ServerSpec(images.REWARD_OCR, False, "4", "4Gi"),
     # the client of the judge below; it only sends HTTP requests

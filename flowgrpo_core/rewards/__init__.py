@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from flowgrpo_core.rewards.base import Reward, RewardOutput
+from flowgrpo_core.rewards.brightness import Brightness
 from flowgrpo_core.rewards.jpeg import JpegCompressibility, JpegIncompressibility
 from flowgrpo_core.rewards.multi import MultiReward
 
 REWARD_NAMES: dict[str, str] = {
     "jpeg_compressibility": "minus the JPEG size (kB) at quality 95",
     "jpeg_incompressibility": "plus the JPEG size (kB) at quality 95",
+    "brightness": "mean luminance in [0, 1]: a control any policy can move",
     "ocr": "1 - normalised edit distance between the quoted text of the prompt and the OCR'd text",
     "geneval": "GenEval rules (objects, counts, colours, positions) checked by a detector",
     "pickscore": "PickScore (CLIP-H) preference score / 26",
@@ -73,6 +75,7 @@ def build_rewards(
 
 register_reward("jpeg_compressibility", JpegCompressibility)
 register_reward("jpeg_incompressibility", JpegIncompressibility)
+register_reward("brightness", Brightness)
 
 
 def _lazy(module: str, attr: str) -> Callable[..., Reward]:
