@@ -194,6 +194,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"\n[flowgrpo] pipeline finished in {result.seconds:.0f}s")
     print(f"[flowgrpo] MLflow experiment {result.experiment!r}, parent run {result.parent_run_id}")
     print(f"[flowgrpo] registered model version: {result.registered or 'none'}")
+    if result.gate:
+        print(f"[flowgrpo] gate: {result.gate}")
     if pipeline_args.tracking_uri.startswith("sqlite:///"):
         print(f"[flowgrpo] look at it: mlflow ui --backend-store-uri {pipeline_args.tracking_uri}")
     else:

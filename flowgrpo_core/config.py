@@ -213,6 +213,9 @@ class TrackingConfig(_Strict):
     # the base model's) by more than the margin
     gate_metric: str = "eval/policy/reward_mean"
     gate_margin: float = 0.0
+    # k > 0: the gain must also exceed k standard errors of the difference, from the evaluation's
+    # '<gate_metric>_se' (GenEval-style accuracies log one), so a model is not promoted on noise
+    gate_standard_errors: float = Field(0.0, ge=0)
 
 
 class FlowGRPOConfig(_Strict):
@@ -259,6 +262,12 @@ class FlowGRPOConfig(_Strict):
             raise ConfigError("train.ratio_norm: GRPO-Guard's RatioNorm is defined for sde_type 'sde' only")
         for metric in self.eval.metrics:
             self._known_rewards({metric: 1.0})
+        tr = self.tracking
+        if tr.gate_standard_errors and not tr.gate_metric.endswith("/accuracy/overall"):
+            raise ConfigError(
+                f"tracking.gate_standard_errors: needs a gate metric with a standard error, an "
+                f"'eval/policy/<metric>/accuracy/overall' accuracy; got tracking.gate_metric={tr.gate_metric!r}"
+            )
         return self
 
     # ---- derived quantities (the batch arithmetic the trainer prints) ----

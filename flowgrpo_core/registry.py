@@ -28,12 +28,18 @@ class Registration:
     champion: str | None
 
 
-def gate(value: float, reference: float, margin: float) -> tuple[bool, str]:
+def gate(
+    value: float, reference: float, margin: float, standard_error: float = 0.0, standard_errors: float = 0.0
+) -> tuple[bool, str]:
+    """Whether ``value`` beats ``reference`` by more than ``margin`` and, with ``standard_errors`` = k > 0,
+    by more than k x ``standard_error`` (the standard error of the difference)."""
     if not math.isfinite(value):
         return False, f"gate metric is {value}"
-    passed = value > reference + margin  # a tie is no reason to change the model users get
+    noise = standard_errors * standard_error
+    passed = value > reference + max(margin, noise)  # a tie is no reason to change the model users get
     verb = "passes" if passed else "fails"
-    return passed, f"{verb}: {value:.6g} vs required > {reference:.6g} + margin {margin:g}"
+    extra = f", and {standard_errors:g} x standard error {standard_error:.3g}" if standard_errors else ""
+    return passed, f"{verb}: {value:.6g} vs required > {reference:.6g} + margin {margin:g}{extra}"
 
 
 def _champion(client, name: str):
@@ -55,10 +61,12 @@ def register_policy(
     gate_margin: float,
     kfp_run_id: str,
     extra_tags: dict[str, str] | None = None,
+    gate_standard_errors: float = 0.0,
 ) -> Registration:
     """Log the policy as a pyfunc model in the active run, register it, set ``candidate``, and move
     ``champion`` when ``gate_metric`` beats the current champion's (or, with no champion yet, the base
-    model's value of the same metric) by ``gate_margin``."""
+    model's value of the same metric) by ``gate_margin`` and by ``gate_standard_errors`` standard errors of
+    the difference (from ``<gate_metric>_se``)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -67,6 +75,12 @@ def register_policy(
         raise ValueError(
             f"gate metric {gate_metric!r} is not among the evaluation metrics: {sorted(eval_metrics)[:12]}"
         )
+    if gate_standard_errors and f"{gate_metric}_se" not in eval_metrics:
+        raise ValueError(
+            f"tracking.gate_standard_errors={gate_standard_errors:g} needs {gate_metric + '_se'!r} among the "
+            "evaluation metrics"
+        )
+    base_metric = gate_metric.replace("/policy/", "/base/")
     try:
         client.get_registered_model(model_name)
     except mlflow.exceptions.MlflowException:
@@ -101,9 +115,10 @@ def register_policy(
                 "gate.metric": gate_metric,
                 "gate.value": repr(value),
                 "gate.margin": repr(gate_margin),
-                "gate.base_value": repr(
-                    float(eval_metrics.get(gate_metric.replace("/policy/", "/base/"), math.nan))
-                ),
+                "gate.base_value": repr(float(eval_metrics.get(base_metric, math.nan))),
+                "gate.standard_errors": repr(float(gate_standard_errors)),
+                "gate.value_se": repr(float(eval_metrics.get(f"{gate_metric}_se", 0.0))),
+                "gate.base_value_se": repr(float(eval_metrics.get(f"{base_metric}_se", 0.0))),
                 **(extra_tags or {}),
             },
         )
@@ -128,16 +143,19 @@ def promote(model_name: str, version: str | int, force: bool = False) -> tuple[b
             f"{model_name} version {version} has no recorded gate metric (not registered by flowgrpo?)"
         )
     value, margin = float(tags["gate.value"]), float(tags.get("gate.margin", "0"))
+    k, value_se = float(tags.get("gate.standard_errors", "0")), float(tags.get("gate.value_se", "0"))
     champion = _champion(client, model_name)
     if champion is not None and str(champion.version) == str(version):
         return True, f"version {version} already is the champion"
     if champion is not None and champion.tags.get("gate.metric") == tags["gate.metric"]:
         reference, against = float(champion.tags["gate.value"]), f"champion v{champion.version}"
+        reference_se = float(champion.tags.get("gate.value_se", "0"))
     else:
         reference, against = float(tags.get("gate.base_value", "nan")), "the base model"
+        reference_se = float(tags.get("gate.base_value_se", "0"))
         if not math.isfinite(reference):
             reference, against = -math.inf, "nothing (no champion, no base value)"
-    passed, reason = gate(value, reference, margin)
+    passed, reason = gate(value, reference, margin, math.hypot(value_se, reference_se), k)
     reason = f"{tags['gate.metric']} {reason} (against {against})"
     if passed or force:
         client.set_registered_model_alias(model_name, CHAMPION, str(version))

@@ -57,6 +57,7 @@ class LocalRun:
     registered: str | None  # "name/version"
     tracking_uri: str
     seconds: float
+    gate: str | None = None  # why champion moved or not
 
 
 def run_local(args: PipelineArguments, pipeline_root: str = "flowgrpo-runs/kfp") -> LocalRun:
@@ -73,14 +74,16 @@ def run_local(args: PipelineArguments, pipeline_root: str = "flowgrpo-runs/kfp")
     )
     flowgrpo_pipeline(**args.as_dict())
     parent = _latest_parent_run(args.tracking_uri, experiment, since=start)
-    registered = None
+    registered = gate = None
     if parent is not None:
         tags = {r.data.tags.get("stage"): r.data.tags for r in _stage_runs(parent)}
         register = tags.get("register_model", {})
         if "registry.model" in register:
             registered = f"{register['registry.model']}/{register['registry.version']}"
+            passed = "champion" if register.get("gate.passed") == "true" else "stays a candidate"
+            gate = f"{passed}: {register.get('gate.reason', '')}"
     return LocalRun(
-        experiment, parent.info.run_id if parent else None, registered, args.tracking_uri, time.time() - start
+        experiment, parent.info.run_id if parent else None, registered, args.tracking_uri, time.time() - start, gate
     )
 
 

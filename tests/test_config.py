@@ -91,6 +91,7 @@ def test_yaml_round_trip(tmp_path):
         ("train.lora_rank=abc", "train.lora_rank", "integer"),
         ("sampling.sde_window_size=8", "sampling", "does not fit"),
         ("eval.metrics=[bogus]", "bogus", "unknown reward"),
+        ("tracking.gate_standard_errors=2", "tracking.gate_standard_errors", "needs a gate metric with a standard error"),
     ],
 )
 def test_invalid_values_fail_at_load_time_naming_the_field(override, field, hint):

@@ -200,6 +200,7 @@ def test_report_is_the_mean_over_tags_like_geneval_summary():
     assert report.correct_prompts == 0.5
     assert report.metrics() == {
         "geneval/overall": 0.375,
+        "geneval/overall_se": pytest.approx(math.sqrt(0.75 * 0.25 / 4) / 2),
         "geneval/single_object": 0.75,
         "geneval/counting": 0.0,
     }

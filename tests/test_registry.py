@@ -93,3 +93,34 @@ def test_unknown_gate_metric_is_an_error(policy_dir, registry):
             0.0,
             "r",
         )
+
+
+def _register_accuracy(policy_dir, run_id, policy, base, se, k=2.0):
+    import mlflow
+
+    key = "eval/policy/shapes_geneval/accuracy/overall"
+    base_key = key.replace("/policy/", "/base/")
+    metrics = {key: policy, f"{key}_se": se, base_key: base, f"{base_key}_se": se}
+    with mlflow.start_run():
+        return register_policy(
+            policy_dir, "tiny:sd3", None, "flowgrpo-test", metrics, key, 0.0, run_id, gate_standard_errors=k
+        )
+
+
+def test_gate_with_standard_errors_does_not_promote_noise(policy_dir, registry):
+    # difference SE = hypot(0.03, 0.03) = 0.0424; two of them: 0.0849
+    noise = _register_accuracy(policy_dir, "run-a", 0.390, 0.307, se=0.03)  # the +8.3 points of a noisy run
+    assert not noise.gate_passed and "2 x standard error 0.0424" in noise.gate_reason
+    real = _register_accuracy(policy_dir, "run-b", 0.400, 0.307, se=0.03)
+    assert real.gate_passed and real.champion == "2"
+    # against the champion, with its own standard error
+    assert not _register_accuracy(policy_dir, "run-c", 0.480, 0.307, se=0.03).gate_passed
+    assert _register_accuracy(policy_dir, "run-d", 0.490, 0.307, se=0.03).gate_passed
+
+
+def test_gate_with_standard_errors_needs_the_metric_s_error(policy_dir, registry):
+    import mlflow
+
+    with mlflow.start_run(), pytest.raises(ValueError, match="reward_mean_se"):
+        register_policy(policy_dir, "tiny:sd3", None, "flowgrpo-test", {"eval/policy/reward_mean": 1.0},
+                        "eval/policy/reward_mean", 0.0, "r", gate_standard_errors=2.0)  # fmt: skip

@@ -120,7 +120,8 @@ def compare(
     ``eval/win_rate/<m>`` (share of images where the policy scores higher), and per task tag (metadata
     ``tag``) ``eval/base/<m>/<tag>`` and ``eval/policy/<m>/<tag>``. A metric that reports per-image verdicts
     (``details["correct"]``, as GenEval does) also gets its accuracy the way the benchmark reports it:
-    ``eval/<side>/<m>/accuracy/<tag>`` and ``eval/<side>/<m>/accuracy/overall`` (the mean over tasks).
+    ``eval/<side>/<m>/accuracy/<tag>``, ``eval/<side>/<m>/accuracy/overall`` (the mean over tasks) and its
+    binomial standard error ``eval/<side>/<m>/accuracy/overall_se``.
     Each prompt gets ``images_per_prompt`` images, more in tasks with few prompts (``min_images_per_tag``);
     image ``i`` of the expanded list has seed ``seed + i``.
     """
@@ -177,7 +178,7 @@ def compare(
         )
         for tag, idx in groups.items()
     }
-    for key in sorted(k for k in out if "/accuracy/" in k and k.startswith("eval/policy/")):
+    for key in sorted(k for k in out if "/accuracy/" in k and k.startswith("eval/policy/") and not k.endswith("_se")):
         base_key = key.replace("eval/policy/", "eval/base/", 1)
         table.append(
             f"| {key.removeprefix('eval/policy/')} | | {out[base_key]:.4f} | {out[key]:.4f} | {out[key] - out[base_key]:+.4f} | |"

@@ -393,7 +393,7 @@ class GenEvalReport:
         return math.sqrt(variance) / len(self.per_tag)
 
     def metrics(self, prefix: str = "geneval") -> dict[str, float]:
-        return {f"{prefix}/overall": self.overall} | {
+        return {f"{prefix}/overall": self.overall, f"{prefix}/overall_se": self.standard_error} | {
             f"{prefix}/{tag}": value for tag, value in self.per_tag.items()
         }
 

@@ -23,13 +23,14 @@ def register_model(
         result = register_policy(
             policy_dir, config.model.source, config.model.revision, name, eval_metrics,
             config.tracking.gate_metric, config.tracking.gate_margin, ctx.kfp_run_id,
-            extra_tags={"flowgrpo.preset": ctx.preset},
+            extra_tags={"flowgrpo.preset": ctx.preset}, gate_standard_errors=config.tracking.gate_standard_errors,
         )  # fmt: skip
         mlflow.set_tags(
             {
                 "registry.model": name,
                 "registry.version": result.version,
                 "gate.passed": str(result.gate_passed).lower(),
+                "gate.reason": result.gate_reason[:500],
             }
         )
         mlflow.log_text(result.gate_reason, "gate.txt")
