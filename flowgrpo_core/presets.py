@@ -140,7 +140,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                 "metrics": ["shapes_geneval"],
             },
             "calibration": {"epochs": 2},
-            # about 3 points of standard error on 273 images: promote only a gain beyond two of the difference
+            # 273 images give about 2.3 points of standard error: promote only a gain beyond two of the difference
             "tracking": {"gate_metric": "eval/policy/shapes_geneval/accuracy/overall", "gate_standard_errors": 2.0},
         },
     ),

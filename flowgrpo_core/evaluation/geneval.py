@@ -387,8 +387,8 @@ class GenEvalReport:
     @property
     def standard_error(self) -> float:
         """Binomial standard error of ``overall``: ``sqrt(sum_t p_t (1 - p_t) / n_t) / K`` over the K tasks,
-        treating images as independent. With a few hundred images it is about 3 points, so two
-        evaluations differ significantly only when they are about 8 points apart."""
+        treating images as independent. On the 273 images of the shapes evaluation it is about 2.3 points, so
+        two evaluations differ significantly (two standard errors of the difference) only beyond about 6.5 points."""
         variance = sum(p * (1 - p) / n for p, (_, n) in zip(self.per_tag.values(), self.counts.values()))
         return math.sqrt(variance) / len(self.per_tag)
 
