@@ -32,7 +32,7 @@ def test_gain_must_exceed_two_standard_errors_of_the_difference(bench):
 def test_no_speed_up_is_claimed_when_the_full_method_did_not_improve(bench):
     base = point(0, 0.307)
     full = [base, point(10, 0.324), point(30, 0.331)]
-    fast = [base, point(10, 0.389), point(30, 0.345)]  # the 2026-12-01 run: "3.0x sooner" was noise
+    fast = [base, point(10, 0.389), point(30, 0.345)]  # the README's run: "3.0x sooner" was noise
     assert bench.speedup_line(base, full, fast).startswith("no speed-up measured")
 
 
