@@ -28,11 +28,10 @@ from flowgrpo_core.trainer import FlowGRPOTrainer, epoch_generator
 
 
 def named_prompts(source: str, names: list[str]) -> PromptSet:
-    prompts = load_prompts(source)
-    missing = [n for n in names if n not in prompts.prompts]
-    if missing:
-        raise SystemExit(f"not in {source}: {', '.join(map(repr, missing))}")
-    return prompts.take([prompts.prompts.index(n) for n in names])
+    try:
+        return load_prompts(source).named(names)
+    except KeyError as error:
+        raise SystemExit(f"{source}: {error.args[0]}") from None
 
 
 def epoch_gradients(trainer: FlowGRPOTrainer, epoch: int) -> tuple[dict[int, torch.Tensor], int]:

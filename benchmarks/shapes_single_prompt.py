@@ -28,11 +28,10 @@ from flowgrpo_core.trainer import FlowGRPOTrainer
 
 def chosen_prompts(names: list[str]) -> PromptSet:
     """The named prompts of ``builtin:shapes_train``, with their GenEval metadata."""
-    train = load_prompts("builtin:shapes_train")
-    missing = [n for n in names if n not in train.prompts]
-    if missing:
-        raise SystemExit(f"not in builtin:shapes_train: {', '.join(map(repr, missing))}")
-    return train.take([train.prompts.index(n) for n in names])
+    try:
+        return load_prompts("builtin:shapes_train").named(names)
+    except KeyError as error:
+        raise SystemExit(f"builtin:shapes_train: {error.args[0]}") from None
 
 
 def ode_accuracy(trainer: FlowGRPOTrainer, prompts: PromptSet, images: int) -> tuple[float, float]:

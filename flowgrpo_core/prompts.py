@@ -33,6 +33,13 @@ class PromptSet:
     def take(self, indices: list[int]) -> PromptSet:
         return PromptSet([self.prompts[i] for i in indices], [self.metadata[i] for i in indices])
 
+    def named(self, texts: list[str]) -> PromptSet:
+        """The prompts with these texts (the first of each), with their metadata; KeyError names the missing."""
+        missing = [t for t in texts if t not in self.prompts]
+        if missing:
+            raise KeyError(f"not in the prompt set: {', '.join(map(repr, missing))}")
+        return self.take([self.prompts.index(t) for t in texts])
+
 
 # ddpo-pytorch's simple animals: short prompts whose images a tiny model can tell apart.
 ANIMALS = [

@@ -275,3 +275,12 @@ def test_draw_by_tag_names_an_untagged_prompt():
     prompts = PromptSet(["a cat", "a dog"], [{"tag": "animals"}, {}])
     with pytest.raises(ValueError, match=r"prompt 1 \('a dog'\) has no metadata 'tag'"):
         draw_prompts(prompts, 2, torch.Generator(), by_tag=True)
+
+
+def test_named_prompts_keep_their_metadata_and_name_the_missing():
+    train = load_prompts("builtin:shapes_train")
+    picked = train.named(["three circles", "two circles"])
+    assert picked.prompts == ["three circles", "two circles"]
+    assert [m["tag"] for m in picked.metadata] == ["counting", "counting"]
+    with pytest.raises(KeyError, match="'five circles'"):
+        train.named(["three circles", "five circles"])
