@@ -88,6 +88,9 @@ def test_dag_registers_a_pyfunc_that_generates_images(dag_run):
     assert result.registered == "flowgrpo-sd3/1"
     version = MlflowClient().get_model_version_by_alias("flowgrpo-sd3", "candidate")
     assert str(version.version) == "1" and version.tags["base.source"] == "tiny:sd3"
+    # the decision `flowgrpo run` prints, as the registry recorded it
+    decided = "champion" if version.tags["gate.decision"] == "passed" else "stays a candidate"
+    assert result.gate.startswith(f"{decided}: eval/policy/reward_mean ") and "against the base model" in result.gate
     model = mlflow.pyfunc.load_model("models:/flowgrpo-sd3@candidate")
     images = model.predict(["a photo of a cat", "a photo of a dog"])
     assert len(images) == 2 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
