@@ -34,6 +34,7 @@ from flowgrpo_core.config import FlowGRPOConfig, load_config
 from flowgrpo_core.evaluation.geneval import TAGS
 from flowgrpo_core.pretrain.run import shapes_accuracy
 from flowgrpo_core.prompts import load_prompts
+from flowgrpo_core.registry import gate
 from flowgrpo_core.trainer import FlowGRPOTrainer
 
 
@@ -87,8 +88,8 @@ def first_reaching(points: list[dict], target: float) -> float | None:
 
 def significant_gain(a: dict, b: dict) -> bool:
     """Whether ``b``'s overall accuracy exceeds ``a``'s by more than two standard errors of the difference
-    (the two evaluations' binomial errors combined as if independent)."""
-    return b["overall"] - a["overall"] > 2 * math.hypot(a["overall_se"], b["overall_se"])
+    (the two evaluations' binomial errors combined as if independent): the registry's gate at k = 2."""
+    return gate(b["overall"], a["overall"], 0.0, math.hypot(a["overall_se"], b["overall_se"]), 2.0)[0]
 
 
 def _row(p: dict) -> str:

@@ -75,12 +75,12 @@ def register_policy(
         raise ValueError(
             f"gate metric {gate_metric!r} is not among the evaluation metrics: {sorted(eval_metrics)[:12]}"
         )
-    if gate_standard_errors and f"{gate_metric}_se" not in eval_metrics:
-        raise ValueError(
-            f"tracking.gate_standard_errors={gate_standard_errors:g} needs {gate_metric + '_se'!r} among the "
-            "evaluation metrics"
-        )
     base_metric = gate_metric.replace("/policy/", "/base/")
+    value_se, base_se = f"{gate_metric}_se", f"{base_metric}_se"
+    if gate_standard_errors and value_se not in eval_metrics:
+        raise ValueError(
+            f"tracking.gate_standard_errors={gate_standard_errors:g} needs {value_se!r} among the evaluation metrics"
+        )
     try:
         client.get_registered_model(model_name)
     except mlflow.exceptions.MlflowException:
@@ -117,8 +117,8 @@ def register_policy(
                 "gate.margin": repr(gate_margin),
                 "gate.base_value": repr(float(eval_metrics.get(base_metric, math.nan))),
                 "gate.standard_errors": repr(float(gate_standard_errors)),
-                "gate.value_se": repr(float(eval_metrics.get(f"{gate_metric}_se", 0.0))),
-                "gate.base_value_se": repr(float(eval_metrics.get(f"{base_metric}_se", 0.0))),
+                "gate.value_se": repr(float(eval_metrics.get(value_se, 0.0))),
+                "gate.base_value_se": repr(float(eval_metrics.get(base_se, 0.0))),
                 **(extra_tags or {}),
             },
         )
