@@ -6,6 +6,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
+
+from flowgrpo_core.config import load_config
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_geneval.py"
 
@@ -43,3 +46,24 @@ def test_speed_up_is_the_ratio_of_first_times_to_the_full_methods_final_accuracy
     line = bench.speedup_line(base, full, fast)
     assert "Flow-GRPO at 30.0 CPU-min, Flow-GRPO-Fast at 10.0 CPU-min (3.0x sooner)" in line
     assert "(never within its budget)" in bench.speedup_line(base, full, [base, point(30, 0.5)])
+
+
+def test_the_supervised_reference_trains_for_its_budget_without_its_evaluations(bench, monkeypatch):
+    def slow_evaluation(adapter, cfg):  # 0.5 CPU-s per evaluation, which must not count as training
+        began = bench.cpu_seconds()
+        while bench.cpu_seconds() - began < 0.5:
+            pass
+        return {"overall": 0.5, "overall_se": 0.03, **dict.fromkeys(bench.TAGS, 0.5)}
+
+    monkeypatch.setattr(bench, "held_out_accuracy", slow_evaluation)
+    threads = torch.get_num_threads()
+    try:
+        points = bench.supervised_under_budget("supervised reference", load_config("shapes"), 2.0, 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert points[0]["epoch"] == 0 and points[0]["cpu_min"] == 0
+    assert len(points) >= 4  # the base, every 0.5 CPU-s, the end
+    steps = [p["epoch"] for p in points]
+    assert steps == sorted(steps) and steps[-1] > 0
+    # three or more evaluations burned 1.5 CPU-s on top; the training time stays near the budget
+    assert 2.0 <= 60 * points[-1]["cpu_min"] < 2.0 + 1.0
