@@ -49,21 +49,31 @@ def test_speed_up_is_the_ratio_of_first_times_to_the_full_methods_final_accuracy
 
 
 def test_the_supervised_reference_trains_for_its_budget_without_its_evaluations(bench, monkeypatch):
-    def slow_evaluation(adapter, cfg):  # 0.5 CPU-s per evaluation, which must not count as training
-        began = bench.cpu_seconds()
-        while bench.cpu_seconds() - began < 0.5:
-            pass
-        return {"overall": 0.5, "overall_se": 0.03, **dict.fromkeys(bench.TAGS, 0.5)}
+    # the real evaluation (one image of 2 steps per test prompt, all six tasks), timed: its CPU time must not count as training
+    calls, evaluate = [], bench.held_out_accuracy
 
-    monkeypatch.setattr(bench, "held_out_accuracy", slow_evaluation)
+    def timed_evaluation(adapter, cfg):
+        began = bench.cpu_seconds()
+        accuracy = evaluate(adapter, cfg)
+        calls.append((began, bench.cpu_seconds()))
+        return accuracy
+
+    monkeypatch.setattr(bench, "held_out_accuracy", timed_evaluation)
+    cfg = load_config("shapes", overrides=["eval.num_prompts=80", "eval.min_images_per_tag=0", "eval.images_per_prompt=1",
+                                           "eval.num_steps=2", "eval.batch_size=40"])  # fmt: skip
     threads = torch.get_num_threads()
     try:
-        points = bench.supervised_under_budget("supervised reference", load_config("shapes"), 2.0, 0.5)
+        points = bench.supervised_under_budget("supervised reference", cfg, 2.0, 0.5)
     finally:
         torch.set_num_threads(threads)
     assert points[0]["epoch"] == 0 and points[0]["cpu_min"] == 0
-    assert len(points) >= 4  # the base, every 0.5 CPU-s, the end
+    assert set(points[0]) >= {*bench.TAGS, "overall", "overall_se"}
+    assert len(points) >= 4 and len(calls) == len(points)  # the base, every 0.5 CPU-s, the end
     steps = [p["epoch"] for p in points]
     assert steps == sorted(steps) and steps[-1] > 0
-    # three or more evaluations burned 1.5 CPU-s on top; the training time stays near the budget
+    # training CPU time = from the base evaluation's end to the last one's start, less the evaluations between
+    between = sum(end - began for began, end in calls[1:-1])
+    training = calls[-1][0] - calls[0][1] - between
+    assert 60 * points[-1]["cpu_min"] == pytest.approx(training, abs=0.05)
+    # the evaluations between took CPU time on top; the training time stays near the budget
     assert 2.0 <= 60 * points[-1]["cpu_min"] < 2.0 + 1.0
