@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from flowgrpo_core.models.base import Conditioning, FlowAdapter
-from flowgrpo_core.sde import SDEType, ode_step, sde_step_with_logprob
+from flowgrpo_core.sde import SDEType, deterministic_step, sde_step_with_logprob
 
 
 @dataclass
@@ -108,7 +108,8 @@ def rollout(
     Args:
         prompts: B prompts.
         seeds: B seeds.
-        sde_mask: (B, T) bool, which steps are stochastic; the rest are Euler ODE steps.
+        sde_mask: (B, T) bool, which steps are stochastic; the rest are noise-free steps (the Euler ODE step,
+            or for 'cps' the CPS step at noise level 0, as the reference takes them).
         store_means: keep the SDE step means (needed by RatioNorm).
         autocast_dtype: run the model under autocast in this dtype (mixed precision), or None.
     Returns:
@@ -136,14 +137,13 @@ def rollout(
             step = sde_step_with_logprob(
                 velocity, x, sigma, sigma_next, noise_level, generator=generators, sde_type=sde_type
             )
-            x_next = torch.where(
-                _rows(stochastic, x), step.prev_sample, ode_step(velocity, x, sigma, sigma_next)
-            )
+            x_next, mean = step.prev_sample, step.prev_sample_mean
+            if not stochastic.all():
+                still = deterministic_step(velocity, x, sigma, sigma_next, sde_type)
+                x_next = torch.where(_rows(stochastic, x), x_next, still)
             log_probs[:, i] = torch.where(stochastic, step.log_prob, 0.0)
-            mean = step.prev_sample_mean
         else:
-            x_next = ode_step(velocity, x, sigma, sigma_next)
-            mean = x_next
+            x_next = mean = deterministic_step(velocity, x, sigma, sigma_next, sde_type)
         if store_means:
             means.append(mean)
         x = x_next.float()

@@ -77,7 +77,7 @@ def sde_step_with_logprob(
 ) -> SDEStep:
     """One reverse-SDE step from ``sigma`` to ``sigma_next`` and the log-density of its result.
 
-    'sde' (Flow-GRPO, eq. in ALGORITHM.md sect. 2), with ``dt = sigma_next - sigma``::
+    'sde' (Flow-GRPO, docs/algorithm.md sect. 2), with ``dt = sigma_next - sigma``::
 
         std_t    = a * sqrt(sigma / (1 - sigma))
         mean     = x * (1 + std_t^2 / (2 sigma) * dt) + v * (1 + std_t^2 (1 - sigma) / (2 sigma)) * dt
@@ -87,7 +87,12 @@ def sde_step_with_logprob(
     re-noises the predicted x0 so that the total noise variance stays ``sigma_next^2``; its log-prob keeps
     only the quadratic term ``-(x_next - mean)^2``, as the reference does.
 
-    With ``noise_level = 0`` the 'sde' mean is exactly the Euler ODE step.
+    With ``noise_level = 0`` the 'sde' mean is exactly the Euler ODE step and the 'cps' mean is the
+    deterministic CPS step (:func:`deterministic_step`).
+
+    The per-sample factors are computed once on (B, 1, ...) tensors and the latent-sized arithmetic runs
+    in place where autograd allows it; the operations and their order are those of the formulas above, so
+    the result is bit-identical to evaluating them literally (tested).
 
     Args:
         velocity: (B, ...) the model's velocity prediction at (sample, sigma), after CFG.
@@ -103,38 +108,88 @@ def sde_step_with_logprob(
     """
     _check_sigmas(sigma, sigma_next, sample.shape[0])
     velocity, sample = velocity.float(), sample.float()
-    sigma_f, sigma_next_f = sigma.float(), sigma_next.float()
-    s, s_next = _per_sample(sigma_f, sample), _per_sample(sigma_next_f, sample)
-    dt = s_next - s
-
-    if sde_type == "sde":
-        std_t = _per_sample(sde_std_t(sigma_f, sigma_next_f, noise_level), sample)
-        mean = sample * (1 + std_t**2 / (2 * s) * dt) + velocity * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
-        step_std = std_t * torch.sqrt(-dt)
-    elif sde_type == "cps":
-        step_std = s_next * math.sin(noise_level * math.pi / 2)
-        x0_hat = sample - s * velocity
-        noise_hat = sample + (1 - s) * velocity
-        mean = x0_hat * (1 - s_next) + noise_hat * torch.sqrt(torch.clamp(s_next**2 - step_std**2, min=0))
-    else:
-        raise ValueError(f"unknown sde_type {sde_type!r}; expected 'sde' or 'cps'")
+    mean, step_std = _step_mean(velocity, sample, sigma.float(), sigma_next.float(), noise_level, sde_type)
 
     if prev_sample is None:
-        prev_sample = mean + step_std * _randn_like(mean, generator)
+        prev_sample = _randn_like(mean, generator).mul_(step_std).add_(mean)
     prev_sample = prev_sample.float()
 
-    # The sample is a constant of the policy: gradients flow through the mean only.
-    residual_sq = (prev_sample.detach() - mean) ** 2
+    # The sample is a constant of the policy: gradients flow through the mean only. Every in-place
+    # operation below acts on a fresh tensor that no backward formula saves.
+    log_density = prev_sample.detach() - mean
+    log_density = log_density * log_density
     if sde_type == "sde":
-        log_density = -residual_sq / (2 * step_std**2) - torch.log(step_std) - _LOG_SQRT_2PI
+        # -(r^2) / (2 s^2) == r^2 / -(2 s^2) exactly: a sign flip is exact in IEEE arithmetic
+        log_density = log_density.div_(-(2 * step_std**2)).sub_(torch.log(step_std)).sub_(_LOG_SQRT_2PI)
     else:
-        log_density = -residual_sq
+        log_density = log_density.neg_()
     return SDEStep(prev_sample, _mean_over_elements(log_density), mean, step_std.flatten())
 
 
+def _step_mean(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    noise_level: float,
+    sde_type: SDEType,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step Gaussian's mean (B, ...) and std (B, 1, ...) in float32; inputs already float32."""
+    s, s_next = _per_sample(sigma, sample), _per_sample(sigma_next, sample)
+    dt = s_next - s
+    if sde_type == "sde":
+        std_t = _per_sample(sde_std_t(sigma, sigma_next, noise_level), sample)
+        var_t = std_t**2
+        x_factor = 1 + var_t / (2 * s) * dt
+        v_factor = 1 + var_t * (1 - s) / (2 * s)
+        # x * x_factor + (v * v_factor) * dt, in that order
+        mean = (velocity * v_factor).mul_(dt).add_(sample * x_factor)
+        return mean, std_t * torch.sqrt(-dt)
+    if sde_type == "cps":
+        step_std = s_next * math.sin(noise_level * math.pi / 2)
+        x0_hat = sample - s * velocity
+        noise_hat = sample + (1 - s) * velocity
+        noise_scale = torch.sqrt(torch.clamp(s_next**2 - step_std**2, min=0))
+        mean = (x0_hat * (1 - s_next)).add_(noise_hat * noise_scale)
+        return mean, step_std
+    raise ValueError(f"unknown sde_type {sde_type!r}; expected 'sde' or 'cps'")
+
+
+def deterministic_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    sde_type: SDEType = "sde",
+) -> torch.Tensor:
+    """The noise-free step a roll-out takes outside a Flow-GRPO-Fast window.
+
+    For 'sde' it is the Euler ODE step (:func:`ode_step`). For 'cps' it is the CPS step at noise level 0,
+    ``x0_hat * (1 - sigma_next) + noise_hat * sigma_next``, as the reference samples outside its window;
+    mathematically the Euler step too, but rounded differently (about 5e-7 per step).
+
+    Args:
+        velocity, sample: (B, ...).
+        sigma, sigma_next: (B,).
+    Returns:
+        (B, ...) float32.
+    """
+    if sde_type == "sde":
+        return ode_step(velocity, sample, sigma, sigma_next).float()
+    _check_sigmas(sigma, sigma_next, sample.shape[0])
+    mean, _ = _step_mean(velocity.float(), sample.float(), sigma.float(), sigma_next.float(), 0.0, sde_type)
+    return mean
+
+
 def _randn_like(t: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``t``; with one generator per sample each row is drawn from its own
+    generator (so a sample's noise does not depend on the batch it was drawn in), written in place."""
     if isinstance(generator, list):
-        # One generator per sample keeps a sample's noise independent of the batch it was drawn in.
+        if t.device.type == "cpu" and all(g.device.type == "cpu" for g in generator):
+            out = torch.empty(t.shape, dtype=t.dtype)
+            for row, g in zip(out, generator):
+                row.normal_(generator=g)  # what torch.randn(row.shape, generator=g) draws
+            return out
         return torch.stack(
             [
                 torch.randn(t.shape[1:], generator=g, device=g.device, dtype=t.dtype).to(t.device)

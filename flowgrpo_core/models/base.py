@@ -77,6 +77,8 @@ class FlowAdapter(ABC):
         # What training forwards go through when a wrapper owns the module (a DeepSpeed engine, whose forward
         # does per-micro-step bookkeeping its backward relies on); set by the trainer.
         self.training_wrapper: nn.Module | None = None
+        # (negative prompt, max tokens, device) -> its encoding; the text encoders are never trained
+        self._negative_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     # ---- what each family defines ----
 

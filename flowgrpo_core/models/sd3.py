@@ -23,20 +23,30 @@ class SD3Adapter(FlowAdapter):
     def encode_prompts(
         self, prompts: Sequence[str], negative_prompt: str, guidance_scale: float, max_sequence_length: int
     ) -> Conditioning:
-        do_cfg = guidance_scale > 1
-        embeds, neg_embeds, pooled, neg_pooled = self.pipeline.encode_prompt(
-            prompt=list(prompts),
+        embeds, pooled = self._encode(list(prompts), max_sequence_length)
+        tensors = {"embeds": embeds, "pooled": pooled}
+        if guidance_scale > 1:
+            # The negative prompt is the same for every batch of a run: encode it once (as the reference
+            # does) and repeat it over the batch.
+            key = (negative_prompt, max_sequence_length, self.device)
+            if key not in self._negative_cache:
+                self._negative_cache[key] = self._encode([negative_prompt], max_sequence_length)
+            neg_embeds, neg_pooled = self._negative_cache[key]
+            batch = len(prompts)
+            tensors |= {"neg_embeds": neg_embeds.expand(batch, -1, -1), "neg_pooled": neg_pooled.expand(batch, -1)}
+        return Conditioning(tensors)
+
+    def _encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, tokens, dim) embeddings and (B, dim) pooled embeddings, as the pipeline encodes a prompt."""
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
             prompt_2=None,
             prompt_3=None,
             device=self.device,
-            do_classifier_free_guidance=do_cfg,
-            negative_prompt=[negative_prompt] * len(prompts),
+            do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
         )
-        tensors = {"embeds": embeds, "pooled": pooled}
-        if do_cfg:
-            tensors |= {"neg_embeds": neg_embeds, "neg_pooled": neg_pooled}
-        return Conditioning(tensors)
+        return embeds, pooled
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         scale = self.pipeline.vae_scale_factor
