@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from flowgrpo_core.sde import gaussian_kl, kl_std, ode_step, sde_std_t, sde_step_with_logprob
+from flowgrpo_core.sde import deterministic_step, gaussian_kl, kl_std, ode_step, sde_std_t, sde_step_with_logprob
 
 
 def _inputs(batch=3, shape=(4, 5, 6), seed=0):
@@ -97,6 +97,67 @@ def test_cps_variant():
     mean = (x - s * v) * (1 - sn) + (x + (1 - s) * v) * torch.sqrt(sn**2 - std.reshape(-1, 1, 1, 1) ** 2)
     torch.testing.assert_close(step.prev_sample_mean, mean)
     torch.testing.assert_close(step.log_prob, -((step.prev_sample - mean) ** 2).flatten(1).mean(1))
+
+
+def _literal_step(v, x, sigma, sigma_next, a, sde_type, noise=None, prev=None):
+    """The formulas of the docstring evaluated literally, term by term, on broadcast tensors: draws
+    ``mean + std * noise``, or scores ``prev``."""
+    s, sn = sigma.reshape(-1, 1, 1, 1), sigma_next.reshape(-1, 1, 1, 1)
+    dt = sn - s
+    if sde_type == "sde":
+        std_t = a * torch.sqrt(s / (1 - torch.where(s >= 1, sn, s)))
+        mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+        std = std_t * torch.sqrt(-dt)
+    else:
+        std = sn * math.sin(a * math.pi / 2)
+        mean = (x - s * v) * (1 - sn) + (x + (1 - s) * v) * torch.sqrt(torch.clamp(sn**2 - std**2, min=0))
+    if prev is None:
+        prev = mean + std * noise
+    if sde_type == "sde":
+        density = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    else:
+        density = -((prev.detach() - mean) ** 2)
+    return prev, density.flatten(1).mean(1), mean
+
+
+@pytest.mark.parametrize("sde_type", ["sde", "cps"])
+def test_step_is_bit_identical_to_the_literal_formulas_gradient_included(sde_type):
+    x, v, _, sigma_next = _inputs()
+    sigma = torch.tensor([1.0, 0.5, 0.2])  # sigma = 1 takes the sigma_next branch of std_t
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    prev, log_prob, mean = _literal_step(v, x, sigma, sigma_next, 0.7, sde_type, noise=noise)
+    step = sde_step_with_logprob(
+        v, x, sigma, sigma_next, 0.7, generator=torch.Generator().manual_seed(5), sde_type=sde_type
+    )
+    assert torch.equal(step.prev_sample, prev) and torch.equal(step.prev_sample_mean, mean)
+    assert torch.equal(step.log_prob, log_prob)
+    # scoring a given sample (training), with the gradient through the velocity
+    v_ours, v_literal = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    scored = sde_step_with_logprob(v_ours, x, sigma, sigma_next, 0.7, prev_sample=prev, sde_type=sde_type)
+    _, literal, _ = _literal_step(v_literal, x, sigma, sigma_next, 0.7, sde_type, prev=prev)
+    assert torch.equal(scored.log_prob, literal)
+    scored.log_prob.sum().backward()
+    literal.sum().backward()
+    assert torch.equal(v_ours.grad, v_literal.grad)
+
+
+def test_per_sample_generators_draw_what_randn_draws():
+    x, v, sigma, sigma_next = _inputs()
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    step = sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, generator=gens)
+    noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(10 + i)) for i in range(3)])
+    assert torch.equal(step.prev_sample, step.prev_sample_mean + step.std.reshape(-1, 1, 1, 1) * noise)
+
+
+def test_deterministic_step_outside_the_window():
+    x, v, sigma, sigma_next = _inputs()
+    assert torch.equal(deterministic_step(v, x, sigma, sigma_next, "sde"), ode_step(v, x, sigma, sigma_next))
+    cps = deterministic_step(v, x, sigma, sigma_next, "cps")
+    s, sn = sigma.reshape(-1, 1, 1, 1), sigma_next.reshape(-1, 1, 1, 1)
+    # the CPS step at noise level 0: x0_hat (1 - sigma_next) + noise_hat sigma_next, the Euler step up to rounding
+    assert torch.equal(cps, (x - s * v) * (1 - sn) + (x + (1 - s) * v) * torch.sqrt(sn**2))
+    torch.testing.assert_close(cps, ode_step(v, x, sigma, sigma_next), rtol=0, atol=1e-5)
+    assert torch.equal(cps, sde_step_with_logprob(v, x, sigma, sigma_next, 0.0, prev_sample=cps, sde_type="cps").prev_sample_mean)
 
 
 def test_kl_is_zero_for_identical_means_and_matches_the_closed_form():
