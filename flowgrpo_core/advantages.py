@@ -1,4 +1,4 @@
-"""Group-relative advantages (ALGORITHM.md sect. 3).
+"""Group-relative advantages (docs/algorithm.md sect. 3).
 
 GRPO has no critic: the baseline of an image is the mean reward of the other images drawn for the same
 prompt in the same epoch. ``A = (r - mean_group) / (std + 1e-4)``, where std is the group's own or, with
@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 STD_EPS = 1e-4
 
@@ -102,3 +103,53 @@ def group_stats(prompts: list[str], rewards: np.ndarray) -> GroupStats:
 def clip_advantages(advantages: np.ndarray, adv_clip_max: float) -> np.ndarray:
     """Clip to ``[-adv_clip_max, adv_clip_max]`` (reference: 5)."""
     return np.clip(advantages, -adv_clip_max, adv_clip_max)
+
+
+def samples_to_train(
+    advantages: torch.Tensor,
+    mode: str,
+    rank_of_sample: torch.Tensor,
+    batches_per_rank: int,
+    generator: torch.Generator,
+    eligible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which samples of the epoch enter the loss (``train.zero_advantage``).
+
+    A sample with advantage 0 adds nothing to the policy gradient but, kept, still counts in the mean the
+    loss is averaged over (and adds its KL term).
+
+    - 'drop': only the samples with a non-zero advantage.
+    - 'refill' (the reference's SD3 scripts): drop them, then on each rank put back randomly chosen
+      zero-advantage samples until its count is a multiple of its sampling batches; the reference needs
+      this to reshape the kept samples into equal micro-batches. A rank with no signal at all trains
+      nothing (the reference's full script fails there; its Fast script would train one batch's worth of
+      zero-advantage samples, a step of pure KL and weight decay).
+    - 'keep' (the reference's FLUX scripts): every sample.
+
+    Args:
+        advantages: (N,) the epoch's advantages, all ranks.
+        rank_of_sample: (N,) the rank that holds each sample.
+        batches_per_rank: sampling batches each rank drew.
+        generator: the epoch's generator (the draw is the same on every rank).
+        eligible: (N,) bool, samples that may be put back (default: all; the trainer excludes non-finite rewards).
+    Returns:
+        (K,) sorted global indices.
+    """
+    n = len(advantages)
+    if mode == "keep":
+        return torch.arange(n) if eligible is None else torch.nonzero(eligible).flatten()
+    keep = advantages != 0
+    if mode == "refill":
+        candidates = ~keep if eligible is None else ~keep & eligible
+        for rank in torch.unique(rank_of_sample).tolist():
+            mine = rank_of_sample == rank
+            count = int((keep & mine).sum())
+            missing = batches_per_rank - count % batches_per_rank
+            if count == 0 or missing == batches_per_rank:
+                continue
+            zero = torch.nonzero(candidates & mine).flatten()
+            if len(zero) >= missing:
+                keep[zero[torch.randperm(len(zero), generator=generator)[:missing]]] = True
+    elif mode != "drop":
+        raise ValueError(f"unknown zero_advantage mode {mode!r}; expected 'refill', 'drop' or 'keep'")
+    return torch.nonzero(keep).flatten()

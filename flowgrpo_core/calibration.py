@@ -1,4 +1,4 @@
-"""Reward calibration at beta = 0 (ALGORITHM.md sect. 10): a short GRPO probe that checks, before a long
+"""Reward calibration at beta = 0 (docs/algorithm.md sect. 10): a short GRPO probe that checks, before a long
 run, that each reward is finite, varies within groups, and moves.
 
 A reward that is constant, NaN, or identical for every image of a prompt gives zero advantages: the

@@ -58,11 +58,11 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         print(f"{name}\n    {preset_description(name)}")
         print(
             f"    model {cfg.model.source} ({cfg.model.dtype}) | {s.resolution}px, T={s.num_steps}, cfg {s.guidance_scale:g}, "
-            f"noise {s.noise_level:g}{', Fast window ' + str(s.sde_window_size) if s.sde_window_size else ''}"
+            f"{s.sde_type} noise {s.noise_level:g}{', Fast window ' + str(s.sde_window_size) if s.sde_window_size else ''}"
         )
         print(
             f"    reward {rewards} | group {s.group_size} x {s.groups_per_epoch} prompts, batch {s.batch_size} | "
-            f"beta {t.beta:g}, clip {t.clip_range:g}, lr {t.learning_rate:g}, "
+            f"beta {t.beta:g} ({t.kl_form} KL), clip {t.clip_range:g}, lr {t.learning_rate:g}, "
             f"{'LoRA r' + str(t.lora_rank) + '/a' + format(t.lora_alpha, 'g') if t.lora else 'full fine-tuning'}"
         )
     return 0

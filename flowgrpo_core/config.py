@@ -8,11 +8,16 @@ message, before any model is loaded: a typo must never fall back to a default si
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DType = Literal["float32", "float16", "bfloat16"]
+# the pipeline components that encode prompts, in every supported family
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class ConfigError(ValueError):
@@ -28,8 +33,22 @@ class ModelConfig(_Strict):
     source: str = "tiny:sd3"
     # hub revision (branch, tag or commit); ignored for other sources
     revision: str | None = None
-    # dtype of the frozen weights; LoRA weights and all log-prob arithmetic stay float32
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # dtype of the frozen transformer weights; LoRA weights and all log-prob arithmetic stay float32
+    dtype: DType = "float32"
+    # dtype of the text encoders and of the VAE (empty: model.dtype). The reference keeps the transformer and
+    # the VAE in float32, runs the transformer under autocast (train.mixed_precision) and the text encoders
+    # in the autocast dtype
+    text_encoder_dtype: DType | None = None
+    vae_dtype: DType | None = None
+
+    def component_dtypes(self) -> dict[str, str]:
+        """Per-component dtypes for the loader: ``{"default": dtype, "text_encoder": ..., "vae": ...}``."""
+        out = {"default": self.dtype}
+        if self.text_encoder_dtype:
+            out |= {name: self.text_encoder_dtype for name in TEXT_ENCODERS}
+        if self.vae_dtype:
+            out["vae"] = self.vae_dtype
+        return out
 
 
 class SamplingConfig(_Strict):
@@ -39,13 +58,15 @@ class SamplingConfig(_Strict):
     num_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(4.5, ge=0)
     negative_prompt: str = ""
-    max_sequence_length: int = Field(256, ge=1)
+    # T5 tokens of a prompt (the reference: 128)
+    max_sequence_length: int = Field(128, ge=1)
     # `a` of the SDE: 0 turns every step into the ODE
     noise_level: float = Field(0.7, ge=0)
     sde_type: Literal["sde", "cps"] = "sde"
     # 0: every step is stochastic and trained (Flow-GRPO); k > 0: Flow-GRPO-Fast, k consecutive SDE steps
     sde_window_size: int = Field(0, ge=0)
-    # where a Fast window may lie, as fractions of the schedule: [start, end) (reference: first half)
+    # where a Fast window may lie, as fractions of the schedule: steps [floor(start*T), floor(end*T))
+    # (reference: the first half, steps 0 .. T//2)
     sde_window_range: tuple[float, float] = (0.0, 0.5)
     # G: images per prompt; advantages are relative to the group
     group_size: int = Field(24, ge=2)
@@ -74,9 +95,10 @@ class SamplingConfig(_Strict):
         return self
 
     def window_bounds(self) -> tuple[int, int]:
-        """Step indices [lo, hi) a Fast window may occupy."""
+        """Step indices [lo, hi) a Fast window may occupy, in whole steps as the reference counts them:
+        ``floor(start * T) .. floor(end * T)``, so the default first half is ``0 .. T // 2``."""
         lo, hi = self.sde_window_range
-        return round(lo * self.num_steps), max(round(hi * self.num_steps), 1)
+        return math.floor(lo * self.num_steps), max(math.floor(hi * self.num_steps), 1)
 
     @property
     def images_per_epoch(self) -> int:
@@ -99,14 +121,22 @@ class TrainConfig(_Strict):
     adv_clip_max: float = Field(5.0, gt=0)
     # KL coefficient towards the base model (0 = no reference forward)
     beta: float = Field(0.04, ge=0)
-    # 'exact': KL of the step Gaussians (std = step_std); 'reference': flow_grpo's scale (std_t)
-    kl_form: Literal["exact", "reference"] = "exact"
+    # 'reference': flow_grpo's scale, ||mean - mean_ref||^2 / (2 std_t^2), what the published betas were tuned
+    # with; 'exact': the KL of the two step Gaussians (std_t^2 * (-dt) in the denominator, 1/(-dt) times larger)
+    kl_form: Literal["exact", "reference"] = "reference"
     # share of the T steps trained in full Flow-GRPO (a Fast run trains its window)
     timestep_fraction: float = Field(0.99, gt=0, le=1)
     # normalise advantages by the std of the whole epoch instead of each group's
     global_std: bool = True
     # 0: per-prompt statistics are cleared every epoch (reference); n: keep each prompt's last n rewards
     stat_buffer_size: int = Field(0, ge=0)
+    # samples whose advantage is 0 teach nothing but still count in the loss's mean. 'refill' (the reference's
+    # SD3 scripts): drop them, then put back random ones until each rank's count is a multiple of its sampling
+    # batches; 'drop': drop them all; 'keep' (the reference's FLUX scripts): train on every sample
+    zero_advantage: Literal["refill", "drop", "keep"] = "refill"
+    # shuffle the samples before splitting them into optimiser steps (the reference's full Flow-GRPO scripts);
+    # off: in sampling order, as its Fast scripts do
+    shuffle_samples: bool = True
     # LoRA on the attention projections; False = full fine-tuning (a frozen copy serves as reference)
     lora: bool = True
     lora_rank: int = Field(32, ge=1)
@@ -117,8 +147,11 @@ class TrainConfig(_Strict):
     ema: bool = True
     ema_decay: float = Field(0.9, ge=0, lt=1)
     ema_update_interval: int = Field(8, ge=1)
-    # GRPO-Guard: per-step ratio normalisation and 1/(-dt) gradient reweighting (ALGORITHM.md sect. 6)
+    # GRPO-Guard: per-step ratio normalisation and 1/(-dt) gradient reweighting (docs/algorithm.md sect. 6)
     ratio_norm: bool = False
+    # RatioNorm's mean-shift term: 'batch' = one value per micro-batch, as the official GRPO-Guard script
+    # computes it; 'sample' = each sample's own shift
+    ratio_norm_bias: Literal["batch", "sample"] = "batch"
     grad_reweight: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False

@@ -1,4 +1,4 @@
-"""Exponential moving average of the trainable weights, used for evaluation (ALGORITHM.md sect. 4).
+"""Exponential moving average of the trainable weights, used for evaluation (docs/algorithm.md sect. 4).
 
 Following the reference, the average is updated every ``update_interval`` optimiser steps, and its
 decay warms up as ``min(decay, (1 + n) / (10 + n))`` so the first updates do not stay glued to the

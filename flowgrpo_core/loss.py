@@ -1,4 +1,4 @@
-"""The clipped GRPO objective with a KL penalty, and GRPO-Guard's corrections (ALGORITHM.md sect. 4, 6).
+"""The clipped GRPO objective with a KL penalty, and GRPO-Guard's corrections (docs/algorithm.md sect. 4, 6).
 
 All inputs are per (sample, step): the trainer calls this once per trained timestep with a micro-batch of
 B samples, each possibly at a different step of its trajectory.
@@ -7,6 +7,7 @@ B samples, each possibly at a different step of its trajectory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -40,35 +41,55 @@ class LossOutput:
         }
 
 
+RatioNormBias = Literal["batch", "sample"]
+
+
 def log_ratio(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
     ratio_norm: bool = False,
     mean: torch.Tensor | None = None,
     old_mean: torch.Tensor | None = None,
-    step_std: torch.Tensor | None = None,
+    std_t: torch.Tensor | None = None,
+    sqrt_dt: torch.Tensor | None = None,
+    bias: RatioNormBias = "batch",
 ) -> torch.Tensor:
     """``log(pi_new / pi_old)`` of the sampled step, optionally with GRPO-Guard's RatioNorm.
 
-    For Gaussian steps with equal std ``s`` the log-ratio of a sample ``x = mean_old + s * eps`` is
-    ``eps . d / s - ||d||^2 / (2 s^2)`` (element means, ``d = mean_new - mean_old``). The second term is
-    always negative, which shifts the ratio below 1, and the first scales as ``1 / s``, so low-noise steps
-    get wide ratio distributions. RatioNorm adds the quadratic term back and multiplies by ``s``::
+    For Gaussian steps with equal std ``s = std_t * sqrt(-dt)`` the log-ratio of a sample
+    ``x = mean_old + s * eps`` is ``eps . d / s - ||d||^2 / (2 s^2)`` (element means,
+    ``d = mean_new - mean_old``). The second term is always negative, which shifts the ratio below 1, and
+    the first scales as ``1 / s``, so low-noise steps get wide ratio distributions. RatioNorm adds the
+    quadratic term back and multiplies by ``s``. Two forms of the added term:
 
-        log_ratio = (logp_new - logp_old + ||mean_new - mean_old||^2 / (2 s^2)) * s
+    - ``bias='sample'``: per sample, ``(logp_new - logp_old + ||d_b||^2 / (2 s_b^2)) * s_b``. This
+      removes each sample's own shift, leaving exactly ``eps . d``.
+    - ``bias='batch'`` (what the official GRPO-Guard script computes): one number for the whole
+      micro-batch, ``s = mean(sqrt(-dt)) * mean(std_t)`` and ``bias = mean over samples and elements of
+      d^2 / (2 s^2)``; then ``(logp_new - logp_old + bias) * s``. The official code reduces a 1-D tensor
+      over ``dim=()``, which averages over the batch too; its published results come from this form.
 
     Args:
         log_prob, old_log_prob: (B,) element-mean step log-probs under the current and the sampling policy.
-        ratio_norm: apply RatioNorm; then ``mean``, ``old_mean`` (B, ...) and ``step_std`` (B,) are needed.
+        ratio_norm: apply RatioNorm; then ``mean``, ``old_mean`` (B, ...), ``std_t`` (B,) (the SDE's
+            diffusion coefficient, :func:`flowgrpo_core.sde.sde_std_t`) and ``sqrt_dt`` (B,) are needed.
+        bias: 'batch' or 'sample', see above.
     Returns:
         (B,) float32.
     """
     delta = log_prob.float() - old_log_prob.float()
     if not ratio_norm:
         return delta
-    if mean is None or old_mean is None or step_std is None:
-        raise ValueError("RatioNorm needs the current and old step means and the step std")
-    return (delta + gaussian_kl(mean, old_mean, step_std)) * step_std.float()
+    if mean is None or old_mean is None or std_t is None or sqrt_dt is None:
+        raise ValueError("RatioNorm needs the current and old step means, std_t and sqrt(-dt)")
+    if bias == "sample":
+        step_std = std_t.float() * sqrt_dt.float()
+        return (delta + gaussian_kl(mean, old_mean, step_std)) * step_std
+    if bias == "batch":
+        scale = sqrt_dt.float().mean() * std_t.float().mean()
+        shift = (mean.float() - old_mean.float()).pow(2).mean() / (2 * scale**2)
+        return (delta + shift) * scale
+    raise ValueError(f"unknown RatioNorm bias form {bias!r}; expected 'batch' or 'sample'")
 
 
 def grpo_loss(
@@ -81,7 +102,9 @@ def grpo_loss(
     ratio_norm: bool = False,
     mean: torch.Tensor | None = None,
     old_mean: torch.Tensor | None = None,
-    step_std: torch.Tensor | None = None,
+    std_t: torch.Tensor | None = None,
+    sqrt_dt: torch.Tensor | None = None,
+    ratio_norm_bias: RatioNormBias = "batch",
     step_weight: torch.Tensor | None = None,
 ) -> LossOutput:
     """PPO-style clipped surrogate plus ``beta * KL``::
@@ -98,14 +121,14 @@ def grpo_loss(
         advantages: (B,) clipped group-relative advantages.
         clip_range: ``eps``.
         beta: KL coefficient; ``kl`` (B,) must be given when ``beta > 0``.
-        ratio_norm, mean, old_mean, step_std: see :func:`log_ratio`.
+        ratio_norm, mean, old_mean, std_t, sqrt_dt, ratio_norm_bias: see :func:`log_ratio`.
         step_weight: (B,) per-sample weight of the policy term, or None.
     Returns:
         LossOutput with the scalar loss and detached statistics.
     """
     if beta > 0 and kl is None:
         raise ValueError("beta > 0 needs the KL to the reference model")
-    lr = log_ratio(log_prob, old_log_prob, ratio_norm, mean, old_mean, step_std)
+    lr = log_ratio(log_prob, old_log_prob, ratio_norm, mean, old_mean, std_t, sqrt_dt, ratio_norm_bias)
     ratio = torch.exp(lr)
     advantages = advantages.float()
     unclipped = -advantages * ratio

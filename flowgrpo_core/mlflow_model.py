@@ -25,7 +25,7 @@ class FlowGRPOPolicy(PythonModel):
         base = json.loads((folder / "base.json").read_text())
         self.config = load_config(None, folder / "config.yaml")
         device = resolve_device("auto")
-        self.adapter = load_model(base["source"], base.get("revision"), self.config.model.dtype, str(device))
+        self.adapter = load_model(base["source"], base.get("revision"), self.config.model.component_dtypes(), str(device))
         attach_policy(self.adapter, folder, ema=True)
 
     def predict(self, context, model_input, params: dict | None = None) -> list:
@@ -46,6 +46,7 @@ class FlowGRPOPolicy(PythonModel):
             batch_size=e.batch_size,
             negative_prompt=s.negative_prompt,
             max_sequence_length=s.max_sequence_length,
+            sde_type=s.sde_type,
         )
 
 

@@ -10,7 +10,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def policy_weights_dir(policy_dir: str | Path, ema: bool = True) -> Path:
-    """The EMA weights when asked for and present (evaluation default, ALGORITHM.md sect. 8), else the final ones."""
+    """The EMA weights when asked for and present (evaluation default, docs/algorithm.md sect. 8), else the final ones."""
     policy_dir = Path(policy_dir)
     if ema and (policy_dir / "ema").is_dir():
         return policy_dir / "ema"

@@ -1,13 +1,16 @@
 """Named presets: small dicts of what differs from the defaults in ``config.py``.
 
-The reference presets carry the hyper-parameters of Flow-GRPO on SD3.5-Medium at 512 px
-(ALGORITHM.md sect. 9): T = 10 training steps, 40 evaluation steps, CFG 4.5, noise level 0.7,
-clip range 1e-4, 24 images per prompt, 48 prompts per epoch, LoRA r32/alpha 64, lr 3e-4, EMA.
-The reference trains on 8-32 GPUs; on fewer, the 48 groups per epoch are kept by running more
-sampling batches per epoch, which the derived batch arithmetic does automatically.
+The reference presets carry the hyper-parameters of the official flow_grpo configs (``config/grpo.py`` of
+upstream as of 2025-11-04), field by field; where a value differs, README "Differences from flow_grpo"
+says why. Upstream trains on 32 GPUs; on fewer devices the same prompts and images per epoch are kept by
+running more sampling batches per epoch, which the derived batch arithmetic does automatically.
 
-All presets use the exact KL of the step Gaussians (``train.kl_form: exact``); set ``reference`` to
-reproduce flow_grpo's scale.
+What every SD3.5-Medium reference preset shares (``geneval_sd3``, ``pickscore_sd3``, ``general_ocr_sd3``):
+512 px, T = 10 roll-out steps (9 trained), 40 evaluation steps, CFG 4.5, noise level 0.7, 24 images per
+prompt x 48 prompts, batches of 9, T5 prompts of 128 tokens, clip range 1e-4, advantages clipped at 5,
+the epoch's std, LoRA r32/alpha 64 on the joint-attention projections, lr 3e-4, two optimiser steps per
+epoch, EMA, the transformer and VAE in float32 under fp16 autocast with float16 text encoders, and the KL
+on the reference's scale (``train.kl_form: reference``, the config default).
 """
 
 from __future__ import annotations
@@ -15,13 +18,22 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS
+from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS, JOINT_FEED_FORWARDS
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
 
+
+def _merge(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with each named section updated (one level deep); other sections are shared, not copied."""
+    out = dict(base)
+    for name, values in sections.items():
+        out[name] = {**base.get(name, {}), **values}
+    return out
+
+
 _SD3_REFERENCE: dict[str, Any] = {
-    "model": {"source": SD35_MEDIUM, "dtype": "float16"},
+    "model": {"source": SD35_MEDIUM, "dtype": "float32", "text_encoder_dtype": "float16", "vae_dtype": "float32"},
     "sampling": {
         "resolution": 512,
         "num_steps": 10,
@@ -30,7 +42,7 @@ _SD3_REFERENCE: dict[str, Any] = {
         "group_size": 24,
         "groups_per_epoch": 48,
         "batch_size": 9,
-        "max_sequence_length": 256,
+        "max_sequence_length": 128,
     },
     "train": {
         "epochs": 1000,
@@ -44,12 +56,39 @@ _SD3_REFERENCE: dict[str, Any] = {
         "lora_alpha": 64.0,
         "ema": True,
         "mixed_precision": "fp16",
-        "gradient_checkpointing": True,
         "checkpoint_every": 20,
         "device": "auto",
     },
-    "eval": {"num_steps": 40, "guidance_scale": 4.5, "num_prompts": 256, "batch_size": 16},
+    # the whole test set, as upstream evaluates (the builtin sets hold 553, 1018 and 1000 prompts)
+    "eval": {"num_steps": 40, "guidance_scale": 4.5, "batch_size": 16, "num_prompts": 2048},
 }
+
+# Flow-GRPO-Fast as upstream runs it (``*_sd3_fast_nocfg``, its sd3_fast.sh): no CFG in training or evaluation,
+# coefficient-preserving steps at noise 0.8, a 3-step SDE window starting in steps 0-2, no KL, clip 1e-5, and
+# the samples trained in sampling order
+_SD3_FAST_NOCFG: dict[str, Any] = _merge(
+    _SD3_REFERENCE,
+    sampling={"guidance_scale": 1.0, "sde_type": "cps", "noise_level": 0.8, "sde_window_size": 3, "sde_window_range": [0.0, 0.5]},
+    train={"beta": 0.0, "clip_range": 1e-5, "shuffle_samples": False},
+    eval={"guidance_scale": 1.0},
+)
+
+# ``pickscore_flux``: FLUX.1-dev with its embedded guidance 3.5, T = 6 (5 trained) at noise 0.9, no KL, LoRA
+# r64/alpha 128 on attention and feed-forward layers, batches of 3, the transformer in float32 under bf16
+# autocast with bfloat16 text encoders, 28 evaluation steps, and every sample trained (the FLUX scripts do
+# not drop zero-advantage samples)
+_FLUX_REFERENCE: dict[str, Any] = _merge(
+    _SD3_REFERENCE,
+    model={"source": FLUX1_DEV, "text_encoder_dtype": "bfloat16"},
+    sampling={"num_steps": 6, "guidance_scale": 3.5, "noise_level": 0.9, "batch_size": 3},
+    train={"beta": 0.0, "lora_rank": 64, "lora_alpha": 128.0, "mixed_precision": "bf16", "zero_advantage": "keep",
+           "lora_target_modules": [*JOINT_ATTENTION_PROJECTIONS, *JOINT_FEED_FORWARDS]},
+    eval={"num_steps": 28, "guidance_scale": 3.5},
+)  # fmt: skip
+
+_PICKSCORE = {"rewards": {"pickscore": 1.0}, "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"}}
+_GENEVAL = {"rewards": {"geneval": 1.0}, "prompts": {"train": "builtin:geneval_train", "eval": "builtin:geneval_test"}}
+_OCR = {"rewards": {"ocr": 1.0}, "prompts": {"train": "builtin:ocr_train", "eval": "builtin:ocr_test"}}
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": (
@@ -117,10 +156,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                 "learning_rate": 1e-3,
                 "clip_range": 1e-3,
                 "beta": 0.01,
+                # the shapes benchmarks in the README were measured with the exact KL and all zero-advantage
+                # samples dropped; kept so that those numbers stay reproducible
+                "kl_form": "exact",
+                "zero_advantage": "drop",
                 "lora": True,
                 "lora_rank": 16,
                 "lora_alpha": 32.0,
-                "lora_target_modules": [*JOINT_ATTENTION_PROJECTIONS, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+                "lora_target_modules": [*JOINT_ATTENTION_PROJECTIONS, *JOINT_FEED_FORWARDS],
                 "optimizer_steps_per_epoch": 2,
                 "ema": True,
                 "ema_update_interval": 1,
@@ -145,52 +188,52 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "sd3-geneval": (
-        "SD3.5-M, GenEval reward, beta 0.04 (reference: GenEval 0.63 -> 0.95)",
-        {
-            **_SD3_REFERENCE,
-            "rewards": {"geneval": 1.0},
-            "train": {**_SD3_REFERENCE["train"], "beta": 0.04},
-            "prompts": {"train": "builtin:geneval_train", "eval": "builtin:geneval_test"},
-        },
+        "SD3.5-M, GenEval reward, beta 0.04 (upstream geneval_sd3; reference: GenEval 0.63 -> 0.95)",
+        {**_merge(_SD3_REFERENCE, train={"beta": 0.04}, eval={"batch_size": 14}), **_GENEVAL},
     ),
     "sd3-ocr": (
-        "SD3.5-M, OCR reward, beta 0.04 (reference: OCR accuracy 0.59 -> 0.92)",
-        {
-            **_SD3_REFERENCE,
-            "rewards": {"ocr": 1.0},
-            "train": {**_SD3_REFERENCE["train"], "beta": 0.04},
-            "prompts": {"train": "builtin:ocr_train", "eval": "builtin:ocr_test"},
-        },
+        "SD3.5-M, OCR reward, beta 0.04 (upstream general_ocr_sd3; reference: OCR accuracy 0.59 -> 0.92)",
+        {**_merge(_SD3_REFERENCE, train={"beta": 0.04}), **_OCR},
     ),
     "sd3-pickscore": (
-        "SD3.5-M, PickScore reward, beta 0.01",
-        {
-            **_SD3_REFERENCE,
-            "rewards": {"pickscore": 1.0},
-            "train": {**_SD3_REFERENCE["train"], "beta": 0.01},
-            "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"},
-        },
+        "SD3.5-M, PickScore reward, beta 0.01 (upstream pickscore_sd3)",
+        {**_merge(_SD3_REFERENCE, train={"beta": 0.01}), **_PICKSCORE},
+    ),
+    "sd3-geneval-fast": (
+        "SD3.5-M, GenEval, Flow-GRPO-Fast as upstream runs it: no CFG, CPS at noise 0.8, a 3-step window in the "
+        "first half, clip 1e-5, beta 0 (upstream geneval_sd3_fast_nocfg)",
+        {**_merge(_SD3_FAST_NOCFG, eval={"batch_size": 14}), **_GENEVAL},
     ),
     "sd3-pickscore-fast": (
-        "SD3.5-M, PickScore, Flow-GRPO-Fast: a 2-step SDE window in the first half, clip 1e-5",
+        "SD3.5-M, PickScore, Flow-GRPO-Fast as upstream runs it: no CFG, CPS at noise 0.8, a 3-step window in "
+        "the first half, 18 images x 64 prompts, clip 1e-5, beta 0 (upstream pickscore_sd3_fast_nocfg)",
+        {**_merge(_SD3_FAST_NOCFG, sampling={"group_size": 18, "groups_per_epoch": 64}), **_PICKSCORE},
+    ),
+    "sd3-pickscore-fast-cfg": (
+        "our variant, not an upstream config: sd3-pickscore-fast with CFG 4.5 in training and evaluation",
         {
-            **_SD3_REFERENCE,
-            "rewards": {"pickscore": 1.0},
-            "sampling": {**_SD3_REFERENCE["sampling"], "sde_window_size": 2, "sde_window_range": [0.0, 0.5]},
-            "train": {**_SD3_REFERENCE["train"], "beta": 0.01, "clip_range": 1e-5},
-            "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"},
+            **_merge(
+                _SD3_FAST_NOCFG,
+                sampling={"group_size": 18, "groups_per_epoch": 64, "guidance_scale": 4.5},
+                eval={"guidance_scale": 4.5},
+            ),
+            **_PICKSCORE,
         },
     ),
     "flux-pickscore": (
-        "FLUX.1-dev, PickScore, bf16, embedded guidance 3.5, beta 0.01",
+        "FLUX.1-dev, PickScore, T=6 at noise 0.9, beta 0, LoRA r64 on attention + FF (upstream pickscore_flux)",
+        {**_FLUX_REFERENCE, **_PICKSCORE},
+    ),
+    "flux-pickscore-fast": (
+        "FLUX.1-dev, PickScore, Flow-GRPO-Fast: CPS at noise 0.8, the 3-step window at steps 0-2, clip 1e-5, "
+        "per-group std (upstream pickscore_flux_fast)",
         {
-            **_SD3_REFERENCE,
-            "model": {"source": FLUX1_DEV, "dtype": "bfloat16"},
-            "sampling": {**_SD3_REFERENCE["sampling"], "guidance_scale": 3.5, "max_sequence_length": 512},
-            "rewards": {"pickscore": 1.0},
-            "train": {**_SD3_REFERENCE["train"], "beta": 0.01, "mixed_precision": "bf16"},
-            "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"},
-            "eval": {**_SD3_REFERENCE["eval"], "guidance_scale": 3.5, "num_steps": 28},
+            **_merge(
+                _FLUX_REFERENCE,
+                sampling={"sde_type": "cps", "noise_level": 0.8, "sde_window_size": 3, "sde_window_range": [0.0, 0.5]},
+                train={"clip_range": 1e-5, "global_std": False, "shuffle_samples": False},
+            ),
+            **_PICKSCORE,
         },
     ),
 }

@@ -1,4 +1,4 @@
-"""Roll-outs: sample images through a model adapter and keep what training needs (ALGORITHM.md sect. 3, 5).
+"""Roll-outs: sample images through a model adapter and keep what training needs (docs/algorithm.md sect. 3, 5).
 
 A roll-out of T steps keeps, per image, the latents at every noise level, the log-prob of every
 stochastic step, the sigmas and the prompt conditioning. Which steps are stochastic is a (B, T) mask:

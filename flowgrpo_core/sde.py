@@ -1,4 +1,4 @@
-"""The ODE -> SDE step of Flow-GRPO and the Gaussian quantities derived from it (ALGORITHM.md sect. 2, 4).
+"""The ODE -> SDE step of Flow-GRPO and the Gaussian quantities derived from it (docs/algorithm.md sect. 2, 4).
 
 A rectified-flow model predicts the velocity ``v = noise - x0`` at noise level ``sigma``. The deterministic
 sampler takes Euler steps ``x_next = x + v * dt`` with ``dt = sigma_next - sigma < 0``. Flow-GRPO swaps
@@ -239,7 +239,7 @@ def kl_std(
     form: Literal["exact", "reference"],
     sde_type: SDEType = "sde",
 ) -> torch.Tensor:
-    """The std used in the KL penalty (ALGORITHM.md sect. 4).
+    """The std used in the KL penalty (docs/algorithm.md sect. 4).
 
     'exact' is the std of the step Gaussians, ``step_std``. 'reference' reproduces flow_grpo, which divides
     by ``std_t`` (without the ``sqrt(-dt)`` factor) for the 'sde' variant; for 'cps' both are the same.

@@ -1,4 +1,4 @@
-"""The Flow-GRPO loop (ALGORITHM.md sect. 3-6): sample groups -> score -> advantages -> train.
+"""The Flow-GRPO loop (docs/algorithm.md sect. 3-6): sample groups -> score -> advantages -> train.
 
 Every random choice of an epoch (prompts, noise seeds, Fast windows, shuffles) comes from a generator
 seeded by ``(seed, epoch)``; together with the weights, optimiser, EMA and stat tracker saved in a
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flowgrpo_core.advantages import PerPromptStatTracker, clip_advantages, group_stats
+from flowgrpo_core.advantages import PerPromptStatTracker, clip_advantages, group_stats, samples_to_train
 from flowgrpo_core.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -47,7 +47,7 @@ from flowgrpo_core.models import FlowAdapter, load_model
 from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts, tag_groups
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
 from flowgrpo_core.sampling import Trajectories, rollout, sample_window_start, sde_window_mask, to_pil
-from flowgrpo_core.sde import gaussian_kl, kl_std, sde_step_with_logprob
+from flowgrpo_core.sde import gaussian_kl, kl_std, sde_std_t, sde_step_with_logprob
 
 EpochCallback = Callable[["FlowGRPOTrainer", dict[str, float]], None]
 _AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -105,7 +105,7 @@ class FlowGRPOTrainer:
         if config.prompts.balance_tags:
             tag_groups(self.prompts)  # an untagged prompt fails here, before the model loads
         self.reward = reward or build_rewards(config.rewards)
-        self.adapter = adapter or load_model(config.model.source, config.model.revision, config.model.dtype)
+        self.adapter = adapter or load_model(config.model.source, config.model.revision, config.model.component_dtypes())
         self.adapter.check_resolution(res, res)
         self.adapter.to(self.device)
         self.trainable = self._setup_policy()
@@ -233,7 +233,8 @@ class FlowGRPOTrainer:
         epoch_samples = self.sample_and_score(generator)
         sampled = time.perf_counter()
         advantages, reward_metrics = self.advantages(epoch_samples.prompts, epoch_samples.rewards)
-        train_metrics = self.train_on(epoch_samples.local, advantages, generator, epoch_samples.indices)
+        finite = torch.from_numpy(np.isfinite(epoch_samples.rewards.scores))
+        train_metrics = self.train_on(epoch_samples.local, advantages, generator, epoch_samples.indices, finite)
         self.last_samples, self.last_prompts = epoch_samples.local, epoch_samples.prompts
         self.last_rewards = epoch_samples.rewards
         end = time.perf_counter()
@@ -359,18 +360,25 @@ class FlowGRPOTrainer:
         advantages: torch.Tensor,
         generator: torch.Generator,
         indices: torch.Tensor | None = None,
+        finite: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """Inner epochs over the samples with a non-zero advantage.
+        """Inner epochs over the samples chosen by ``train.zero_advantage``.
 
         Args:
             samples: this rank's trajectories.
             advantages: (N,) advantages of all samples of the epoch (every rank's).
             indices: (n_local,) global index of each local sample (default: all, single process).
+            finite: (N,) bool, samples whose reward was finite (default: all); the others are never trained.
         """
         t = self.config.train
         indices = torch.arange(len(samples)) if indices is None else indices
         local_position = {int(g): pos for pos, g in enumerate(indices.tolist())}
-        keep = torch.nonzero(advantages != 0).flatten()
+        batch = self.config.sampling.batch_size
+        rank_of_sample = (torch.arange(len(advantages)) // batch) % self.dist.world_size
+        keep = samples_to_train(
+            advantages, t.zero_advantage, rank_of_sample, self.config.batches_per_epoch // self.dist.world_size,
+            generator, eligible=finite,
+        )  # fmt: skip
         steps = self.trained_steps(samples.sde_mask)
         k_steps = steps.shape[1]
         sums: dict[str, float] = defaultdict(float)
@@ -380,10 +388,9 @@ class FlowGRPOTrainer:
         skipped_before = dict(self.counters)
         compute_s = 0.0
         for _ in range(t.num_inner_epochs):
-            shuffled = keep[
-                torch.randperm(len(keep), generator=generator)
-            ].tolist()  # same order on every rank
-            for window in _split_evenly(shuffled, t.optimizer_steps_per_epoch):
+            # the same order on every rank; unshuffled, the optimiser steps take the samples in sampling order
+            order = keep[torch.randperm(len(keep), generator=generator)] if t.shuffle_samples else keep
+            for window in _split_evenly(order.tolist(), t.optimizer_steps_per_epoch):
                 mine = torch.tensor(
                     [local_position[g] for g in window if g in local_position], dtype=torch.long
                 )
@@ -492,10 +499,17 @@ class FlowGRPOTrainer:
                 reference = step_with(self.adapter.reference_model())
             std = kl_std(sigma, sigma_next, s.noise_level, current.std, t.kl_form, s.sde_type)
             kl = gaussian_kl(current.prev_sample_mean, reference.prev_sample_mean, std)
+        guard = {}
+        if t.ratio_norm:
+            guard = {
+                "mean": current.prev_sample_mean,
+                "old_mean": samples.step_means[i, j],
+                "std_t": sde_std_t(sigma, sigma_next, s.noise_level),
+                "sqrt_dt": torch.sqrt(sigma.float() - sigma_next.float()),
+            }
         return grpo_loss(
             current.log_prob, samples.log_probs[i, j], advantages.to(dev), t.clip_range, beta=t.beta, kl=kl,
-            ratio_norm=t.ratio_norm, mean=current.prev_sample_mean,
-            old_mean=samples.step_means[i, j] if t.ratio_norm else None, step_std=current.std,
+            ratio_norm=t.ratio_norm, ratio_norm_bias=t.ratio_norm_bias, **guard,
             step_weight=guard_step_weight(sigma, sigma_next) if t.grad_reweight else None,
         )  # fmt: skip
 

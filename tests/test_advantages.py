@@ -2,8 +2,15 @@
 
 import numpy as np
 import pytest
+import torch
 
-from flowgrpo_core.advantages import STD_EPS, PerPromptStatTracker, clip_advantages, group_stats
+from flowgrpo_core.advantages import (
+    STD_EPS,
+    PerPromptStatTracker,
+    clip_advantages,
+    group_stats,
+    samples_to_train,
+)
 
 PROMPTS = ["a", "a", "a", "b", "b", "b"]
 REWARDS = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
@@ -68,3 +75,48 @@ def test_group_stats():
     assert stats.zero_variance_share == 0.5
     assert stats.mean_within_group_std == pytest.approx(0.5)
     assert stats.global_std == pytest.approx(np.std([5, 5, 1, 3]))
+
+
+def _two_ranks():
+    # 12 samples in sampling batches of 2 over 2 ranks: batches 0, 2, 4 on rank 0, batches 1, 3, 5 on rank 1
+    rank_of_sample = (torch.arange(12) // 2) % 2
+    advantages = torch.tensor([1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0])
+    return advantages, rank_of_sample
+
+
+def test_drop_and_keep_zero_advantage_samples():
+    advantages, ranks = _two_ranks()
+    g = torch.Generator().manual_seed(0)
+    assert samples_to_train(advantages, "drop", ranks, 3, g).tolist() == [0, 3, 8]
+    assert samples_to_train(advantages, "keep", ranks, 3, g).tolist() == list(range(12))
+    finite = torch.ones(12, dtype=torch.bool)
+    finite[5] = False
+    assert 5 not in samples_to_train(advantages, "keep", ranks, 3, g, eligible=finite).tolist()
+
+
+def test_refill_puts_back_zero_advantage_samples_until_each_rank_holds_a_multiple_of_its_batches():
+    advantages, ranks = _two_ranks()
+    kept = samples_to_train(advantages, "refill", ranks, 3, torch.Generator().manual_seed(0))
+    assert {0, 3, 8} <= set(kept.tolist())
+    # rank 0 had samples 0 and 8 (2 -> 3), rank 1 had sample 3 (1 -> 3)
+    assert [int((ranks[kept] == r).sum()) for r in (0, 1)] == [3, 3]
+    again = samples_to_train(advantages, "refill", ranks, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(kept, again)  # the epoch's generator decides, identically on every rank
+    other = [samples_to_train(advantages, "refill", ranks, 3, torch.Generator().manual_seed(s)) for s in range(8)]
+    assert len({tuple(k.tolist()) for k in other}) > 1  # the refilled samples are drawn at random
+
+
+def test_refill_edge_cases():
+    ranks = torch.zeros(6, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    # already a multiple: nothing added
+    assert samples_to_train(torch.tensor([1.0, 2, 3, 0, 0, 0]), "refill", ranks, 3, g).tolist() == [0, 1, 2]
+    # no signal at all: nothing is trained (no step of pure KL and weight decay)
+    assert len(samples_to_train(torch.zeros(6), "refill", ranks, 3, g)) == 0
+    # not enough zero-advantage samples to round up: left as is
+    assert samples_to_train(torch.tensor([1.0, 2, 3, 4, 0, 5]), "refill", ranks, 4, g).tolist() == [0, 1, 2, 3, 5]
+    # a sample with a non-finite reward is never put back
+    eligible = torch.tensor([True, True, True, True, False, True])
+    assert samples_to_train(torch.tensor([1.0, 0, 0, 0, 0, 0]), "refill", ranks, 5, g, eligible=eligible).tolist() == [0, 1, 2, 3, 5]
+    with pytest.raises(ValueError, match="zero_advantage"):
+        samples_to_train(torch.zeros(6), "sometimes", ranks, 3, g)

@@ -187,3 +187,16 @@ def test_resolution_factor_check():
     adapter.check_resolution(64, 128)
     with pytest.raises(ValueError, match="not divisible by the sd3 model's factor 16"):
         adapter.check_resolution(72, 64)
+
+
+def test_lora_targets_the_joint_attention_and_not_sd35s_second_image_attention():
+    from flowgrpo_core.models.tiny import TinySD3Spec
+
+    adapter = adapter_for(build_tiny_sd3(seed=0, spec=TinySD3Spec(dual_attention_layers=(0,))))
+    adapter.add_lora(4, 8.0)
+    with_lora = {name.rsplit(".lora_A", 1)[0] for name, _ in adapter.transformer.named_parameters() if ".lora_A." in name}
+    assert with_lora, "no LoRA attached"
+    assert all(".attn." in name for name in with_lora)
+    assert not any(".attn2." in name for name in with_lora)  # SD3.5-Medium's attn2 stays frozen, as upstream
+    assert any("transformer_blocks.0.attn.to_q" in name for name in with_lora)
+    assert any("transformer_blocks.0.attn.add_k_proj" in name for name in with_lora)

@@ -33,11 +33,11 @@ def test_quoted_text_and_normalisation():
 def test_score_rules_in_closed_form():
     assert ocr_score("Hello World", "hello world") == 1.0
     assert ocr_score("Hel1o World", "Hello World") == pytest.approx(1 - 1 / 10)
-    assert ocr_score("", "abcd") == 0.0 and ocr_score("", "") == 1.0
+    assert ocr_score("", "abcd") == 0.0 and ocr_score("", "", rule="strict") == 1.0
     # strict: extra text costs like missing text (normalised by the longer string)
-    assert ocr_score("abcdXXXX", "abcd") == pytest.approx(1 - 4 / 8)
-    # reference (Flow-GRPO): containment is a full score, the distance is capped at the target length
-    assert ocr_score("XXabcdXX", "abcd", rule="reference") == 1.0
+    assert ocr_score("abcdXXXX", "abcd", rule="strict") == pytest.approx(1 - 4 / 8)
+    # reference (Flow-GRPO, the default): containment is a full score, the distance is capped at the target length
+    assert ocr_score("XXabcdXX", "abcd") == 1.0 == ocr_score("XXabcdXX", "abcd", rule="reference")
     assert ocr_score("zzzzzzzzzz", "abcd", rule="reference") == 0.0
     assert ocr_score("abxd", "abcd", rule="reference") == pytest.approx(0.75)
     with pytest.raises(ValueError, match="unknown OCR rule"):
@@ -73,8 +73,8 @@ def test_blank_image_scores_zero(ocr):
 
 def test_strict_rule_penalises_extra_text_that_the_reference_rule_ignores(ocr):
     image = render_text("Kubeflow XYZ 987", seed=1)
-    strict = ocr([image], ['a sign "Kubeflow"']).scores[0]
-    reference = OcrReward(rule="reference")([image], ['a sign "Kubeflow"']).scores[0]
+    reference = ocr([image], ['a sign "Kubeflow"']).scores[0]  # the default rule
+    strict = OcrReward(rule="strict")([image], ['a sign "Kubeflow"']).scores[0]
     assert reference == 1.0 and strict < 0.7
 
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from flowgrpo_core.sde import deterministic_step, gaussian_kl, kl_std, ode_step, sde_std_t, sde_step_with_logprob
+from flowgrpo_core.sde import (
+    deterministic_step,
+    gaussian_kl,
+    kl_std,
+    ode_step,
+    sde_std_t,
+    sde_step_with_logprob,
+)
 
 
 def _inputs(batch=3, shape=(4, 5, 6), seed=0):

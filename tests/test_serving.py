@@ -476,9 +476,9 @@ def test_manager_starts_servers_and_stops_them_from_pid_files(tmp_path):
             {"jpeg_compressibility": 1.0, "jpeg_incompressibility": 0.5}, endpoints, RemoteReward
         )
         out = multi(images, ["a", "b"])
-        size = JpegCompressibility()(images, ["a", "b"]).scores
-        np.testing.assert_allclose(out.scores, size - 0.5 * size)
-        assert out.details["jpeg_incompressibility/weighted"] == (-0.5 * size).tolist()
+        kb = np.array(JpegCompressibility()(images, ["a", "b"]).details["jpeg_kb"])
+        np.testing.assert_allclose(out.scores, -kb / 500 + 0.5 * kb)  # flow_grpo's scales: -kB/500 and +kB
+        assert out.details["jpeg_incompressibility/weighted"] == (0.5 * kb).tolist()
         pids = [s.pid for s in servers.servers.values()]
         # another process (the pipeline's exit handler) stops them from the pid files alone
         code = "import sys; from flowgrpo_core.serving.manager import stop_servers; print(stop_servers(sys.argv[1]))"

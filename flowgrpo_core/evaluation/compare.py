@@ -1,4 +1,4 @@
-"""Base vs policy on held-out prompts (ALGORITHM.md sect. 8): deterministic ODE sampling with the same
+"""Base vs policy on held-out prompts (docs/algorithm.md sect. 8): deterministic ODE sampling with the same
 seeds for both, so every difference comes from the weights; paired statistics per metric and per task.
 """
 
@@ -16,6 +16,7 @@ from flowgrpo_core.models.base import FlowAdapter
 from flowgrpo_core.prompts import PromptSet
 from flowgrpo_core.rewards.base import Reward
 from flowgrpo_core.sampling import rollout, to_pil
+from flowgrpo_core.sde import SDEType
 
 
 @dataclass
@@ -39,15 +40,17 @@ def generate(
     batch_size: int,
     negative_prompt: str = "",
     max_sequence_length: int = 256,
+    sde_type: SDEType = "sde",
 ) -> list:
-    """ODE samples (noise level 0), one seeded generator per image. Returns PIL images."""
+    """Noise-free samples, one seeded generator per image: Euler ODE steps, or for ``sde_type='cps'`` the CPS
+    step at noise level 0 as the reference evaluates its CPS runs (the same up to rounding). Returns PIL images."""
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         out = rollout(
             adapter, chunk, list(seeds[start : start + batch_size]), resolution=resolution, num_steps=num_steps,
             guidance_scale=guidance_scale, noise_level=0.0, sde_mask=torch.zeros(len(chunk), num_steps, dtype=torch.bool),
-            negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
+            negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, sde_type=sde_type,
         )  # fmt: skip
         images += to_pil(out.images)
     return images
@@ -112,6 +115,7 @@ def compare(
     min_images_per_tag: int = 0,
     negative_prompt: str = "",
     max_sequence_length: int = 256,
+    sde_type: SDEType = "sde",
     grid_columns: int = 8,
 ) -> Comparison:
     """Score base (``adapter.reference_model()``) and policy images of the same prompts and seeds.
@@ -130,7 +134,7 @@ def compare(
     prompts, metadata = _expand(prompt_set, images_per_prompt, min_images_per_tag)
     seeds = [seed + i for i in range(len(prompts))]
     kwargs = dict(resolution=resolution, num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size,
-                  negative_prompt=negative_prompt, max_sequence_length=max_sequence_length)  # fmt: skip
+                  negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, sde_type=sde_type)  # fmt: skip
     policy_images = generate(adapter, prompts, seeds, **kwargs)
     with adapter.reference_model():
         base_images = generate(adapter, prompts, seeds, **kwargs)

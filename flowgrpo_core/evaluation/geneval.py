@@ -1,4 +1,4 @@
-"""GenEval's rules (Ghosh et al. 2023; ALGORITHM.md sect. 8) as pure functions over detections.
+"""GenEval's rules (Ghosh et al. 2023; docs/algorithm.md sect. 8) as pure functions over detections.
 
 A prompt's metadata states its requirements in GenEval's format::
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from flowgrpo_core.models.base import Conditioning, FlowAdapter
 from flowgrpo_core.models.flux import FluxAdapter
 from flowgrpo_core.models.loading import ModelSourceError, load_pipeline, parse_source
@@ -21,9 +23,10 @@ def adapter_for(pipeline, source: str = "", revision: str | None = None) -> Flow
 
 
 def load_model(
-    source: str, revision: str | None = None, dtype: str = "float32", device: str = "cpu"
+    source: str, revision: str | None = None, dtype: str | Mapping[str, str] = "float32", device: str = "cpu"
 ) -> FlowAdapter:
-    """Load a base model and wrap it in its family's adapter, on ``device``."""
+    """Load a base model and wrap it in its family's adapter, on ``device``; ``dtype`` as in
+    :func:`load_pipeline` (one dtype, or one per component)."""
     adapter = adapter_for(load_pipeline(source, revision, dtype), source, revision)
     return adapter.to(device)
 

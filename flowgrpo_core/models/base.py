@@ -3,7 +3,7 @@
 An adapter wraps a diffusers pipeline and exposes four things: encode prompts, draw initial noise,
 predict the (guided) velocity at a noise level, and decode latents to images. Sampling and training both
 call :meth:`FlowAdapter.predict_velocity`, so the log-probs recorded during roll-outs and the ones
-recomputed during training come from the same computation (ALGORITHM.md sect. 4: any difference in the
+recomputed during training come from the same computation (docs/algorithm.md sect. 4: any difference in the
 forward path makes the first importance ratio drift from 1).
 
 Latents live in the adapter's own layout (SD3: (B, C, h, w); FLUX: packed (B, h*w/4, 4C)); the sampler
@@ -47,24 +47,27 @@ class Conditioning:
 
 
 # The joint-attention projections of MMDiT blocks (image stream, then text stream) that receive LoRA
-# (ALGORITHM.md sect. 4); SD3 and FLUX name them alike.
+# (docs/algorithm.md sect. 4); SD3 and FLUX name them alike. Qualified by ``attn.`` as the reference names
+# them: SD3.5-Medium's second image attention (``attn2``) gets no LoRA.
 JOINT_ATTENTION_PROJECTIONS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
 )
+# The feed-forward layers of MMDiT blocks (image stream, then text stream); the reference's FLUX LoRA adds them.
+JOINT_FEED_FORWARDS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
 
 class FlowAdapter(ABC):
     """A flow-matching text-to-image model: ``v = model(x_sigma, sigma, text)``, ``x_sigma = (1-sigma) x0 + sigma noise``."""
 
     family: str = ""
-    #: attention projections that receive LoRA (ALGORITHM.md sect. 4)
+    #: attention projections that receive LoRA (docs/algorithm.md sect. 4)
     lora_target_modules: tuple[str, ...] = ()
 
     def __init__(self, pipeline, source: str = "", revision: str | None = None) -> None:

@@ -31,7 +31,8 @@ class FluxAdapter(FlowAdapter):
         embeds, pooled, _text_ids = self.pipeline.encode_prompt(
             prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
         )
-        return Conditioning({"embeds": embeds, "pooled": pooled})
+        # the text encoders' dtype may differ from the transformer's (see SD3Adapter.encode_prompts)
+        return Conditioning({"embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)})
 
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         scale = self.pipeline.vae_scale_factor

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -101,20 +102,29 @@ def resolve_folder(source: str, revision: str | None = None) -> Path | None:
     return folder
 
 
-def load_pipeline(source: str, revision: str | None = None, dtype: str = "float32"):
-    """A diffusers pipeline from any supported source (see module docstring)."""
+def load_pipeline(source: str, revision: str | None = None, dtype: str | Mapping[str, str] = "float32"):
+    """A diffusers pipeline from any supported source (see module docstring).
+
+    ``dtype`` is one dtype for every component, or ``{component: dtype, "default": dtype}`` (e.g. the
+    reference's float32 transformer and VAE with float16 text encoders).
+    """
     from diffusers import DiffusionPipeline
 
     from flowgrpo_core.models.tiny import TINY_BUILDERS
 
     parsed = parse_source(source)
-    torch_dtype = DTYPES[dtype]
+    names = {"default": dtype} if isinstance(dtype, str) else dict(dtype)
+    torch_dtypes = {name: DTYPES[value] for name, value in names.items()}
+    torch_dtypes.setdefault("default", torch.float32)
     if parsed.kind == "tiny":
         pipe = TINY_BUILDERS[parsed.location](seed=parsed.seed)
-        return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                component.to(dtype=torch_dtypes.get(name, torch_dtypes["default"]))
+        return pipe
     folder = resolve_folder(source, revision)
     try:
-        return DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
+        return DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtypes, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load model {source!r} from {folder}: {error}") from error
 

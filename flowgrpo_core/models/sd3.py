@@ -34,7 +34,9 @@ class SD3Adapter(FlowAdapter):
             neg_embeds, neg_pooled = self._negative_cache[key]
             batch = len(prompts)
             tensors |= {"neg_embeds": neg_embeds.expand(batch, -1, -1), "neg_pooled": neg_pooled.expand(batch, -1)}
-        return Conditioning(tensors)
+        # text encoders may run in another dtype than the transformer (the reference's float16 encoders feed a
+        # float32 transformer under autocast, which casts them back the same way)
+        return Conditioning({k: v.to(self.dtype) for k, v in tensors.items()})
 
     def _encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, tokens, dim) embeddings and (B, dim) pooled embeddings, as the pipeline encodes a prompt."""

@@ -78,6 +78,8 @@ class TinySD3Spec:
     latent_channels: int = 16
     clip_hidden: int = 32
     t5_d_model: int = 64
+    # blocks with SD3.5's second image self-attention (``attn2``), as SD3.5-Medium has in its first 13
+    dual_attention_layers: tuple[int, ...] = ()
 
 
 def build_tiny_sd3(seed: int = 0, spec: TinySD3Spec = TinySD3Spec()):
@@ -96,6 +98,7 @@ def build_tiny_sd3(seed: int = 0, spec: TinySD3Spec = TinySD3Spec()):
             sample_size=32, patch_size=2, latent_channels=spec.latent_channels, num_layers=spec.num_layers,
             num_attention_heads=spec.num_attention_heads, attention_head_dim=spec.attention_head_dim,
             t5_d_model=spec.t5_d_model, clip_hidden=spec.clip_hidden, pos_embed_max_size=128,
+            dual_attention_layers=spec.dual_attention_layers,
         )  # fmt: skip
         vae = _tiny_vae(spec.vae_blocks, spec.latent_channels)
     pipe = StableDiffusion3Pipeline(

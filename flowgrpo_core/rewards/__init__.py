@@ -1,4 +1,4 @@
-"""Reward functions and the registry that builds them by name (ALGORITHM.md sect. 7).
+"""Reward functions and the registry that builds them by name (docs/algorithm.md sect. 7).
 
 ``REWARD_NAMES`` is the catalogue a config may name. ``register_reward`` adds an in-process
 implementation; a reward without one must be reached through a reward server (``endpoints``).
@@ -14,7 +14,7 @@ from flowgrpo_core.rewards.jpeg import JpegCompressibility, JpegIncompressibilit
 from flowgrpo_core.rewards.multi import MultiReward
 
 REWARD_NAMES: dict[str, str] = {
-    "jpeg_compressibility": "minus the JPEG size (kB) at quality 95",
+    "jpeg_compressibility": "minus the JPEG size (kB) at quality 95, divided by 500 (flow_grpo's scale)",
     "jpeg_incompressibility": "plus the JPEG size (kB) at quality 95",
     "brightness": "mean luminance in [0, 1]: a control any policy can move",
     "ocr": "1 - normalised edit distance between the quoted text of the prompt and the OCR'd text",

@@ -1,4 +1,4 @@
-"""GenEval as a reward (ALGORITHM.md sect. 7-8): GenEval's rules checked on the detections of each image.
+"""GenEval as a reward (docs/algorithm.md sect. 7-8): GenEval's rules checked on the detections of each image.
 
 The metadata of each prompt carries the requirements (GenEval format, e.g. ``builtin:geneval_train``).
 Two scores, both always in ``details`` (with the tag and GenEval's reason string):

@@ -21,20 +21,24 @@ def jpeg_size_kb(image: Image.Image, quality: int = JPEG_QUALITY) -> float:
 
 
 class JpegCompressibility(Reward):
-    """``-size_kb``: rewards images that compress well (smooth, simple)."""
+    """``-size_kb / 500``: rewards images that compress well (smooth, simple).
+
+    The 1/500 is flow_grpo's scale for this reward (ddpo-pytorch used ``-size_kb``); it matters only in a
+    weighted mix of rewards, where it sets this term's share.
+    """
 
     name = "jpeg_compressibility"
-    sign = -1.0
+    factor = -1.0 / 500
 
     def score(
         self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]
     ) -> RewardOutput:
         sizes = np.array([jpeg_size_kb(image) for image in images])
-        return RewardOutput(scores=self.sign * sizes, details={"jpeg_kb": sizes.tolist()})
+        return RewardOutput(scores=self.factor * sizes, details={"jpeg_kb": sizes.tolist()})
 
 
 class JpegIncompressibility(JpegCompressibility):
-    """``+size_kb``: rewards detailed, high-frequency images."""
+    """``+size_kb``: rewards detailed, high-frequency images (unscaled, as in flow_grpo)."""
 
     name = "jpeg_incompressibility"
-    sign = 1.0
+    factor = 1.0

@@ -1,14 +1,15 @@
-"""OCR reward (ALGORITHM.md sect. 7): how closely the text read in the image matches the prompt's quoted text.
+"""OCR reward (docs/algorithm.md sect. 7): how closely the text read in the image matches the prompt's quoted text.
 
 The engine is RapidOCR: PaddleOCR's detector, orientation classifier and recogniser as ONNX models,
 run by onnxruntime; the wheel ships them, so this works offline. Both sides are compared without
 spaces and in lower case (the detector may split or merge words).
 
 Rules (``rule``):
-- ``strict`` (default): ``1 - lev(read, target) / max(len(read), len(target))``. Extra text costs as
-  much as missing text, which closes the reference's reward-hacking hole.
-- ``reference``: the Flow-GRPO rule, ``1 - min(lev, len(target)) / len(target)``, and 1 whenever the
-  target is a substring of everything read (so garbage around the right text is free).
+- ``reference`` (default, what flow_grpo trains and reports with): ``1 - min(lev, len(target)) /
+  len(target)``, and 1 whenever the target is a substring of everything read (so garbage around the
+  right text is free).
+- ``strict``: ``1 - lev(read, target) / max(len(read), len(target))``. Extra text costs as much as
+  missing text, which closes the reference rule's reward-hacking hole (``--option rule=strict``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image
 
 from flowgrpo_core.rewards.base import Reward, RewardOutput
 
-RULES = ("strict", "reference")
+RULES = ("reference", "strict")
 # straight quotes, and the typographic pair that prompt writers paste in
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 _SPACE = re.compile(r"\s+")
@@ -38,7 +39,7 @@ def normalise(text: str) -> str:
     return _SPACE.sub("", text).lower()
 
 
-def ocr_score(read: str, target: str, rule: str = "strict") -> float:
+def ocr_score(read: str, target: str, rule: str = "reference") -> float:
     """Similarity in [0, 1] of the text read and the target text (both normalised here)."""
     from rapidfuzz.distance import Levenshtein
 
@@ -62,7 +63,7 @@ class OcrReward(Reward):
         model: optional folder, ``s3://`` prefix or hub id with the ONNX models (file names containing
             ``det``, ``rec`` and optionally ``cls``; a ``*.txt`` character list if the recogniser has none
             embedded). Default: the PP-OCR models shipped in the ``rapidocr`` wheel.
-        rule: ``strict`` or ``reference`` (module docstring).
+        rule: ``reference`` or ``strict`` (module docstring).
         text_score: lines read with lower confidence are ignored (PaddleOCR's drop_score, 0.5).
         device: ``cpu``, or ``cuda`` (needs onnxruntime-gpu).
         threads: onnxruntime intra-op threads (default: all cores).
@@ -74,7 +75,7 @@ class OcrReward(Reward):
         self,
         model: str | None = None,
         revision: str | None = None,
-        rule: str = "strict",
+        rule: str = "reference",
         text_score: float = 0.5,
         device: str = "cpu",
         threads: int | None = None,

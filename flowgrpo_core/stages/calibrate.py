@@ -22,7 +22,7 @@ def calibrate_rewards(
     config = ctx.config()
     with ctx.stage("calibrate_rewards"):
         with timed_work():
-            adapter = load_model(str(model_dir), dtype=config.model.dtype)
+            adapter = load_model(str(model_dir), dtype=config.model.component_dtypes())
             reward = build_training_reward(config, read_endpoints(endpoints_path))
             reports, history = run_probe(config, ctx.run_dir / "calibration", adapter=adapter, reward=reward)
         result = to_json(reports)

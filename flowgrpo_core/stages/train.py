@@ -47,7 +47,7 @@ def train_grpo(
             logging_s += time.perf_counter() - started
 
         work_started = time.perf_counter()
-        adapter = load_model(str(model_dir), dtype=config.model.dtype)
+        adapter = load_model(str(model_dir), dtype=config.model.component_dtypes())
         trainer = FlowGRPOTrainer(
             config, ctx.run_dir / "train", adapter=adapter, reward=build_training_reward(config, read_endpoints(endpoints_path)),
             callbacks=[log_epoch],
