@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -43,11 +42,11 @@ from flowgrpo_core.config import FlowGRPOConfig
 from flowgrpo_core.distributed import DistributedContext
 from flowgrpo_core.ema import EMA
 from flowgrpo_core.loss import LossOutput, grpo_loss, guard_step_weight
-from flowgrpo_core.models import FlowAdapter, load_model
+from flowgrpo_core.models import Conditioning, FlowAdapter, load_model
 from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts, tag_groups
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
 from flowgrpo_core.sampling import Trajectories, rollout, sample_window_start, sde_window_mask, to_pil
-from flowgrpo_core.sde import gaussian_kl, kl_std, sde_std_t, sde_step_with_logprob
+from flowgrpo_core.sde import SDEStep, gaussian_kl, kl_std, sde_std_t, sde_step_with_logprob
 
 EpochCallback = Callable[["FlowGRPOTrainer", dict[str, float]], None]
 _AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -407,8 +406,13 @@ class FlowGRPOTrainer:
                 started = time.perf_counter()
                 for index in tqdm(micro, desc="training", leave=False, disable=not self.progress):
                     local_adv = advantages[indices[index]]
+                    cond = samples.cond.select(index.to(samples.latents.device))  # the same for every step
+                    reference = self.reference_means(samples, index, steps[index], cond) if t.beta > 0 else None
                     for k in range(k_steps):
-                        out = self.step_loss(samples, index, steps[index, k], local_adv)
+                        out = self.step_loss(
+                            samples, index, steps[index, k], local_adv, cond,
+                            reference[:, k] if reference is not None else None,
+                        )  # fmt: skip
                         done += 1
                         if not torch.isfinite(out.loss):
                             self.counters["skipped_loss_steps"] += 1
@@ -470,35 +474,30 @@ class FlowGRPOTrainer:
         return metrics
 
     def step_loss(
-        self, samples: Trajectories, index: torch.Tensor, step: torch.Tensor, advantages: torch.Tensor
+        self,
+        samples: Trajectories,
+        index: torch.Tensor,
+        step: torch.Tensor,
+        advantages: torch.Tensor,
+        cond: Conditioning | None = None,
+        reference_mean: torch.Tensor | None = None,
     ) -> LossOutput:
-        """The loss of B samples, each at its own trained step ``step`` (B,) of its trajectory."""
+        """The loss of B samples, each at its own trained step ``step`` (B,) of its trajectory. ``cond`` is
+        their conditioning and ``reference_mean`` (B, ...) the reference model's step means, when the caller
+        already has them (see :meth:`reference_means`)."""
         s, t = self.config.sampling, self.config.train
         dev = samples.latents.device
         i, j = index.to(dev), step.to(dev)
-        x, x_next = samples.latents[i, j], samples.latents[i, j + 1]
         sigma, sigma_next = samples.sigmas[i, j], samples.sigmas[i, j + 1]
-        cond = samples.cond.select(i)
-
-        def step_with(adapter_ctx) -> Any:
-            with (
-                adapter_ctx,
-                torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None),
-            ):
-                velocity = self.adapter.predict_velocity(
-                    x, sigma, cond, s.guidance_scale, s.resolution, s.resolution
-                )
-            return sde_step_with_logprob(
-                velocity, x, sigma, sigma_next, s.noise_level, prev_sample=x_next, sde_type=s.sde_type
-            )
-
-        current = step_with(contextlib.nullcontext())
+        cond = samples.cond.select(i) if cond is None else cond
+        current = self._score_steps(samples, i, j, cond)
         kl = None
         if t.beta > 0:
-            with torch.no_grad():
-                reference = step_with(self.adapter.reference_model())
+            if reference_mean is None:
+                with torch.inference_mode():
+                    reference_mean = self._score_steps(samples, i, j, cond, reference=True).prev_sample_mean
             std = kl_std(sigma, sigma_next, s.noise_level, current.std, t.kl_form, s.sde_type)
-            kl = gaussian_kl(current.prev_sample_mean, reference.prev_sample_mean, std)
+            kl = gaussian_kl(current.prev_sample_mean, reference_mean, std)
         guard = {}
         if t.ratio_norm:
             guard = {
@@ -512,6 +511,45 @@ class FlowGRPOTrainer:
             ratio_norm=t.ratio_norm, ratio_norm_bias=t.ratio_norm_bias, **guard,
             step_weight=guard_step_weight(sigma, sigma_next) if t.grad_reweight else None,
         )  # fmt: skip
+
+    def _score_steps(
+        self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor, cond: Conditioning, reference: bool = False
+    ) -> SDEStep:
+        """The stored step ``x_j -> x_{j+1}`` of samples ``i`` (n,) at steps ``j`` (n,), scored under the current
+        policy (with a graph) or under the reference model."""
+        s = self.config.sampling
+        dev = samples.latents.device
+        x, x_next = samples.latents[i, j], samples.latents[i, j + 1]
+        sigma, sigma_next = samples.sigmas[i, j], samples.sigmas[i, j + 1]
+        model = self.adapter.reference_model() if reference else contextlib.nullcontext()
+        autocast = torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        with model, autocast:
+            velocity = self.adapter.predict_velocity(x, sigma, cond, s.guidance_scale, s.resolution, s.resolution)
+        return sde_step_with_logprob(
+            velocity, x, sigma, sigma_next, s.noise_level, prev_sample=x_next, sde_type=s.sde_type
+        )
+
+    @torch.inference_mode()
+    def reference_means(
+        self, samples: Trajectories, index: torch.Tensor, steps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The reference model's step means of B samples at each of their K trained steps, in one forward over
+        B x K samples. The reference enters only the KL and carries no graph, so its forwards need not be
+        batched like the policy's (whose batch must equal the sampling batch for the ratio to start at 1);
+        on a CPU the batched forward gives the same bits as K forwards of B (tested).
+
+        Args:
+            index: (B,) local sample indices; steps: (B, K) their trained steps; cond: their conditioning.
+        Returns:
+            (B, K, *latent) float32.
+        """
+        dev = samples.latents.device
+        b, k = steps.shape
+        repeated = Conditioning({name: v.repeat_interleave(k, 0) for name, v in cond.tensors.items()})
+        step = self._score_steps(
+            samples, index.to(dev).repeat_interleave(k), steps.to(dev).flatten(), repeated, reference=True
+        )
+        return step.prev_sample_mean.unflatten(0, (b, k))
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         if self.engine is None:

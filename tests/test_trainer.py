@@ -248,3 +248,25 @@ def test_flux_adapter_trains_exactly_on_policy(tmp_path):
     assert trainer.last_samples.latents.shape[2:] == (16, 16)  # (tokens, 4 x channels)
     trainer.train(epochs=2)
     assert any(p.abs().sum() > 0 for n, p in trainer.trainable.items() if "lora_B" in n)
+
+
+def test_reference_means_in_one_forward_equal_one_forward_per_step(tmp_path):
+    # The reference model's forwards are batched over a micro-batch's trained steps; on a CPU that gives the
+    # same bits as one forward per step, so the KL (and the loss) is what the per-step computation gives.
+    trainer = _trainer(tmp_path, "train.beta=0.1", "train.lora=false", "train.learning_rate=1e-2")
+    generator = torch.Generator().manual_seed(0)
+    epoch = trainer.sample_and_score(generator)
+    samples = epoch.local
+    advantages, _ = trainer.advantages(epoch.prompts, epoch.rewards)
+    trainer.train_on(samples, advantages, generator)  # move the policy away from the reference
+    index = torch.arange(4)
+    steps = trainer.trained_steps(samples.sde_mask)[index]
+    cond = samples.cond.select(index)
+    batched = trainer.reference_means(samples, index, steps, cond)
+    for k in range(steps.shape[1]):
+        with torch.no_grad():
+            alone = trainer._score_steps(samples, index, steps[:, k], cond, reference=True).prev_sample_mean
+        assert torch.equal(batched[:, k], alone)
+        with_batch = trainer.step_loss(samples, index, steps[:, k], advantages[index], cond, batched[:, k])
+        per_step = trainer.step_loss(samples, index, steps[:, k], advantages[index], cond)
+        assert with_batch.kl > 0 and torch.equal(with_batch.loss, per_step.loss)

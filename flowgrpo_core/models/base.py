@@ -82,6 +82,8 @@ class FlowAdapter(ABC):
         self.training_wrapper: nn.Module | None = None
         # (negative prompt, max tokens, device) -> its encoding; the text encoders are never trained
         self._negative_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._lora_layer_cache: list[nn.Module] | None = None  # filled on first use, after add_lora
+        self._sigma_cache: dict[tuple[int, int, int], torch.Tensor] = {}
 
     # ---- what each family defines ----
 
@@ -120,8 +122,15 @@ class FlowAdapter(ABC):
         """Latents in the adapter layout -> (B, C, h, w) for the VAE."""
 
     @abstractmethod
-    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+    def _schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         """(num_steps + 1,) float32 decreasing noise levels from 1 to 0, as the family's pipeline uses them."""
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """(num_steps + 1,) float32 noise levels of a roll-out (the family's schedule, computed once per size)."""
+        key = (num_steps, height, width)
+        if key not in self._sigma_cache:
+            self._sigma_cache[key] = self._schedule(num_steps, height, width)
+        return self._sigma_cache[key].clone()
 
     @property
     @abstractmethod
@@ -186,6 +195,7 @@ class FlowAdapter(ABC):
         )
         self.transformer.add_adapter(config, adapter_name="grpo")
         self.lora_adapter_name = "grpo"
+        self._lora_layer_cache = None
 
     def keep_reference_copy(self) -> None:
         """For full fine-tuning with a KL term: freeze a copy of the base transformer before training."""
@@ -201,9 +211,7 @@ class FlowAdapter(ABC):
             # Flip peft's switch directly: its disable/enable_adapters() also toggles requires_grad on the LoRA
             # weights, which re-creates their gradient accumulators and detaches the hooks DeepSpeed's ZeRO-2
             # reduces gradients with (and costs a set_adapter per training step).
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            layers = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
+            layers = self._lora_layers()
             for layer in layers:
                 layer._disable_adapters = True
             try:
@@ -219,6 +227,15 @@ class FlowAdapter(ABC):
                 self._active = None
         else:
             raise RuntimeError("no reference model: add LoRA or call keep_reference_copy() before training")
+
+    def _lora_layers(self) -> list[nn.Module]:
+        """peft's LoRA layers of the transformer, found once (walking the module tree costs more than a
+        tiny model's forward)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if self._lora_layer_cache is None:
+            self._lora_layer_cache = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        return self._lora_layer_cache
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA weights in the diffusers/peft key format (``...to_q.lora_A.weight``)."""

@@ -78,7 +78,7 @@ class FluxAdapter(FlowAdapter):
     def _vae_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
 
-    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+    def _schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
         h, w = self._latent_hw(height, width)
         base = np.linspace(1.0, 1 / num_steps, num_steps)

@@ -93,7 +93,7 @@ class SD3Adapter(FlowAdapter):
     def _vae_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return latents
 
-    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+    def _schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", False):
