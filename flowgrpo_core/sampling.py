@@ -84,7 +84,7 @@ def sample_window_start(bounds: tuple[int, int], window_size: int, generator: to
     return int(torch.randint(lo, hi - window_size + 1, (1,), generator=generator))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def rollout(
     adapter: FlowAdapter,
     prompts: Sequence[str],
