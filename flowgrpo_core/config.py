@@ -153,6 +153,9 @@ class TrainConfig(_Strict):
     # computes it; 'sample' = each sample's own shift
     ratio_norm_bias: Literal["batch", "sample"] = "batch"
     grad_reweight: bool = False
+    # the reference model's forwards for the KL: one per micro-batch over all its trained steps (faster; the same
+    # bits on a CPU, rounding may differ on a GPU; K times the batch's activations), or one per step (upstream)
+    batch_reference_steps: bool = True
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # 0: plain torch optimiser (gradients all-reduced across ranks); 1 or 2: DeepSpeed ZeRO stage 1/2 with the

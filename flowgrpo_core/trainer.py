@@ -407,7 +407,9 @@ class FlowGRPOTrainer:
                 for index in tqdm(micro, desc="training", leave=False, disable=not self.progress):
                     local_adv = advantages[indices[index]]
                     cond = samples.cond.select(index.to(samples.latents.device))  # the same for every step
-                    reference = self.reference_means(samples, index, steps[index], cond) if t.beta > 0 else None
+                    reference = None
+                    if t.beta > 0 and t.batch_reference_steps:
+                        reference = self.reference_means(samples, index, steps[index], cond)
                     for k in range(k_steps):
                         out = self.step_loss(
                             samples, index, steps[index, k], local_adv, cond,

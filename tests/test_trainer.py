@@ -270,3 +270,12 @@ def test_reference_means_in_one_forward_equal_one_forward_per_step(tmp_path):
         with_batch = trainer.step_loss(samples, index, steps[:, k], advantages[index], cond, batched[:, k])
         per_step = trainer.step_loss(samples, index, steps[:, k], advantages[index], cond)
         assert with_batch.kl > 0 and torch.equal(with_batch.loss, per_step.loss)
+
+
+def test_batched_reference_forwards_train_exactly_like_one_forward_per_step(tmp_path):
+    runs = [_trainer(tmp_path, "train.beta=0.1", f"train.batch_reference_steps={flag}", name=str(flag))
+            for flag in (True, False)]  # fmt: skip
+    histories = [run.train(epochs=2) for run in runs]
+    assert histories[0][-1]["train/kl"] > 0
+    assert [h["train/loss"] for h in histories[0]] == [h["train/loss"] for h in histories[1]]
+    assert all(torch.equal(runs[0].trainable[k], runs[1].trainable[k]) for k in runs[0].trainable)
