@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 from flowgrpo_core.config import FlowGRPOConfig, load_config
-from flowgrpo_core.evaluation.geneval import TAGS
 from flowgrpo_core.models import adapter_for
 from flowgrpo_core.models.loading import parse_source
 from flowgrpo_core.pretrain.config import PretrainConfig
@@ -49,6 +48,7 @@ from flowgrpo_core.pretrain.flow_matching import CaptionSampler, Phase, train_tr
 from flowgrpo_core.pretrain.run import load_trained_parts, shapes_accuracy
 from flowgrpo_core.pretrain.shapes_model import build_shapes_sd3
 from flowgrpo_core.prompts import load_prompts
+from flowgrpo_core.prompts.vocabulary import TAGS
 from flowgrpo_core.registry import gate
 from flowgrpo_core.trainer import FlowGRPOTrainer
 

@@ -327,8 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     from flowgrpo_core.serving.commands import add_serve_reward_parser
 
     add_serve_reward_parser(sub)
-    add_pretrain_shapes_parser(sub)
+    add_pretrain_shapes_parser(sub).set_defaults(func=_cmd_pretrain_shapes)
     return parser
+
+
+def _cmd_pretrain_shapes(args: argparse.Namespace) -> int:
+    from flowgrpo_core.pretrain.config import config_from_args
+    from flowgrpo_core.pretrain.run import pretrain_shapes
+
+    pretrain_shapes(config_from_args(args), args.out, progress=not args.no_progress)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -417,9 +417,7 @@ def load_config(
     preset: str | None = "tiny", file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> FlowGRPOConfig:
     """preset -> YAML file -> ``key=value`` overrides -> validated config."""
-    from flowgrpo_core.presets import preset_dict
-
-    data: dict[str, Any] = preset_dict(preset) if preset else {}
+    data: dict[str, Any] = _preset_data(preset) if preset else {}
     origin = f"preset {preset!r}" if preset else "config"
     if file is not None:
         path = Path(file)
@@ -439,3 +437,14 @@ def load_config(
     if overrides:
         origin = f"{origin} with overrides"
     return validate(data, origin)
+
+
+def _preset_data(name: str) -> dict[str, Any]:
+    """A deep copy of the preset's overrides, tagged with its name."""
+    from flowgrpo_core.presets import PRESETS
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    data = copy.deepcopy(PRESETS[name][1])
+    data["preset"] = name
+    return data

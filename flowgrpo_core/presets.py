@@ -15,7 +15,6 @@ on the reference's scale (``train.kl_form: reference``, the config default).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS, JOINT_FEED_FORWARDS
@@ -241,17 +240,6 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def preset_names() -> list[str]:
     return list(PRESETS)
-
-
-def preset_dict(name: str) -> dict[str, Any]:
-    """A deep copy of the preset's overrides, tagged with its name."""
-    from flowgrpo_core.config import ConfigError
-
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
-    data = copy.deepcopy(PRESETS[name][1])
-    data["preset"] = name
-    return data
 
 
 def preset_description(name: str) -> str:

@@ -11,7 +11,6 @@ from PIL import Image
 from reward_fixtures import tiny_clip_folder
 
 from flowgrpo_core.evaluation.geneval import (
-    COLORS,
     Detection,
     GenEvalScorer,
     Thresholds,
@@ -20,8 +19,8 @@ from flowgrpo_core.evaluation.geneval import (
     relative_position,
     summarize,
     summarize_verdicts,
-    validate_metadata,
 )
+from flowgrpo_core.prompts.vocabulary import COLORS, validate_metadata
 
 
 def det(label: str, box: tuple, score: float = 0.95, color: str | None = None) -> Detection:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from flowgrpo_core.evaluation.compare import generate
-from flowgrpo_core.evaluation.prompt_sets import requirement_key
 from flowgrpo_core.models import load_model
 from flowgrpo_core.pretrain.config import (
     PretrainConfig,
@@ -29,6 +28,7 @@ from flowgrpo_core.pretrain.flow_matching import (
 from flowgrpo_core.pretrain.run import pretrain_shapes
 from flowgrpo_core.pretrain.shapes_model import shapes_clip_tokenizer, shapes_t5_tokenizer, world_words
 from flowgrpo_core.prompts import load_prompts
+from flowgrpo_core.prompts.vocabulary import requirement_key
 
 SHAPES_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 

@@ -12,19 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flowgrpo_core.evaluation import prompt_sets
-from flowgrpo_core.evaluation.geneval import TAGS
-from flowgrpo_core.evaluation.prompt_sets import (
-    BUILTIN_SETS,
-    DATA_DIR,
-    SCHEMA,
-    GenEvalGenerator,
-    generate_builtin,
-    read_prompt_parquet,
-    requirement_key,
-    write_prompt_parquet,
-)
-from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts
+from flowgrpo_core.prompts import GENERATED_SETS, PromptSet, builtin_names, draw_prompts, load_prompts
+from flowgrpo_core.prompts import generators as prompt_sets
+from flowgrpo_core.prompts.generators import BUILTIN_SETS, DATA_DIR, GenEvalGenerator, generate_builtin
+from flowgrpo_core.prompts.loading import GENERATED_FAMILIES
+from flowgrpo_core.prompts.parquet import SCHEMA, read_prompt_parquet, write_prompt_parquet
+from flowgrpo_core.prompts.vocabulary import TAGS, requirement_key
 from flowgrpo_core.rewards.ocr import quoted_text
 
 
@@ -281,3 +274,12 @@ def test_named_prompts_keep_their_metadata_and_name_the_missing():
     assert [m["tag"] for m in picked.metadata] == ["counting", "counting"]
     with pytest.raises(KeyError, match="'five circles'"):
         train.named(["three circles", "five circles"])
+
+
+def test_the_builtin_list_is_static_and_names_what_the_generators_make():
+    # prompts.loading lists the generated sets without importing the generators (no registry filled by imports)
+    assert tuple(prompt_sets._PAIRS) == GENERATED_FAMILIES and BUILTIN_SETS == GENERATED_SETS
+    assert builtin_names() == sorted(["animals", *GENERATED_SETS])
+    assert all((DATA_DIR / f"{name}.parquet").is_file() for name in GENERATED_SETS)
+    with pytest.raises(ValueError, match="unknown prompt set 'builtin:nope'; builtin sets: animals, general_test"):
+        load_prompts("builtin:nope")

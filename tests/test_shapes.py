@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from flowgrpo_core.evaluation.geneval import COLORS, GenEvalScorer, check, keep_confident
-from flowgrpo_core.evaluation.prompt_sets import generate_builtin
+from flowgrpo_core.evaluation.geneval import GenEvalScorer, check, keep_confident
 from flowgrpo_core.evaluation.shapes import (
     BACKGROUND,
     PALETTE,
@@ -21,6 +20,8 @@ from flowgrpo_core.evaluation.shapes import (
     render_scene,
     shape_features,
 )
+from flowgrpo_core.prompts.generators import generate_builtin
+from flowgrpo_core.prompts.vocabulary import COLORS
 from flowgrpo_core.rewards.geneval import ShapesGenEvalReward
 
 SHAPES_METADATA = generate_builtin("shapes_train") + generate_builtin("shapes_test")

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flowgrpo_core.evaluation.geneval import COCO_CLASSES, COLORS, Detection, Detector, Thresholds
+from flowgrpo_core.evaluation.geneval import Detection, Detector, Thresholds
+from flowgrpo_core.prompts.vocabulary import COCO_CLASSES, COLORS
 from flowgrpo_core.rewards.device import torch_device, torch_dtype
 from flowgrpo_core.sources import resolve_folder
 

@@ -35,35 +35,11 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from flowgrpo_core.prompts.vocabulary import COLORS, TAGS, validate_metadata
+
+
 # GenEval's object_names.txt: the 80 COCO classes in COCO order, with three renamed to read well in a
 # prompt (COCO's "mouse", "remote", "keyboard").
-COCO_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
-COLORS: tuple[str, ...] = (
-    "red",
-    "orange",
-    "yellow",
-    "green",
-    "blue",
-    "purple",
-    "pink",
-    "brown",
-    "black",
-    "white",
-)
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-
-
 @dataclass(frozen=True)
 class Detection:
     """One detected object. ``box`` is ``(x0, y0, x1, y1)`` in pixels (y grows downwards); ``mask`` an
@@ -105,53 +81,6 @@ class ColorClassifier(Protocol):
     def classify(self, image: Image.Image, detections: Sequence[Detection], classname: str) -> list[str]:
         """One colour name from :data:`COLORS` per detection."""
         ...
-
-
-def validate_metadata(metadata: Any) -> None:
-    """Raise ``ValueError`` naming the first field that is not valid GenEval metadata."""
-    if not isinstance(metadata, dict):
-        raise ValueError(f"metadata must be an object, got {type(metadata).__name__}")
-    if metadata.get("tag") not in TAGS:
-        raise ValueError(f"unknown tag {metadata.get('tag')!r}; GenEval tags: {', '.join(TAGS)}")
-    unknown = set(metadata) - {"tag", "prompt", "include", "exclude"}
-    if unknown:
-        raise ValueError(f"unknown metadata keys {sorted(unknown)}")
-    include = metadata.get("include")
-    if not isinstance(include, list) or not include:
-        raise ValueError("'include' must be a non-empty list of requirements")
-    for index, req in enumerate(include):
-        where = f"include[{index}]"
-        _check_requirement(req, where, {"class", "count", "color", "position"})
-        if "color" in req and req["color"] not in COLORS:
-            raise ValueError(f"{where}: unknown color {req['color']!r}; GenEval colours: {', '.join(COLORS)}")
-        if "position" in req:
-            position = req["position"]
-            if not isinstance(position, (list, tuple)) or len(position) != 2:
-                raise ValueError(f"{where}: 'position' must be [relation, index of an earlier include]")
-            relation, target = position
-            if relation not in RELATIONS:
-                raise ValueError(f"{where}: unknown relation {relation!r}; relations: {', '.join(RELATIONS)}")
-            if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < index:
-                raise ValueError(
-                    f"{where}: position target {target!r} must index an earlier include (0..{index - 1})"
-                )
-    exclude = metadata.get("exclude", [])
-    if not isinstance(exclude, list):
-        raise ValueError("'exclude' must be a list of requirements")
-    for index, req in enumerate(exclude):
-        _check_requirement(req, f"exclude[{index}]", {"class", "count"})
-
-
-def _check_requirement(req: Any, where: str, allowed: set[str]) -> None:
-    if not isinstance(req, dict):
-        raise ValueError(f"{where}: expected an object, got {type(req).__name__}")
-    if set(req) - allowed:
-        raise ValueError(f"{where}: unknown keys {sorted(set(req) - allowed)}")
-    if not isinstance(req.get("class"), str) or not req["class"].strip():
-        raise ValueError(f"{where}: 'class' must be a non-empty string")
-    count = req.get("count")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValueError(f"{where}: 'count' must be an integer >= 1, got {count!r}")
 
 
 def required_classes(metadata: Mapping[str, Any]) -> list[str]:

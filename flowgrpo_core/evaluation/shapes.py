@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flowgrpo_core.evaluation.geneval import COLORS, Detection, Detector, relative_position
+from flowgrpo_core.evaluation.geneval import Detection, Detector, relative_position
+from flowgrpo_core.prompts.vocabulary import COLORS
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
 # Far enough apart in RGB (closest pair: orange/yellow, 83) and from the background (closest: purple, 88).

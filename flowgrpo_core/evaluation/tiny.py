@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowgrpo_core.evaluation.geneval import COCO_CLASSES
+from flowgrpo_core.prompts.vocabulary import COCO_CLASSES
 
 # COCO's own spellings, so that loading exercises the renaming to GenEval's names
 COCO_LABELS = tuple(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, replace
 
-from flowgrpo_core.evaluation.geneval import TAGS
+from flowgrpo_core.prompts.vocabulary import TAGS
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ EPILOG = """examples (the shipped shapes:sd3 is the first three, see its PROVENA
 """
 
 
-def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``pretrain-shapes`` to the ``flowgrpo`` command line."""
+def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``pretrain-shapes`` to the ``flowgrpo`` command line (its handler is the caller's to set)."""
     d = PretrainConfig()
     p = subparsers.add_parser(
         "pretrain-shapes", help="pre-train the shapes-world base model (tiny SD3) on a CPU",
@@ -153,7 +153,7 @@ def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-dtype", choices=("float32", "float16"), default=d.save_dtype,
                    help="weights of the saved folder; float16 halves it (--init-from DIR --steps 0 converts DIR)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_pretrain_shapes)
+    return p
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
@@ -167,11 +167,3 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         device=args.device, workers=args.workers, save_dtype=args.save_dtype,
     )  # fmt: skip
     return replace(cfg, eval_every=0, eval_prompts="") if args.no_eval else cfg
-
-
-def _cmd_pretrain_shapes(args: argparse.Namespace) -> int:
-    from flowgrpo_core.pretrain.run import pretrain_shapes
-
-    cfg = config_from_args(args)
-    pretrain_shapes(cfg, args.out, progress=not args.no_progress)
-    return 0

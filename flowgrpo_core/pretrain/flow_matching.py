@@ -28,9 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from flowgrpo_core.ema import EMA
-from flowgrpo_core.evaluation.geneval import TAGS
-from flowgrpo_core.evaluation.prompt_sets import SHAPES_WORLD, GenEvalGenerator, requirement_key, with_article
 from flowgrpo_core.pretrain.config import PretrainConfig
+from flowgrpo_core.prompts.generators import GenEvalGenerator
+from flowgrpo_core.prompts.vocabulary import SHAPES_WORLD, TAGS, requirement_key, with_article
 
 _BACKGROUND = 128 / 127.5 - 1.0  # the grey canvas of render_scene in [-1, 1]
 

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from flowgrpo_core.evaluation.geneval import COLORS
-from flowgrpo_core.evaluation.prompt_sets import NUMBERS, SHAPES_WORLD, make_plural
 from flowgrpo_core.models.tiny import (
     clip_text_config,
     sd3_transformer,
@@ -21,6 +19,7 @@ from flowgrpo_core.models.tiny import (
     tiny_t5_tokenizer,
 )
 from flowgrpo_core.pretrain.config import ShapesModelSpec
+from flowgrpo_core.prompts.vocabulary import COLORS, NUMBERS, SHAPES_WORLD, make_plural
 
 RELATION_WORDS = ("left", "right", "of", "above", "below")
 

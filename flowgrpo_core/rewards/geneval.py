@@ -25,8 +25,8 @@ from flowgrpo_core.evaluation.geneval import (
     Detector,
     GenEvalScorer,
     Thresholds,
-    validate_metadata,
 )
+from flowgrpo_core.prompts.vocabulary import validate_metadata
 from flowgrpo_core.rewards.base import Reward, RewardOutput
 
 SCORES = ("fraction", "strict")

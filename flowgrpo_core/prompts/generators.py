@@ -21,7 +21,7 @@ each as a train/test pair that shares no prompt, stored as Parquet with an expli
   evaluates PickScore on); they only exercise the same rewards offline.
 
 Generation is deterministic and takes well under a second; the files are committed under
-``flowgrpo_core/data/`` (regenerate with ``python -m flowgrpo_core.evaluation.prompt_sets``), so a
+``flowgrpo_core/data/`` (regenerate with ``python -m flowgrpo_core.prompts.generators``), so a
 benchmark cannot drift with the code: ``tests/test_prompt_sets.py`` checks both agree.
 
 Parquet schema (one row per prompt): ``prompt`` string, ``tag`` string, ``metadata`` string (a JSON
@@ -32,46 +32,25 @@ object: GenEval's ``{"tag", "include", "exclude", "prompt"}``; OCR ``{"tag": "oc
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from flowgrpo_core.evaluation.geneval import COCO_CLASSES, COLORS, RELATIONS, TAGS, validate_metadata
-from flowgrpo_core.prompts import PromptSet, register_prompt_set
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-SCHEMA_VERSION = "1"
-SCHEMA = pa.schema(
-    [
-        pa.field("prompt", pa.string(), nullable=False, metadata={"description": "the text-to-image prompt"}),
-        pa.field(
-            "tag",
-            pa.string(),
-            nullable=False,
-            metadata={"description": f"one of {', '.join(TAGS)}, ocr, general"},
-        ),
-        pa.field(
-            "metadata", pa.string(), nullable=False, metadata={"description": "JSON object, GenEval format"}
-        ),
-    ],
-    metadata={"flowgrpo.prompt_set.version": SCHEMA_VERSION},
+from flowgrpo_core.prompts.loading import DATA_DIR, GENERATED_SETS
+from flowgrpo_core.prompts.parquet import write_prompt_parquet
+from flowgrpo_core.prompts.vocabulary import (
+    COCO_CLASSES,
+    COLORS,
+    NUMBERS,
+    RELATIONS,
+    SHAPES_WORLD,
+    TAGS,
+    make_plural,
+    requirement_key,
+    with_article,
 )
-KNOWN_TAGS: tuple[str, ...] = (*TAGS, "ocr", "general")
-SHAPES_WORLD: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-
-def with_article(name: str) -> str:
-    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
-
-
-def make_plural(name: str) -> str:
-    """GenEval's rule, kept for fidelity to its prompts ("two skises", "three persons")."""
-    return f"{name}es" if name.endswith("s") else f"{name}s"
 
 
 class GenEvalGenerator:
@@ -154,22 +133,6 @@ class GenEvalGenerator:
             sample["exclude"] = exclude
         sample["prompt"] = self.prefix + text
         return sample
-
-
-def requirement_key(metadata: Mapping[str, Any]) -> str:
-    """What an image must show, independent of wording and order: prompts with the same key are the
-    same test ("a cat and a dog" = "a dog and a cat"; "A right of B" = "B left of A")."""
-    include = [dict(req) for req in metadata["include"]]
-    if metadata["tag"] == "position" and len(include) == 2 and "position" in include[1]:
-        relation, _ = include[1]["position"]
-        target, subject = include[0]["class"], include[1]["class"]
-        if relation in ("right of", "below"):  # name the relation from the other object's side
-            relation = {"right of": "left of", "below": "above"}[relation]
-            subject, target = target, subject
-        return json.dumps(["position", subject, relation, target])
-    parts = sorted(json.dumps(req, sort_keys=True) for req in include)
-    excluded = sorted(json.dumps(req, sort_keys=True) for req in metadata.get("exclude", []))
-    return json.dumps([metadata["tag"], parts, excluded])
 
 
 def geneval_sets(
@@ -359,9 +322,6 @@ def general_sets(seed: int = 5, n_train: int = 4000, n_test: int = 1000) -> tupl
     return rows[n_test:], rows[:n_test]
 
 
-# ---- Parquet -------------------------------------------------------------------------------------
-
-
 def stratified(rows: Sequence[dict]) -> list[dict]:
     """Rows ordered so that every prefix holds the tags in proportion (evaluation often takes the first N)."""
     by_tag: dict[str, list[dict]] = {}
@@ -375,85 +335,12 @@ def stratified(rows: Sequence[dict]) -> list[dict]:
     return [row for *_, row in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
-def write_prompt_parquet(path: str | Path, metadata: Iterable[Mapping[str, Any]]) -> Path:
-    """Write metadata dicts (each with ``tag`` and ``prompt``) as a prompt-set Parquet file."""
-    rows = list(metadata)
-    for index, meta in enumerate(rows):
-        _validate_row(meta.get("prompt"), meta.get("tag"), dict(meta), f"row {index}")
-    table = pa.table(
-        {"prompt": [m["prompt"] for m in rows], "tag": [m["tag"] for m in rows],
-         "metadata": [json.dumps(m, separators=(",", ":")) for m in rows]},
-        schema=SCHEMA,
-    )  # fmt: skip
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="zstd", compression_level=19)
-    return path
-
-
-def read_prompt_parquet(path: str | Path) -> PromptSet:
-    """A prompt set from Parquet; errors name the file and the column or row at fault."""
-    path = Path(path)
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as error:
-        raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
-    missing = [name for name in SCHEMA.names if name not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing column {', '.join(map(repr, missing))} (columns: {', '.join(table.column_names)}; "
-                         f"expected: {', '.join(SCHEMA.names)})")  # fmt: skip
-    for name in SCHEMA.names:
-        if not pa.types.is_string(table.schema.field(name).type) and not pa.types.is_large_string(
-            table.schema.field(name).type
-        ):
-            raise ValueError(
-                f"{path}: column {name!r} must hold strings, not {table.schema.field(name).type}"
-            )
-    if table.num_rows == 0:
-        raise ValueError(f"{path}: no rows; a prompt set needs at least one prompt")
-    prompts, tags, raw = (table.column(name).to_pylist() for name in SCHEMA.names)
-    metadata = []
-    for index, (prompt, tag, text) in enumerate(zip(prompts, tags, raw)):
-        where = f"{path}: row {index}" + (f" ({prompt!r})" if isinstance(prompt, str) else "")
-        try:
-            meta = json.loads(text) if isinstance(text, str) else None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: column 'metadata' is not valid JSON ({error.msg})") from None
-        _validate_row(prompt, tag, meta, where)
-        metadata.append(meta)
-    return PromptSet(prompts, metadata)
-
-
-def _validate_row(prompt: Any, tag: Any, meta: Any, where: str) -> None:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: column 'prompt' must be a non-empty string")
-    if tag not in KNOWN_TAGS:
-        raise ValueError(f"{where}: unknown tag {tag!r}; known tags: {', '.join(KNOWN_TAGS)}")
-    if not isinstance(meta, dict):
-        raise ValueError(f"{where}: column 'metadata' must be a JSON object")
-    if meta.get("tag") != tag:
-        raise ValueError(f"{where}: metadata tag {meta.get('tag')!r} differs from column 'tag' {tag!r}")
-    if "prompt" in meta and meta["prompt"] != prompt:
-        raise ValueError(f"{where}: metadata prompt {meta['prompt']!r} differs from column 'prompt'")
-    try:
-        if tag in TAGS:
-            validate_metadata(meta)
-        elif tag == "ocr":
-            text = meta.get("text")
-            if not isinstance(text, str) or not text.strip() or '"' in text:
-                raise ValueError("OCR metadata needs a non-empty 'text' without double quotes")
-            if f'"{text}"' not in prompt:
-                raise ValueError(f"the prompt does not contain the text {text!r} in double quotes")
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
-
-
 # ---- builtin sets --------------------------------------------------------------------------------
 
 _PAIRS: dict[str, Callable[[], tuple[list[dict], list[dict]]]] = {
     "geneval": geneval_sets, "ocr": ocr_sets, "shapes": shapes_sets, "general": general_sets,
 }  # fmt: skip
-BUILTIN_SETS: tuple[str, ...] = tuple(f"{family}_{split}" for family in _PAIRS for split in ("train", "test"))
+BUILTIN_SETS = GENERATED_SETS
 
 
 def generate_builtin(name: str) -> list[dict]:
@@ -465,24 +352,11 @@ def generate_builtin(name: str) -> list[dict]:
     return stratified(train if split == "train" else test)
 
 
-def load_builtin(name: str) -> PromptSet:
-    path = DATA_DIR / f"{name}.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; regenerate it with `python -m flowgrpo_core.evaluation.prompt_sets`"
-        )
-    return read_prompt_parquet(path)
-
-
 def write_builtins(folder: str | Path = DATA_DIR) -> list[Path]:
     return [
         write_prompt_parquet(Path(folder) / f"{name}.parquet", generate_builtin(name))
         for name in BUILTIN_SETS
     ]
-
-
-for _name in BUILTIN_SETS:
-    register_prompt_set(_name, lambda name=_name: load_builtin(name))
 
 
 if __name__ == "__main__":
