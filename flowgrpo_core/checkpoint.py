@@ -31,6 +31,14 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:06d}"
 
 
+def checkpoint_epoch(path: str | os.PathLike) -> int:
+    """The epoch a checkpoint folder holds (epochs done), from its name."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint folder (epoch-NNNNNN)")
+    return int(match.group(1))
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first."""
     directory = Path(directory)

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flowgrpo_core.train_command import TRAIN_DESCRIPTION, add_config_arguments, add_train_arguments
+
 EPILOG = """examples:
   flowgrpo run --preset shapes                               # the whole DAG locally, tracked in MLflow (make run)
   flowgrpo run --preset tiny                                 # the same on a random tiny SD3, in about a minute
@@ -20,25 +22,6 @@ EPILOG = """examples:
   flowgrpo pretrain-shapes --out runs/shapes-sd3             # rebuild the shapes world's base model
   flowgrpo presets
 """
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset / --config / --set, shared by every command that builds a config."""
-    group = parser.add_argument_group("configuration (preset, then YAML file, then --set overrides)")
-    group.add_argument(
-        "--preset", default="tiny", help="named preset to start from (see `flowgrpo presets`; default: tiny)"
-    )
-    group.add_argument(
-        "--config", metavar="FILE", help="YAML file merged over the preset (same keys as `--show-config`)"
-    )
-    group.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field, e.g. --set train.beta=0 --set 'rewards={ocr: 1.0}' (value parsed as YAML; repeatable)",
-    )
 
 
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()):
@@ -252,24 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a policy with Flow-GRPO in this process (no pipeline, no MLflow)",
-        description="Train with Flow-GRPO in this process: prints the reward of every epoch, writes resumable "
-        "checkpoints to OUT/checkpoints and the trained policy (LoRA or full weights, EMA, config) to OUT/policy.",
+        description=TRAIN_DESCRIPTION,
     )
-    add_config_arguments(train)
-    train.add_argument("--epochs", type=int, help="total number of epochs (overrides train.epochs)")
-    train.add_argument(
-        "--out", default="runs/train", help="run folder for checkpoints and the policy (default: runs/train)"
-    )
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
-    train.add_argument(
-        "--endpoints",
-        metavar="FILE",
-        help="reward servers to score with: the launch stage's JSON {name: {url, weight}} (default: in-process rewards)",
-    )
-    train.add_argument(
-        "--show-config", action="store_true", help="print the resolved config as YAML and exit"
-    )
-    train.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+    add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
 
     run = sub.add_parser(

@@ -703,7 +703,8 @@ class FlowGRPOTrainer:
 
     def save_policy(self, directory: str | Path) -> Path:
         """The trained policy: LoRA weights in diffusers format (or the full transformer), the EMA version
-        in ``ema/``, the resolved config and the metric history. Written by rank 0 only."""
+        in ``ema/``, the resolved config and the metric history; and the last epoch's images (this rank's,
+        up to 16) as ``last_epoch.png`` in the run folder. Written by rank 0 only."""
         directory = Path(directory)
         if not self.dist.is_main:
             return directory
@@ -714,6 +715,12 @@ class FlowGRPOTrainer:
                 self._export_weights(directory / "ema")
         (directory / "config.yaml").write_text(self.config.to_yaml())
         (directory / "metrics.json").write_text(json.dumps(self.history, indent=1))
+        if self.last_samples is not None:
+            from flowgrpo_core.tracking import image_grid
+
+            images = to_pil(self.last_samples.images[:16])
+            grid = image_grid([images[i : i + 8] for i in range(0, len(images), 8)])
+            grid.save(self.output_dir / "last_epoch.png")  # beside the checkpoints, outside the policy
         return directory
 
     def _export_weights(self, directory: Path) -> None:

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from flowgrpo_core.cli import build_parser, main
+from flowgrpo_core import train_command
 from flowgrpo_core.cluster import names, trainjob
 from flowgrpo_core.cluster.kube import Kube, connect
 from flowgrpo_core.cluster.options import CLUSTER_ENV, ClusterOptions, ClusterOptionsError, Toleration
@@ -432,7 +433,7 @@ def test_a_typo_or_a_wrong_type_fails_validation():
 def _job(**changes) -> dict:
     cluster = ClusterOptions(nodes=3, gpus=8, pvc="flowgrpo-work", s3_secret="s3-creds", trainer_image="img:1",
                              tolerations=(Toleration("nvidia.com/gpu"),), **changes)  # fmt: skip
-    command = trainjob.torchrun_command(3, 8, "sd3-ocr", ["train.beta=0.02"], "/mnt/flowgrpo/work/r/train")
+    command = train_command.torchrun_command(3, 8, "sd3-ocr", ["train.beta=0.02"], "/mnt/flowgrpo/work/r/train")
     return trainjob.render_pytorchjob(RUN_ID, NAMESPACE, cluster, "img:1", command)
 
 
@@ -474,7 +475,7 @@ def test_a_pytorchjob_typo_fails_validation():
 
 
 def test_the_training_command_parses_with_the_real_cli_and_escapes_substitution():
-    command = trainjob.torchrun_command(
+    command = train_command.torchrun_command(
         2, 4, "sd3-ocr", ["train.beta=0.02", "prompts.train=/data/$(x).txt"], "/w/r/train"
     )
     assert command[command.index("-m") + 1] == "flowgrpo_core.cli"
@@ -486,13 +487,13 @@ def test_the_training_command_parses_with_the_real_cli_and_escapes_substitution(
 
 def test_a_command_line_the_cli_refuses_fails_before_any_job_is_created():
     with pytest.raises(ValueError, match="unrecognized arguments: --bogus"):
-        trainjob.check_command([*trainjob.torchrun_command(2, 1, "tiny", [], "/w/train"), "--bogus", "1"])
+        train_command.check_command([*train_command.torchrun_command(2, 1, "tiny", [], "/w/train"), "--bogus", "1"])
 
 
 def test_the_training_command_with_reward_servers_is_accepted_by_the_cli():
     # multi-node training that scores through the reward servers hands their URLs to `flowgrpo train`
-    trainjob.check_command(
-        trainjob.torchrun_command(2, 4, "sd3-ocr", [], "/w/train", endpoints_file="/w/e.json")
+    train_command.check_command(
+        train_command.torchrun_command(2, 4, "sd3-ocr", [], "/w/train", endpoints_file="/w/e.json")
     )
 
 
@@ -724,6 +725,7 @@ def test_multi_node_training_runs_the_rendered_job_and_returns_its_policy(
     stage = client.search_runs([experiment], "tags.stage = 'train_grpo'")[0]
     assert [m.step for m in client.get_metric_history(stage.info.run_id, "reward/total")] == [0]
     assert stage.data.tags["train.pytorchjob"] == job["metadata"]["name"]
+    _assert_the_common_ending(client, stage)
 
 
 def _finishing(fake: FakeKubeAPI, states: list[str]):
@@ -815,3 +817,14 @@ def test_several_gpus_on_one_node_train_as_one_process_per_gpu(tmp_path, monkeyp
     )
     assert run.data.tags["train.launcher"] == "torchrun" and run.data.tags["train.procs_per_node"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/total")] == [0]
+    _assert_the_common_ending(client, run)
+
+
+def _assert_the_common_ending(client, run):
+    """What every training launcher logs, in one place (stages.train._finish)."""
+    assert run.data.tags["train.resumed_from_epoch"] == "none"
+    assert run.data.metrics["stage/work_s"] > 0
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "samples")
+    }
+    assert {"reward_curve.png", "policy", "samples/last_epoch.png"} <= logged

@@ -64,6 +64,9 @@ def test_dag_logs_one_parent_and_six_stage_runs(dag_run):
         assert len(client.get_metric_history(train.info.run_id, key)) == 2, key
     train_artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"config.yaml", "reward_curve.png", "policy", "samples"} <= train_artifacts
+    assert [a.path for a in client.list_artifacts(train.info.run_id, "samples")] == ["samples/last_epoch.png"]
+    assert train.data.tags["train.launcher"] == "in-process" and train.data.tags["train.resumed_from_epoch"] == "none"
+    assert train.data.metrics["stage/work_s"] > 0
 
     calibration = client.list_artifacts(by_stage["calibrate_rewards"].info.run_id)
     assert "calibration.json" in {a.path for a in calibration}

@@ -1,10 +1,22 @@
-"""train_grpo: the Flow-GRPO run, resumable after a retry from its own latest checkpoint."""
+"""train_grpo: the Flow-GRPO run, resumable after a retry from its own latest checkpoint.
+
+The stage trains in its own process, or launches processes that train and collects what they wrote:
+``torchrun`` with one process per GPU (``--gpus N``), or a PyTorchJob of ``--nodes M`` pods
+(``flowgrpo_core.cluster.trainjob``). Every launcher ends in :func:`_finish`, so every run logs the same
+tags, metrics, reward curve and sample grid whichever way it trained.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from pathlib import Path
 
 from flowgrpo_core.stages.common import PipelineContext, build_training_reward, read_endpoints
+
+# the last epoch's images, written by the training process beside its checkpoints
+LAST_GRID = "last_epoch.png"
 
 
 def train_grpo(
@@ -16,28 +28,24 @@ def train_grpo(
 
     cluster = ClusterOptions.from_env()  # None unless the pipeline was compiled for a cluster
     if cluster is not None and cluster.distributed_training:  # --nodes > 1: a PyTorchJob trains, we wait
-        from flowgrpo_core.cluster.trainjob import train_on_pytorchjob
-
         return train_on_pytorchjob(ctx, cluster, model_dir, endpoints_path, policy_dir)
     if cluster is not None and cluster.gpus > 1:  # one node, several GPUs: one process per GPU
-        from flowgrpo_core.cluster.trainjob import train_on_local_processes
-
         return train_on_local_processes(ctx, cluster.gpus, model_dir, endpoints_path, policy_dir)
+    return train_in_process(ctx, model_dir, endpoints_path, policy_dir)
 
-    import tempfile
-    import time
 
+def train_in_process(
+    ctx: PipelineContext, model_dir: str | Path, endpoints_path: str | Path | None, policy_dir: str | Path
+) -> dict:
     import mlflow
 
     from flowgrpo_core.models import load_model
-    from flowgrpo_core.sampling import to_pil
-    from flowgrpo_core.tracking import image_grid, log_metrics, reward_curve
+    from flowgrpo_core.tracking import log_metrics
     from flowgrpo_core.trainer import FlowGRPOTrainer
 
     config = ctx.config()
     with ctx.stage("train_grpo"):
         mlflow.log_text(config.to_yaml(), "config.yaml")
-
         logging_s = 0.0
 
         def log_epoch(trainer: FlowGRPOTrainer, metrics: dict[str, float]) -> None:
@@ -47,42 +55,144 @@ def train_grpo(
             logging_s += time.perf_counter() - started
 
         work_started = time.perf_counter()
+        out = ctx.run_dir / "train"
         adapter = load_model(str(model_dir), dtype=config.model.component_dtypes())
-        trainer = FlowGRPOTrainer(
-            config, ctx.run_dir / "train", adapter=adapter, reward=build_training_reward(config, read_endpoints(endpoints_path)),
-            callbacks=[log_epoch],
-        )  # fmt: skip
-        resumed = trainer.resume()
-        mlflow.set_tag("train.resumed_from_epoch", str(trainer.epoch) if resumed else "none")
-        if resumed:  # epochs the killed attempt trained but did not get to log
-            logged = {
-                m.step
-                for m in mlflow.tracking.MlflowClient().get_metric_history(
-                    mlflow.active_run().info.run_id, "reward/total"
-                )
-            }
-            for metrics in trainer.history:
-                if int(metrics["epoch"]) not in logged:
-                    log_epoch(trainer, metrics)
-        history = trainer.train()
-        trainer.save_policy(policy_dir)
-        log_metrics(
-            {"stage/work_s": time.perf_counter() - work_started - logging_s}
-        )  # per-epoch logging excluded
-        mlflow.log_artifacts(str(policy_dir), "policy")
-        with tempfile.TemporaryDirectory() as tmp:
-            if history:
-                mlflow.log_artifact(str(reward_curve(history, Path(tmp) / "reward_curve.png")))
-        if trainer.last_samples is not None:
-            images = to_pil(trainer.last_samples.images[:16])
-            mlflow.log_image(
-                image_grid([images[i : i + 8] for i in range(0, len(images), 8)]), "samples/last_epoch.png"
-            )
-        final = {
-            k: v
-            for k, v in (history[-1] if history else {}).items()
-            if not k.startswith("train/ratio_mean/step_")
-        }
-        final["resumed"] = float(resumed)
-        final["epochs"] = float(trainer.epoch)
+        reward = build_training_reward(config, read_endpoints(endpoints_path))
+        trainer = FlowGRPOTrainer(config, out, adapter=adapter, reward=reward, callbacks=[log_epoch])
+        resumed_from = trainer.epoch if trainer.resume() else None
+        trainer.train()
+        trainer.save_policy(out / "policy")
+        mlflow.set_tag("train.launcher", "in-process")
+        return _finish(out, policy_dir, resumed_from, time.perf_counter() - work_started - logging_s)
+
+
+def train_on_local_processes(
+    ctx: PipelineContext, processes: int, model_dir: str | Path, endpoints_path: str | Path | None,
+    policy_dir: str | Path,
+) -> dict:  # fmt: skip
+    """``--gpus N`` on one node: ``torchrun --standalone`` with one process per GPU, each running
+    ``flowgrpo train`` (they write checkpoints, so a retried step resumes)."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from flowgrpo_core.train_command import train_arguments
+
+    config = ctx.config()
+    with ctx.stage("train_grpo"):
+        mlflow.log_text(config.to_yaml(), "config.yaml")
+        started = time.perf_counter()
+        out, overrides, endpoints_file, resumed_from = _prepare(ctx, model_dir, endpoints_path, shared_base=None)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   *train_arguments(ctx.preset, overrides, str(out), endpoints_file)]  # fmt: skip
+        mlflow.set_tags({"train.launcher": "torchrun", "train.procs_per_node": str(processes)})
+        result = subprocess.run(command)
+        if result.returncode:
+            raise RuntimeError(f"training processes failed (exit code {result.returncode}): {' '.join(command)}")
+        return _finish(out, policy_dir, resumed_from, time.perf_counter() - started)
+
+
+def train_on_pytorchjob(
+    ctx: PipelineContext, cluster, model_dir: str | Path, endpoints_path: str | Path | None,
+    policy_dir: str | Path, kube=None,
+) -> dict:  # fmt: skip
+    """The training stage when ``cluster.nodes > 1``: the nodes run ``cluster.trainer_image`` (the image of
+    the pipeline's own steps) as a PyTorchJob; the stage waits for it and collects its policy."""
+    import mlflow
+
+    from flowgrpo_core.cluster.kube import connect
+    from flowgrpo_core.cluster.options import CLUSTER_ENV
+    from flowgrpo_core.cluster.trainjob import POLL_S, render_pytorchjob, run_job
+    from flowgrpo_core.train_command import check_command, torchrun_command
+
+    config = ctx.config()
+    run_dir = ctx.run_dir
+    if not cluster.on_volume(str(run_dir)):
+        raise ValueError(
+            f"multi-node training needs the work folder on the shared volume: workdir {ctx.workdir!r} is not "
+            f"under the PVC's mount path {cluster.mount_path!r}"
+        )
+    if not cluster.trainer_image:
+        raise ValueError(f"${CLUSTER_ENV} names no trainer image for the training nodes")
+    with ctx.stage("train_grpo"):
+        mlflow.log_text(config.to_yaml(), "config.yaml")
+        started = time.perf_counter()
+        out, overrides, endpoints_file, resumed_from = _prepare(
+            ctx, model_dir, endpoints_path, shared_base=run_dir / "base-model"
+        )
+        command = torchrun_command(cluster.nodes, max(cluster.gpus, 1), ctx.preset, overrides, str(out), endpoints_file)
+        check_command(command)
+        kube = kube or connect()  # the PVC and secrets live in the pipeline's own namespace
+        job = render_pytorchjob(ctx.kfp_run_id, kube.namespace, cluster, cluster.trainer_image, command)
+        mlflow.set_tags({"train.launcher": "pytorchjob", "train.pytorchjob": job["metadata"]["name"],
+                         "train.nodes": str(cluster.nodes), "train.procs_per_node": str(max(cluster.gpus, 1))})  # fmt: skip
+        run_job(kube, job, poll_s=POLL_S)
+        return _finish(out, policy_dir, resumed_from, time.perf_counter() - started)
+
+
+def share_model(model_dir: str | Path, target: Path) -> Path:
+    """Copy the base model (the step's input artifact, local to its pod) onto the shared volume once, so
+    that every node loads the same files. Copied beside, then renamed: a half copy is never used."""
+    if target.is_dir():
+        return target
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(model_dir, partial)
+    partial.rename(target)
+    return target
+
+
+def _prepare(
+    ctx: PipelineContext, model_dir, endpoints_path, shared_base: Path | None
+) -> tuple[Path, list[str], str | None, int | None]:
+    """The run's training folder, the processes' overrides (pointing at the base model), the endpoints file
+    they read, and the epoch a checkpoint resumes from (None: a fresh start). Fails on a bad config before
+    any process starts."""
+    from flowgrpo_core.checkpoint import checkpoint_epoch, latest_checkpoint
+    from flowgrpo_core.config import load_config
+
+    out = ctx.run_dir / "train"
+    out.mkdir(parents=True, exist_ok=True)
+    base = share_model(model_dir, shared_base) if shared_base is not None else Path(model_dir)
+    overrides = [*ctx.overrides, f"model.source={json.dumps(str(base))}"]
+    load_config(ctx.preset, overrides=overrides)
+    endpoints_file = None
+    if read_endpoints(endpoints_path):
+        endpoints_file = str(out / "endpoints.json")
+        shutil.copyfile(endpoints_path, endpoints_file)
+    latest = latest_checkpoint(out / "checkpoints")
+    return out, overrides, endpoints_file, checkpoint_epoch(latest) if latest is not None else None
+
+
+def _finish(out: Path, policy_dir: str | Path, resumed_from: int | None, work_s: float) -> dict:
+    """Inside the stage's MLflow run, whichever process trained: copy the policy into the stage's output,
+    log the epochs not logged yet (a retried step, or processes that do not log), the reward curve and the
+    last epoch's images; return the final metrics."""
+    import tempfile
+
+    import mlflow
+
+    from flowgrpo_core.tracking import log_metrics, reward_curve
+
+    policy = out / "policy"
+    history = json.loads((policy / "metrics.json").read_text())
+    if Path(policy_dir).resolve() != policy.resolve():
+        shutil.copytree(policy, policy_dir, dirs_exist_ok=True)
+    run_id = mlflow.active_run().info.run_id
+    logged = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "reward/total")}
+    for metrics in history:
+        if int(metrics["epoch"]) not in logged:
+            log_metrics(metrics, step=int(metrics["epoch"]))
+    log_metrics({"stage/work_s": work_s})
+    mlflow.log_artifacts(str(policy_dir), "policy")
+    with tempfile.TemporaryDirectory() as tmp:
+        if history:
+            mlflow.log_artifact(str(reward_curve(history, Path(tmp) / "reward_curve.png")))
+    if (out / LAST_GRID).is_file():
+        mlflow.log_artifact(str(out / LAST_GRID), "samples")
+    mlflow.set_tag("train.resumed_from_epoch", str(resumed_from) if resumed_from is not None else "none")
+    final = {k: v for k, v in (history[-1] if history else {}).items() if not k.startswith("train/ratio_mean/step_")}
+    final["resumed"] = float(resumed_from is not None)
+    final["epochs"] = float(int(history[-1]["epoch"]) + 1 if history else 0)
     return final
