@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flowgrpo_core.cli import build_parser, main
 from flowgrpo_core import train_command
+from flowgrpo_core.cli import build_parser, main
 from flowgrpo_core.cluster import names, trainjob
 from flowgrpo_core.cluster.kube import Kube, connect
 from flowgrpo_core.cluster.options import CLUSTER_ENV, ClusterOptions, ClusterOptionsError, Toleration
