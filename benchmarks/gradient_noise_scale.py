@@ -68,12 +68,20 @@ def _row(name: str, scale: NoiseScale) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="shapes")
     parser.add_argument("--batches", type=int, default=8, help="independent epochs (default 8, at least 3)")
     parser.add_argument("--prompts", nargs="+", metavar="PROMPT", help="draw only these training prompts")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override of the preset (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of the preset (repeatable)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args()
     if args.batches < 3:
@@ -85,7 +93,9 @@ def main() -> None:
     print(cfg.describe(), flush=True)
     with tempfile.TemporaryDirectory() as out:
         trainer = FlowGRPOTrainer(cfg, out, prompts=prompts, progress=False)
-        sigmas = trainer.adapter.sigmas(cfg.sampling.num_steps, cfg.sampling.resolution, cfg.sampling.resolution)
+        sigmas = trainer.adapter.sigmas(
+            cfg.sampling.num_steps, cfg.sampling.resolution, cfg.sampling.resolution
+        )
         epochs = []
         for b in range(args.batches):
             grads, images = epoch_gradients(trainer, b)
@@ -94,7 +104,9 @@ def main() -> None:
     every_step = sorted(set.intersection(*(set(g) for g in epochs)))
     whole = gradient_noise_scale(torch.stack([sum(g.values()) for g in epochs]), images)
     print(f"\n{args.batches} independent epochs of {images} images at the initial weights\n")
-    print("| gradient | cosine between epochs | signal |G|^2 | noise per epoch | noise scale B_noise (images) |")
+    print(
+        "| gradient | cosine between epochs | signal |G|^2 | noise per epoch | noise scale B_noise (images) |"
+    )
     print("|---|---|---|---|---|")
     print(_row("whole epoch", whole))
     for j in every_step:
@@ -102,8 +114,10 @@ def main() -> None:
         print(_row(f"step {j} (sigma {float(sigmas[j]):.3f})", step))
     per_update = images // cfg.train.optimizer_steps_per_epoch
     bound = whole.images if whole.detected else whole.images_lower_bound
-    print(f"\nan optimiser step uses {per_update} images; B_noise is {'' if whole.detected else 'at least '}"
-          f"{bound / per_update:,.0f}x that")  # fmt: skip
+    print(
+        f"\nan optimiser step uses {per_update} images; B_noise is {'' if whole.detected else 'at least '}"
+        f"{bound / per_update:,.0f}x that"
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,24 @@ from flowgrpo_core.rewards import build_reward
 from flowgrpo_core.serving.client import RemoteReward
 from flowgrpo_core.serving.manager import LocalRewardServers
 
-WORDS = ["Apple", "Kubeflow", "Orange 42", "Sunrise", "Mlflow", "Hello", "Rocket", "Garden",
-         "Piano", "Winter", "Coffee", "Tiger", "Silver", "Planet", "Bridge", "Dragon"]  # fmt: skip
+WORDS = [
+    "Apple",
+    "Kubeflow",
+    "Orange 42",
+    "Sunrise",
+    "Mlflow",
+    "Hello",
+    "Rocket",
+    "Garden",
+    "Piano",
+    "Winter",
+    "Coffee",
+    "Tiger",
+    "Silver",
+    "Planet",
+    "Bridge",
+    "Dragon",
+]
 
 
 def text_image(text: str, size: int, seed: int) -> Image.Image:
@@ -128,14 +144,18 @@ def main() -> None:
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     )
-    header = (f"{'reward':<24}{'in-process':>12}{'HTTP b=1':>12}{'HTTP b=' + str(args.batch):>12}"
-              f"{str(args.batch) + ' clients':>12}{'overhead':>10}{'ms/img':>8}{'CPU ovh':>9}")  # fmt: skip
+    header = (
+        f"{'reward':<24}{'in-process':>12}{'HTTP b=1':>12}{'HTTP b=' + str(args.batch):>12}"
+        f"{str(args.batch) + ' clients':>12}{'overhead':>10}{'ms/img':>8}{'CPU ovh':>9}"
+    )
     print(header + "\n" + "-" * len(header))
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.rewards:
             r = bench(name, images, prompts, args.repeats, Path(workdir))
-            print(f"{name:<24}{r['in_process']:>12.2f}{r['batch1']:>12.2f}{r['batched']:>12.2f}{r['concurrent']:>12.2f}"
-                  f"{100 * r['overhead']:>9.1f}%{r['overhead_ms_per_image']:>8.1f}{100 * r['cpu_overhead']:>8.1f}%")  # fmt: skip
+            print(
+                f"{name:<24}{r['in_process']:>12.2f}{r['batch1']:>12.2f}{r['batched']:>12.2f}{r['concurrent']:>12.2f}"
+                f"{100 * r['overhead']:>9.1f}%{r['overhead_ms_per_image']:>8.1f}{100 * r['cpu_overhead']:>8.1f}%"
+            )
     print(
         f"(images/s: best of {args.repeats} rounds; overhead: wall time of HTTP vs in-process at batch {args.batch}, "
         "best rounds; ms/img: the extra wall time per image; CPU ovh: CPU seconds of client + server vs in-process, "

@@ -45,13 +45,30 @@ def bench(size: str, repeats: int, steps: int, guidance: float) -> dict[str, flo
     params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
 
     def ours() -> None:
-        rollout(adapter, prompts, list(range(batch)), resolution=res, num_steps=steps, guidance_scale=guidance,
-                noise_level=0.7, sde_mask=sde_window_mask(batch, steps, 0, 0), max_sequence_length=32)  # fmt: skip
+        rollout(
+            adapter,
+            prompts,
+            list(range(batch)),
+            resolution=res,
+            num_steps=steps,
+            guidance_scale=guidance,
+            noise_level=0.7,
+            sde_mask=sde_window_mask(batch, steps, 0, 0),
+            max_sequence_length=32,
+        )
 
     def diffusers() -> None:
         generators = [torch.Generator().manual_seed(i) for i in range(batch)]
-        pipe(prompts, height=res, width=res, num_inference_steps=steps, guidance_scale=guidance,
-             max_sequence_length=32, generator=generators, output_type="pt")  # fmt: skip
+        pipe(
+            prompts,
+            height=res,
+            width=res,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            max_sequence_length=32,
+            generator=generators,
+            output_type="pt",
+        )
 
     pipe.set_progress_bar_config(disable=True)
     ours(), diffusers()  # warm-up

@@ -31,9 +31,27 @@ def run(processes: int, epochs: int, overrides: list[str], extra: list[str]) -> 
     out = Path(tempfile.mkdtemp(prefix=f"flowgrpo-scaling-{processes}-"))
     threads = max(1, (os.cpu_count() or 1) // processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-               f"--master_port={_port()}", "-m", "flowgrpo_core.cli", "train", "--preset", "tiny", "--epochs", str(epochs + 1),
-               "--out", str(out), "--no-progress", "--set", "train.checkpoint_every=0", *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_port()}",
+        "-m",
+        "flowgrpo_core.cli",
+        "train",
+        "--preset",
+        "tiny",
+        "--epochs",
+        str(epochs + 1),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "train.checkpoint_every=0",
+        *extra,
+    ]
     for override in overrides:
         command += ["--set", override]
     subprocess.run(command, env=env, check=True, capture_output=True)
@@ -78,8 +96,10 @@ def main() -> None:
     )
     for n, r in results.items():
         other = r["time/epoch_s"] - sum(r[k] for k in keys[1:])
-        print(f"{n:>9} {r['time/epoch_s']:>10.3f} {r['time/rollout_s']:>9.3f} {r['time/reward_wait_s']:>12.3f} "
-              f"{r['time/gather_s']:>7.3f} {r['time/forward_backward_s']:>8.3f} {other:>7.3f}")  # fmt: skip
+        print(
+            f"{n:>9} {r['time/epoch_s']:>10.3f} {r['time/rollout_s']:>9.3f} {r['time/reward_wait_s']:>12.3f} "
+            f"{r['time/gather_s']:>7.3f} {r['time/forward_backward_s']:>8.3f} {other:>7.3f}"
+        )
     print(
         f"2 processes / 1 process: epoch time {results[2]['time/epoch_s'] / results[1]['time/epoch_s']:.2f}x"
     )

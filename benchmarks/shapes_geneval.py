@@ -65,9 +65,17 @@ def held_out_accuracy(adapter, cfg: FlowGRPOConfig) -> dict[str, float]:
     e = cfg.eval
     prompts = load_prompts(cfg.prompts.eval)
     prompts = prompts.take(list(range(min(e.num_prompts, len(prompts)))))
-    return shapes_accuracy(adapter, prompts, images_per_prompt=e.images_per_prompt, min_images_per_tag=e.min_images_per_tag,
-                           num_steps=e.num_steps, guidance_scale=e.guidance_scale, seed=e.seed, batch_size=e.batch_size,
-                           max_sequence_length=cfg.sampling.max_sequence_length)  # fmt: skip
+    return shapes_accuracy(
+        adapter,
+        prompts,
+        images_per_prompt=e.images_per_prompt,
+        min_images_per_tag=e.min_images_per_tag,
+        num_steps=e.num_steps,
+        guidance_scale=e.guidance_scale,
+        seed=e.seed,
+        batch_size=e.batch_size,
+        max_sequence_length=cfg.sampling.max_sequence_length,
+    )
 
 
 def policy_accuracy(trainer: FlowGRPOTrainer, cfg: FlowGRPOConfig) -> dict[str, float]:
@@ -96,22 +104,31 @@ def train_under_budget(
             trainer.history.append(metrics)
             epoch = trainer.epoch = epoch + 1
             if spent >= next_eval or spent >= cpu_budget_s:
-                points.append({"method": name, "epoch": epoch, "cpu_min": spent / 60, **policy_accuracy(trainer, cfg)})
+                points.append(
+                    {"method": name, "epoch": epoch, "cpu_min": spent / 60, **policy_accuracy(trainer, cfg)}
+                )
                 print(_row(points[-1]) + f"   (train reward {metrics['reward/total']:.3f})", flush=True)
                 next_eval += eval_every_s
         return points
 
 
 def supervised_under_budget(
-    name: str, cfg: FlowGRPOConfig, cpu_budget_s: float, eval_every_s: float, threads: int = 1,
-    learning_rate: float = 3e-4, seed: int = 2,
-) -> list[dict]:  # fmt: skip
+    name: str,
+    cfg: FlowGRPOConfig,
+    cpu_budget_s: float,
+    eval_every_s: float,
+    threads: int = 1,
+    learning_rate: float = 3e-4,
+    seed: int = 2,
+) -> list[dict]:
     """Continue pre-training the preset's packaged shapes model for the CPU budget (rectified flow on
     ground-truth renders, ``flowgrpo pretrain-shapes --init-from``) and evaluate it as the RL methods are.
     Evaluation points as ``train_under_budget``'s; "epoch" counts optimiser steps of 8 scenes."""
     torch.set_num_threads(threads)
     folder = parse_source(cfg.model.source).location
-    pre = PretrainConfig(init_from=folder, seed=seed, learning_rate=learning_rate, threads=threads, eval_every=1)
+    pre = PretrainConfig(
+        init_from=folder, seed=seed, learning_rate=learning_rate, threads=threads, eval_every=1
+    )
     pipe = build_shapes_sd3(pre.model, seed=pre.seed)
     load_trained_parts(pipe, folder)
     adapter = adapter_for(pipe, cfg.model.source)
@@ -129,7 +146,9 @@ def supervised_under_budget(
         if spent < next_eval:
             return
         began = cpu_seconds()
-        points.append({"method": name, "epoch": step, "cpu_min": spent / 60, **held_out_accuracy(adapter, cfg)})
+        points.append(
+            {"method": name, "epoch": step, "cpu_min": spent / 60, **held_out_accuracy(adapter, cfg)}
+        )
         print(_row(points[-1]), flush=True)
         excluded += cpu_seconds() - began
         phase.deadline = start + cpu_budget_s + excluded
@@ -161,21 +180,50 @@ def _row(p: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="shapes", help="preset both methods start from (default: shapes)")
-    parser.add_argument("--cpu-minutes", type=float, default=30.0, help="training CPU budget per method (default 30)")
-    parser.add_argument("--eval-every", type=float, default=2.5, help="CPU-minutes between evaluations (default 2.5)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override for both methods (repeatable)")  # fmt: skip
-    parser.add_argument("--fast-set", dest="fast", action="append", default=None, metavar="KEY=VALUE",
-                        help="what makes Flow-GRPO-Fast (default: sampling.sde_window_size=2)")  # fmt: skip
-    parser.add_argument("--methods", default="full,fast,supervised",
-                        help="comma-separated subset of full,fast,supervised (default: all three)")  # fmt: skip
-    parser.add_argument("--supervised-lr", type=float, default=3e-4,
-                        help="learning rate of the supervised reference (default 3e-4)")  # fmt: skip
+    parser.add_argument(
+        "--cpu-minutes", type=float, default=30.0, help="training CPU budget per method (default 30)"
+    )
+    parser.add_argument(
+        "--eval-every", type=float, default=2.5, help="CPU-minutes between evaluations (default 2.5)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for both methods (repeatable)",
+    )
+    parser.add_argument(
+        "--fast-set",
+        dest="fast",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="what makes Flow-GRPO-Fast (default: sampling.sde_window_size=2)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="full,fast,supervised",
+        help="comma-separated subset of full,fast,supervised (default: all three)",
+    )
+    parser.add_argument(
+        "--supervised-lr",
+        type=float,
+        default=3e-4,
+        help="learning rate of the supervised reference (default 3e-4)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per method (default 1)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="methods trained at the same time, one process each (default: all of them)")  # fmt: skip
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="methods trained at the same time, one process each (default: all of them)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every evaluation point as JSON")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -183,17 +231,33 @@ def main() -> None:
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {','.join(METHODS)}")
     fast_overrides = args.fast or ["sampling.sde_window_size=2"]
-    overrides = {"full": args.overrides, "fast": [*args.overrides, *fast_overrides], "supervised": args.overrides}
+    overrides = {
+        "full": args.overrides,
+        "fast": [*args.overrides, *fast_overrides],
+        "supervised": args.overrides,
+    }
     configs = {METHODS[m]: load_config(args.preset, overrides=overrides[m]) for m in METHODS if m in methods}
     if "supervised" in methods and not configs[METHODS["supervised"]].model.source.startswith("shapes:"):
-        parser.error("--methods supervised: the preset's model.source must be a packaged shapes model (shapes:sd3)")
-    print(f"preset {args.preset}, {args.cpu_minutes:g} CPU-minutes of training per method, {args.threads} thread(s)")
+        parser.error(
+            "--methods supervised: the preset's model.source must be a packaged shapes model (shapes:sd3)"
+        )
+    print(
+        f"preset {args.preset}, {args.cpu_minutes:g} CPU-minutes of training per method, {args.threads} thread(s)"
+    )
     for name, cfg in configs.items():
         print(f"{name}: {cfg.describe()}")
     e = next(iter(configs.values())).eval
-    print(f"held-out: {e.num_prompts} prompts of {next(iter(configs.values())).prompts.eval} x {e.images_per_prompt} images (at least {e.min_images_per_tag} per task), "
-          f"{e.num_steps} ODE steps, CFG {e.guidance_scale:g}\n")  # fmt: skip
-    header = "| method | epochs (supervised: steps) | CPU-min | " + " | ".join(TAGS) + " | overall ± standard error |\n|---|---|---|" + "---|" * len(TAGS) + "---|"
+    print(
+        f"held-out: {e.num_prompts} prompts of {next(iter(configs.values())).prompts.eval} x {e.images_per_prompt} images (at least {e.min_images_per_tag} per task), "
+        f"{e.num_steps} ODE steps, CFG {e.guidance_scale:g}\n"
+    )
+    header = (
+        "| method | epochs (supervised: steps) | CPU-min | "
+        + " | ".join(TAGS)
+        + " | overall ± standard error |\n|---|---|---|"
+        + "---|" * len(TAGS)
+        + "---|"
+    )
     print(header)
     started = time.monotonic()
     budget = (60 * args.cpu_minutes, 60 * args.eval_every, args.threads)
@@ -201,9 +265,10 @@ def main() -> None:
     with concurrent.futures.ProcessPoolExecutor(args.jobs or len(configs), mp_context=context) as pool:
         futures = {
             name: pool.submit(supervised_under_budget, name, cfg, *budget, args.supervised_lr)
-            if name == METHODS["supervised"] else pool.submit(train_under_budget, name, cfg, *budget)
+            if name == METHODS["supervised"]
+            else pool.submit(train_under_budget, name, cfg, *budget)
             for name, cfg in configs.items()
-        }  # fmt: skip
+        }
         curves = {name: future.result() for name, future in futures.items()}
     print(f"\nwall time {(time.monotonic() - started) / 60:.1f} min\n")
     print(header)
@@ -216,9 +281,13 @@ def main() -> None:
         final = points[-1]
         gain = final["overall"] - base["overall"]
         error = math.hypot(base["overall_se"], final["overall_se"])
-        verdict = "significant" if significant_gain(base, final) else "within two standard errors: not significant"
-        print(f"{name}: base {base['overall']:.3f} -> {final['overall']:.3f} after {final['cpu_min']:.1f} CPU-min "
-              f"({100 * gain:+.1f} ± {100 * error:.1f} points, {verdict})")  # fmt: skip
+        verdict = (
+            "significant" if significant_gain(base, final) else "within two standard errors: not significant"
+        )
+        print(
+            f"{name}: base {base['overall']:.3f} -> {final['overall']:.3f} after {final['cpu_min']:.1f} CPU-min "
+            f"({100 * gain:+.1f} ± {100 * error:.1f} points, {verdict})"
+        )
     if "Flow-GRPO" in curves and "Flow-GRPO-Fast" in curves:
         print(speedup_line(base, curves["Flow-GRPO"], curves["Flow-GRPO-Fast"]))
     if args.json:
@@ -233,10 +302,17 @@ def speedup_line(base: dict, full: list[dict], fast: list[dict]) -> str:
         return "no speed-up measured: Flow-GRPO's final accuracy is not significantly above the base"
     target = full[-1]["overall"]
     full_t, fast_t = first_reaching(full, target), first_reaching(fast, target)
-    speedup = ("never within its budget" if fast_t is None else "at once" if fast_t == 0
-               else f"{full_t / fast_t:.1f}x sooner")  # fmt: skip
-    return (f"first reaching Flow-GRPO's final accuracy {target:.3f}: Flow-GRPO at {full_t:.1f} CPU-min, "
-            f"Flow-GRPO-Fast at {'-' if fast_t is None else f'{fast_t:.1f}'} CPU-min ({speedup})")  # fmt: skip
+    speedup = (
+        "never within its budget"
+        if fast_t is None
+        else "at once"
+        if fast_t == 0
+        else f"{full_t / fast_t:.1f}x sooner"
+    )
+    return (
+        f"first reaching Flow-GRPO's final accuracy {target:.3f}: Flow-GRPO at {full_t:.1f} CPU-min, "
+        f"Flow-GRPO-Fast at {'-' if fast_t is None else f'{fast_t:.1f}'} CPU-min ({speedup})"
+    )
 
 
 if __name__ == "__main__":

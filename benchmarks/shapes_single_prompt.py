@@ -40,21 +40,40 @@ def ode_accuracy(trainer: FlowGRPOTrainer, prompts: PromptSet, images: int) -> t
     texts = [p for p in prompts.prompts for _ in range(images)]
     meta = [m for m in prompts.metadata for _ in range(images)]
     with trainer.evaluation_weights():
-        pictures = generate(trainer.adapter, texts, list(range(len(texts))), resolution=cfg.sampling.resolution,
-                            num_steps=cfg.eval.num_steps, guidance_scale=cfg.eval.guidance_scale,
-                            batch_size=cfg.eval.batch_size, max_sequence_length=cfg.sampling.max_sequence_length)  # fmt: skip
+        pictures = generate(
+            trainer.adapter,
+            texts,
+            list(range(len(texts))),
+            resolution=cfg.sampling.resolution,
+            num_steps=cfg.eval.num_steps,
+            guidance_scale=cfg.eval.guidance_scale,
+            batch_size=cfg.eval.batch_size,
+            max_sequence_length=cfg.sampling.max_sequence_length,
+        )
     scored = ShapesGenEvalReward(score="strict")(pictures, texts, meta)
     return float(np.mean(scored.scores)), float(np.mean(scored.details["fraction"]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("prompts", nargs="+", help="training prompts of builtin:shapes_train")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--eval-every", type=int, default=10, help="epochs between ODE evaluations (default 10)")
-    parser.add_argument("--images", type=int, default=32, help="ODE images per prompt per evaluation (default 32)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override of the shapes preset (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--eval-every", type=int, default=10, help="epochs between ODE evaluations (default 10)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=32, help="ODE images per prompt per evaluation (default 32)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of the shapes preset (repeatable)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,14 +90,19 @@ def main() -> None:
                 metrics = trainer.run_epoch(epoch)
             trainer.history.append(metrics)
             trainer.epoch = epoch + 1
-            print(f"epoch {epoch + 1}: SDE reward {metrics['reward/total']:.3f}  kl {metrics['train/kl']:.4f}  "
-                  f"clipfrac {metrics['train/clipfrac']:.3f}  ({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"epoch {epoch + 1}: SDE reward {metrics['reward/total']:.3f}  kl {metrics['train/kl']:.4f}  "
+                f"clipfrac {metrics['train/clipfrac']:.3f}  ({time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
                 accuracy, reward = ode_accuracy(trainer, prompts, args.images)
                 print(f"epoch {epoch + 1}: ODE accuracy {accuracy:.3f}, ODE reward {reward:.3f}", flush=True)
         rewards = [m["reward/total"] for m in trainer.history]
         half = len(rewards) // 2
-        print(f"SDE reward: first half {np.mean(rewards[:half]):.3f}, second half {np.mean(rewards[half:]):.3f}")
+        print(
+            f"SDE reward: first half {np.mean(rewards[:half]):.3f}, second half {np.mean(rewards[half:]):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,19 @@ from components.images import TRAINER_IMAGE
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def calibrate_rewards(
-    preset: str, overrides: list, model_source: str, model_revision: str, tracking_uri: str, experiment: str,
-    workdir: str, kfp_run_id: str, model: Input[Model], endpoints: Input[Artifact],
-    calibration: Output[Artifact], metrics: Output[Metrics],
-):  # fmt: skip
+    preset: str,
+    overrides: list,
+    model_source: str,
+    model_revision: str,
+    tracking_uri: str,
+    experiment: str,
+    workdir: str,
+    kfp_run_id: str,
+    model: Input[Model],
+    endpoints: Input[Artifact],
+    calibration: Output[Artifact],
+    metrics: Output[Metrics],
+):
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.calibrate import calibrate_rewards as run
 

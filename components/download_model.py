@@ -8,9 +8,16 @@ from components.images import TRAINER_IMAGE
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def download_model(
-    preset: str, overrides: list, model_source: str, model_revision: str, tracking_uri: str, experiment: str,
-    workdir: str, kfp_run_id: str, model: Output[Model],
-) -> str:  # fmt: skip
+    preset: str,
+    overrides: list,
+    model_source: str,
+    model_revision: str,
+    tracking_uri: str,
+    experiment: str,
+    workdir: str,
+    kfp_run_id: str,
+    model: Output[Model],
+) -> str:
     """Copy or build the base model; returns its family (sd3, flux)."""
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.download import download_model as run

@@ -8,10 +8,21 @@ from components.images import TRAINER_IMAGE
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def evaluate(
-    preset: str, overrides: list, model_source: str, model_revision: str, tracking_uri: str, experiment: str,
-    workdir: str, kfp_run_id: str, model: Input[Model], policy: Input[Model], endpoints: Input[Artifact],
-    report: Output[Markdown], evaluation: Output[Artifact], metrics: Output[Metrics],
-):  # fmt: skip
+    preset: str,
+    overrides: list,
+    model_source: str,
+    model_revision: str,
+    tracking_uri: str,
+    experiment: str,
+    workdir: str,
+    kfp_run_id: str,
+    model: Input[Model],
+    policy: Input[Model],
+    endpoints: Input[Artifact],
+    report: Output[Markdown],
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+):
     import json
     import os
     import shutil

@@ -8,9 +8,16 @@ from components.images import TRAINER_IMAGE
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def launch_reward_servers(
-    preset: str, overrides: list, model_source: str, model_revision: str, tracking_uri: str, experiment: str,
-    workdir: str, kfp_run_id: str, endpoints: Output[Artifact],
-):  # fmt: skip
+    preset: str,
+    overrides: list,
+    model_source: str,
+    model_revision: str,
+    tracking_uri: str,
+    experiment: str,
+    workdir: str,
+    kfp_run_id: str,
+    endpoints: Output[Artifact],
+):
     """Start one reward server per reward; writes {name: {url, weight}} JSON."""
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.servers import launch_reward_servers as run
@@ -24,9 +31,15 @@ def launch_reward_servers(
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def stop_reward_servers(
-    preset: str, overrides: list, model_source: str, model_revision: str, tracking_uri: str, experiment: str,
-    workdir: str, kfp_run_id: str,
-):  # fmt: skip
+    preset: str,
+    overrides: list,
+    model_source: str,
+    model_revision: str,
+    tracking_uri: str,
+    experiment: str,
+    workdir: str,
+    kfp_run_id: str,
+):
     """Exit handler: always stop this run's reward servers (and close a failed run's MLflow parent)."""
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.servers import stop_reward_servers as run

@@ -8,10 +8,19 @@ from components.images import TRAINER_IMAGE
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def register_model(
-    preset: str, overrides: list, model_source: str, model_revision: str, tracking_uri: str, experiment: str,
-    workdir: str, kfp_run_id: str, family: str, policy: Input[Model], evaluation: Input[Artifact],
+    preset: str,
+    overrides: list,
+    model_source: str,
+    model_revision: str,
+    tracking_uri: str,
+    experiment: str,
+    workdir: str,
+    kfp_run_id: str,
+    family: str,
+    policy: Input[Model],
+    evaluation: Input[Artifact],
     registration: Output[Artifact],
-) -> str:  # fmt: skip
+) -> str:
     """Returns 'name/version'."""
     import json
 

@@ -8,10 +8,20 @@ from components.images import TRAINER_IMAGE
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def train_grpo(
-    preset: str, overrides: list, model_source: str, model_revision: str, tracking_uri: str, experiment: str,
-    workdir: str, kfp_run_id: str, model: Input[Model], endpoints: Input[Artifact], calibration: Input[Artifact],
-    policy: Output[Model], metrics: Output[Metrics],
-):  # fmt: skip
+    preset: str,
+    overrides: list,
+    model_source: str,
+    model_revision: str,
+    tracking_uri: str,
+    experiment: str,
+    workdir: str,
+    kfp_run_id: str,
+    model: Input[Model],
+    endpoints: Input[Artifact],
+    calibration: Input[Artifact],
+    policy: Output[Model],
+    metrics: Output[Metrics],
+):
     import json
 
     from flowgrpo_core.stages import PipelineContext

@@ -108,51 +108,110 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and how the compiled pipeline runs on Kubernetes (``compile`` and ``submit``)."""
     group = parser.add_argument_group("cluster (Kubernetes resources of the compiled pipeline)")
-    group.add_argument("--gpus", type=int, default=0,
-                       help="GPUs of each model-running stage, and of each training node (default 0)")  # fmt: skip
-    group.add_argument("--nodes", type=int, default=1,
-                       help="training nodes; > 1 trains as a PyTorchJob (Kubeflow training operator), needs --pvc (default 1)")  # fmt: skip
-    group.add_argument("--accelerator", default="nvidia.com/gpu",
-                       help="resource name GPUs are requested as (default: nvidia.com/gpu)")  # fmt: skip
-    group.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
-                       help="node label the GPU pods must match, e.g. cloud.google.com/gke-accelerator=nvidia-h100-80gb (repeatable)")  # fmt: skip
-    group.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
-                       help="taint the GPU pods tolerate, e.g. nvidia.com/gpu:NoSchedule (repeatable)")  # fmt: skip
-    group.add_argument("--pvc", default="",
-                       help="ReadWriteMany PersistentVolumeClaim mounted by every step: work folder (checkpoints), model caches")  # fmt: skip
-    group.add_argument("--pvc-mount", default="/mnt/flowgrpo", metavar="PATH",
-                       help="where the PVC is mounted; the default --workdir moves to PATH/work (default: /mnt/flowgrpo)")  # fmt: skip
-    group.add_argument("--s3-secret", default="", metavar="NAME",
-                       help="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY [, AWS_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, ...]")  # fmt: skip
-    group.add_argument("--mlflow-secret", default="", metavar="NAME",
-                       help="Secret with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")  # fmt: skip
+    group.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        help="GPUs of each model-running stage, and of each training node (default 0)",
+    )
+    group.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="training nodes; > 1 trains as a PyTorchJob (Kubeflow training operator), needs --pvc (default 1)",
+    )
+    group.add_argument(
+        "--accelerator",
+        default="nvidia.com/gpu",
+        help="resource name GPUs are requested as (default: nvidia.com/gpu)",
+    )
+    group.add_argument(
+        "--node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node label the GPU pods must match, e.g. cloud.google.com/gke-accelerator=nvidia-h100-80gb (repeatable)",
+    )
+    group.add_argument(
+        "--toleration",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE][:EFFECT]",
+        help="taint the GPU pods tolerate, e.g. nvidia.com/gpu:NoSchedule (repeatable)",
+    )
+    group.add_argument(
+        "--pvc",
+        default="",
+        help="ReadWriteMany PersistentVolumeClaim mounted by every step: work folder (checkpoints), model caches",
+    )
+    group.add_argument(
+        "--pvc-mount",
+        default="/mnt/flowgrpo",
+        metavar="PATH",
+        help="where the PVC is mounted; the default --workdir moves to PATH/work (default: /mnt/flowgrpo)",
+    )
+    group.add_argument(
+        "--s3-secret",
+        default="",
+        metavar="NAME",
+        help="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY [, AWS_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, ...]",
+    )
+    group.add_argument(
+        "--mlflow-secret",
+        default="",
+        metavar="NAME",
+        help="Secret with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN",
+    )
     group.add_argument(
         "--hf-secret", default="", metavar="NAME", help="Secret with HF_TOKEN (gated hub models)"
     )
-    group.add_argument("--reward-token-secret", default="", metavar="NAME",
-                       help="Secret with FLOWGRPO_REWARD_TOKEN, the reward servers' bearer token")  # fmt: skip
-    group.add_argument("--image", default="", help="image of every step and training node (default: $FLOWGRPO_TRAINER_IMAGE "
-                       "or ghcr.io/flowgrpo/flowgrpo-trainer:<version>)")  # fmt: skip
-    group.add_argument("--image-pull-secret", action="append", default=[], metavar="NAME",
-                       help="Secret for pulling the images from a private registry (repeatable)")  # fmt: skip
+    group.add_argument(
+        "--reward-token-secret",
+        default="",
+        metavar="NAME",
+        help="Secret with FLOWGRPO_REWARD_TOKEN, the reward servers' bearer token",
+    )
+    group.add_argument(
+        "--image",
+        default="",
+        help="image of every step and training node (default: $FLOWGRPO_TRAINER_IMAGE "
+        "or ghcr.io/flowgrpo/flowgrpo-trainer:<version>)",
+    )
+    group.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Secret for pulling the images from a private registry (repeatable)",
+    )
     group.add_argument(
         "--worker-cpu", default="8", help="CPU of each training node when --nodes > 1 (default 8)"
     )
-    group.add_argument("--worker-memory", default="64Gi",
-                       help="memory of each training node when --nodes > 1 (default 64Gi)")  # fmt: skip
+    group.add_argument(
+        "--worker-memory", default="64Gi", help="memory of each training node when --nodes > 1 (default 64Gi)"
+    )
 
 
 def _cluster_options(args: argparse.Namespace):
     from flowgrpo_core.cluster.options import ClusterOptions, Toleration, parse_key_value
 
     return ClusterOptions(
-        gpus=args.gpus, nodes=args.nodes, accelerator=args.accelerator,
+        gpus=args.gpus,
+        nodes=args.nodes,
+        accelerator=args.accelerator,
         node_selector=tuple(parse_key_value(text, "--node-selector") for text in args.node_selector),
         tolerations=tuple(Toleration.parse(text) for text in args.toleration),
-        pvc=args.pvc, mount_path=args.pvc_mount, s3_secret=args.s3_secret, mlflow_secret=args.mlflow_secret,
-        hf_secret=args.hf_secret, reward_token_secret=args.reward_token_secret, trainer_image=args.image,
-        image_pull_secrets=tuple(args.image_pull_secret), worker_cpu=args.worker_cpu, worker_memory=args.worker_memory,
-    )  # fmt: skip
+        pvc=args.pvc,
+        mount_path=args.pvc_mount,
+        s3_secret=args.s3_secret,
+        mlflow_secret=args.mlflow_secret,
+        hf_secret=args.hf_secret,
+        reward_token_secret=args.reward_token_secret,
+        trainer_image=args.image,
+        image_pull_secrets=tuple(args.image_pull_secret),
+        worker_cpu=args.worker_cpu,
+        worker_memory=args.worker_memory,
+    )
 
 
 def _pipeline_args(args: argparse.Namespace):
@@ -164,9 +223,14 @@ def _pipeline_args(args: argparse.Namespace):
             "--config is not a pipeline parameter: pass the file's fields with --set (they travel with the run)"
         )
     return PipelineArguments(
-        preset=args.preset, overrides=tuple(args.overrides), model_source=args.model_source, model_revision=args.model_revision,
-        tracking_uri=args.tracking_uri or DEFAULT_TRACKING_URI, experiment=args.experiment, workdir=args.workdir,
-    )  # fmt: skip
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+        model_source=args.model_source,
+        model_revision=args.model_revision,
+        tracking_uri=args.tracking_uri or DEFAULT_TRACKING_URI,
+        experiment=args.experiment,
+        workdir=args.workdir,
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -252,8 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_cmd_run)
 
-    compile_ = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML", description="Compile the pipeline with "
-                              "these parameters as defaults, for upload to Kubeflow Pipelines.")  # fmt: skip
+    compile_ = sub.add_parser(
+        "compile",
+        help="compile the pipeline to KFP IR YAML",
+        description="Compile the pipeline with "
+        "these parameters as defaults, for upload to Kubeflow Pipelines.",
+    )
     add_pipeline_arguments(compile_)
     add_cluster_arguments(compile_)
     compile_.add_argument(

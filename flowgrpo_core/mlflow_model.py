@@ -25,7 +25,9 @@ class FlowGRPOPolicy(PythonModel):
         base = json.loads((folder / "base.json").read_text())
         self.config = load_config(None, folder / "config.yaml")
         device = resolve_device("auto")
-        self.adapter = load_model(base["source"], base.get("revision"), self.config.model.component_dtypes(), str(device))
+        self.adapter = load_model(
+            base["source"], base.get("revision"), self.config.model.component_dtypes(), str(device)
+        )
         attach_policy(self.adapter, folder, ema=True)
 
     def predict(self, context, model_input, params: dict | None = None) -> list:

@@ -30,9 +30,7 @@ def attach_policy(adapter: FlowAdapter, policy_dir: str | Path, ema: bool = True
     elif (folder / "transformer").is_dir():
         adapter.keep_reference_copy()
         base = adapter.pipeline.transformer
-        tuned = (
-            type(base).from_pretrained(folder / "transformer", dtype=base.dtype).to(base.device).eval()
-        )
+        tuned = type(base).from_pretrained(folder / "transformer", dtype=base.dtype).to(base.device).eval()
         adapter.pipeline.register_modules(transformer=tuned)
     else:
         raise FileNotFoundError(f"{folder} holds no policy: expected {LORA_FILE} or a transformer/ folder")

@@ -32,7 +32,12 @@ def _merge(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
 
 
 _SD3_REFERENCE: dict[str, Any] = {
-    "model": {"source": SD35_MEDIUM, "dtype": "float32", "text_encoder_dtype": "float16", "vae_dtype": "float32"},
+    "model": {
+        "source": SD35_MEDIUM,
+        "dtype": "float32",
+        "text_encoder_dtype": "float16",
+        "vae_dtype": "float32",
+    },
     "sampling": {
         "resolution": 512,
         "num_steps": 10,
@@ -67,7 +72,13 @@ _SD3_REFERENCE: dict[str, Any] = {
 # the samples trained in sampling order
 _SD3_FAST_NOCFG: dict[str, Any] = _merge(
     _SD3_REFERENCE,
-    sampling={"guidance_scale": 1.0, "sde_type": "cps", "noise_level": 0.8, "sde_window_size": 3, "sde_window_range": [0.0, 0.5]},
+    sampling={
+        "guidance_scale": 1.0,
+        "sde_type": "cps",
+        "noise_level": 0.8,
+        "sde_window_size": 3,
+        "sde_window_range": [0.0, 0.5],
+    },
     train={"beta": 0.0, "clip_range": 1e-5, "shuffle_samples": False},
     eval={"guidance_scale": 1.0},
 )
@@ -80,13 +91,25 @@ _FLUX_REFERENCE: dict[str, Any] = _merge(
     _SD3_REFERENCE,
     model={"source": FLUX1_DEV, "text_encoder_dtype": "bfloat16"},
     sampling={"num_steps": 6, "guidance_scale": 3.5, "noise_level": 0.9, "batch_size": 3},
-    train={"beta": 0.0, "lora_rank": 64, "lora_alpha": 128.0, "mixed_precision": "bf16", "zero_advantage": "keep",
-           "lora_target_modules": [*JOINT_ATTENTION_PROJECTIONS, *JOINT_FEED_FORWARDS]},
+    train={
+        "beta": 0.0,
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "mixed_precision": "bf16",
+        "zero_advantage": "keep",
+        "lora_target_modules": [*JOINT_ATTENTION_PROJECTIONS, *JOINT_FEED_FORWARDS],
+    },
     eval={"num_steps": 28, "guidance_scale": 3.5},
-)  # fmt: skip
+)
 
-_PICKSCORE = {"rewards": {"pickscore": 1.0}, "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"}}
-_GENEVAL = {"rewards": {"geneval": 1.0}, "prompts": {"train": "builtin:geneval_train", "eval": "builtin:geneval_test"}}
+_PICKSCORE = {
+    "rewards": {"pickscore": 1.0},
+    "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"},
+}
+_GENEVAL = {
+    "rewards": {"geneval": 1.0},
+    "prompts": {"train": "builtin:geneval_train", "eval": "builtin:geneval_test"},
+}
 _OCR = {"rewards": {"ocr": 1.0}, "prompts": {"train": "builtin:ocr_train", "eval": "builtin:ocr_test"}}
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -183,7 +206,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             },
             "calibration": {"epochs": 2},
             # 273 images give about 2.3 points of standard error: promote only a gain beyond two of the difference
-            "tracking": {"gate_metric": "eval/policy/shapes_geneval/accuracy/overall", "gate_standard_errors": 2.0},
+            "tracking": {
+                "gate_metric": "eval/policy/shapes_geneval/accuracy/overall",
+                "gate_standard_errors": 2.0,
+            },
         },
     ),
     "sd3-geneval": (
@@ -229,7 +255,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {
             **_merge(
                 _FLUX_REFERENCE,
-                sampling={"sde_type": "cps", "noise_level": 0.8, "sde_window_size": 3, "sde_window_range": [0.0, 0.5]},
+                sampling={
+                    "sde_type": "cps",
+                    "noise_level": 0.8,
+                    "sde_window_size": 3,
+                    "sde_window_range": [0.0, 0.5],
+                },
                 train={"clip_range": 1e-5, "global_std": False, "shuffle_samples": False},
             ),
             **_PICKSCORE,

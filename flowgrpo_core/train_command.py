@@ -70,16 +70,24 @@ def train_arguments(
 
 
 def torchrun_command(
-    nodes: int, procs_per_node: int, preset: str, overrides: Sequence[str], out_dir: str,
+    nodes: int,
+    procs_per_node: int,
+    preset: str,
+    overrides: Sequence[str],
+    out_dir: str,
     endpoints_file: str | None = None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """The training command of every node. The training operator sets MASTER_ADDR / MASTER_PORT (the
     Master pod's Service) and RANK (the pod's index: 0 for the Master, 1.. for the Workers) in each pod;
     Kubernetes substitutes ``$(VAR)`` from the container's environment before starting it."""
     launcher = [
-        "torchrun", f"--nnodes={nodes}", f"--nproc_per_node={procs_per_node}", "--node_rank=$(RANK)",
-        "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)",
-    ]  # fmt: skip
+        "torchrun",
+        f"--nnodes={nodes}",
+        f"--nproc_per_node={procs_per_node}",
+        "--node_rank=$(RANK)",
+        "--master_addr=$(MASTER_ADDR)",
+        "--master_port=$(MASTER_PORT)",
+    ]
     return [*launcher, *train_arguments(preset, overrides, out_dir, endpoints_file, escape=_escape)]
 
 

@@ -104,7 +104,9 @@ class FlowGRPOTrainer:
         if config.prompts.balance_tags:
             tag_groups(self.prompts)  # an untagged prompt fails here, before the model loads
         self.reward = reward or build_rewards(config.rewards)
-        self.adapter = adapter or load_model(config.model.source, config.model.revision, config.model.component_dtypes())
+        self.adapter = adapter or load_model(
+            config.model.source, config.model.revision, config.model.component_dtypes()
+        )
         self.adapter.check_resolution(res, res)
         self.adapter.to(self.device)
         self.trainable = self._setup_policy()
@@ -233,7 +235,9 @@ class FlowGRPOTrainer:
         sampled = time.perf_counter()
         advantages, reward_metrics = self.advantages(epoch_samples.prompts, epoch_samples.rewards)
         finite = torch.from_numpy(np.isfinite(epoch_samples.rewards.scores))
-        train_metrics = self.train_on(epoch_samples.local, advantages, generator, epoch_samples.indices, finite)
+        train_metrics = self.train_on(
+            epoch_samples.local, advantages, generator, epoch_samples.indices, finite
+        )
         self.last_samples, self.last_prompts = epoch_samples.local, epoch_samples.prompts
         self.last_rewards = epoch_samples.rewards
         end = time.perf_counter()
@@ -254,8 +258,10 @@ class FlowGRPOTrainer:
         chosen = self.prompts.take(
             draw_prompts(self.prompts, s.groups_per_epoch, generator, self.config.prompts.balance_tags)
         )
-        images = PromptSet([p for p in chosen.prompts for _ in range(s.group_size)],
-                           [m for m in chosen.metadata for _ in range(s.group_size)])  # fmt: skip
+        images = PromptSet(
+            [p for p in chosen.prompts for _ in range(s.group_size)],
+            [m for m in chosen.metadata for _ in range(s.group_size)],
+        )
         seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()
         starts = [
             sample_window_start(s.window_bounds(), s.sde_window_size, generator) if s.sde_window_size else 0
@@ -277,12 +283,21 @@ class FlowGRPOTrainer:
                 sl = slice(b * s.batch_size, (b + 1) * s.batch_size)
                 started = time.perf_counter()
                 part = rollout(
-                    self.adapter, images.prompts[sl], seeds[sl],
-                    resolution=s.resolution, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                    noise_level=s.noise_level, sde_mask=sde_window_mask(s.batch_size, s.num_steps, s.sde_window_size, starts[b]),
-                    negative_prompt=s.negative_prompt, max_sequence_length=s.max_sequence_length, sde_type=s.sde_type,
-                    metadata=images.metadata[sl], store_means=self.config.train.ratio_norm, autocast_dtype=self.autocast_dtype,
-                )  # fmt: skip
+                    self.adapter,
+                    images.prompts[sl],
+                    seeds[sl],
+                    resolution=s.resolution,
+                    num_steps=s.num_steps,
+                    guidance_scale=s.guidance_scale,
+                    noise_level=s.noise_level,
+                    sde_mask=sde_window_mask(s.batch_size, s.num_steps, s.sde_window_size, starts[b]),
+                    negative_prompt=s.negative_prompt,
+                    max_sequence_length=s.max_sequence_length,
+                    sde_type=s.sde_type,
+                    metadata=images.metadata[sl],
+                    store_means=self.config.train.ratio_norm,
+                    autocast_dtype=self.autocast_dtype,
+                )
                 rollout_s += time.perf_counter() - started
                 parts.append(part)
                 indices += range(sl.start, sl.stop)
@@ -290,8 +305,10 @@ class FlowGRPOTrainer:
             waited = time.perf_counter()
             outputs = [f.result() for f in futures]
             reward_wait_s = time.perf_counter() - waited
-        local = RewardOutput(np.concatenate([o.scores for o in outputs]),
-                             {k: [v for o in outputs for v in o.details.get(k, [])] for k in outputs[0].details})  # fmt: skip
+        local = RewardOutput(
+            np.concatenate([o.scores for o in outputs]),
+            {k: [v for o in outputs for v in o.details.get(k, [])] for k in outputs[0].details},
+        )
         gathered = time.perf_counter()
         rewards = self._gather_rewards(indices, local, len(images))
         timing = {
@@ -375,9 +392,13 @@ class FlowGRPOTrainer:
         batch = self.config.sampling.batch_size
         rank_of_sample = (torch.arange(len(advantages)) // batch) % self.dist.world_size
         keep = samples_to_train(
-            advantages, t.zero_advantage, rank_of_sample, self.config.batches_per_epoch // self.dist.world_size,
-            generator, eligible=finite,
-        )  # fmt: skip
+            advantages,
+            t.zero_advantage,
+            rank_of_sample,
+            self.config.batches_per_epoch // self.dist.world_size,
+            generator,
+            eligible=finite,
+        )
         steps = self.trained_steps(samples.sde_mask)
         k_steps = steps.shape[1]
         sums: dict[str, float] = defaultdict(float)
@@ -412,9 +433,13 @@ class FlowGRPOTrainer:
                         reference = self.reference_means(samples, index, steps[index], cond)
                     for k in range(k_steps):
                         out = self.step_loss(
-                            samples, index, steps[index, k], local_adv, cond,
+                            samples,
+                            index,
+                            steps[index, k],
+                            local_adv,
+                            cond,
                             reference[:, k] if reference is not None else None,
-                        )  # fmt: skip
+                        )
                         done += 1
                         if not torch.isfinite(out.loss):
                             self.counters["skipped_loss_steps"] += 1
@@ -509,13 +534,25 @@ class FlowGRPOTrainer:
                 "sqrt_dt": torch.sqrt(sigma.float() - sigma_next.float()),
             }
         return grpo_loss(
-            current.log_prob, samples.log_probs[i, j], advantages.to(dev), t.clip_range, beta=t.beta, kl=kl,
-            ratio_norm=t.ratio_norm, ratio_norm_bias=t.ratio_norm_bias, **guard,
+            current.log_prob,
+            samples.log_probs[i, j],
+            advantages.to(dev),
+            t.clip_range,
+            beta=t.beta,
+            kl=kl,
+            ratio_norm=t.ratio_norm,
+            ratio_norm_bias=t.ratio_norm_bias,
+            **guard,
             step_weight=guard_step_weight(sigma, sigma_next) if t.grad_reweight else None,
-        )  # fmt: skip
+        )
 
     def _score_steps(
-        self, samples: Trajectories, i: torch.Tensor, j: torch.Tensor, cond: Conditioning, reference: bool = False
+        self,
+        samples: Trajectories,
+        i: torch.Tensor,
+        j: torch.Tensor,
+        cond: Conditioning,
+        reference: bool = False,
     ) -> SDEStep:
         """The stored step ``x_j -> x_{j+1}`` of samples ``i`` (n,) at steps ``j`` (n,), scored under the current
         policy (with a graph) or under the reference model."""
@@ -524,9 +561,13 @@ class FlowGRPOTrainer:
         x, x_next = samples.latents[i, j], samples.latents[i, j + 1]
         sigma, sigma_next = samples.sigmas[i, j], samples.sigmas[i, j + 1]
         model = self.adapter.reference_model() if reference else contextlib.nullcontext()
-        autocast = torch.autocast(dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        autocast = torch.autocast(
+            dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
         with model, autocast:
-            velocity = self.adapter.predict_velocity(x, sigma, cond, s.guidance_scale, s.resolution, s.resolution)
+            velocity = self.adapter.predict_velocity(
+                x, sigma, cond, s.guidance_scale, s.resolution, s.resolution
+            )
         return sde_step_with_logprob(
             velocity, x, sigma, sigma_next, s.noise_level, prev_sample=x_next, sde_type=s.sde_type
         )
@@ -639,10 +680,15 @@ class FlowGRPOTrainer:
             else {},
         }
         path = save_checkpoint(
-            self.checkpoint_dir, self.epoch, dict(self.trainable), state, self.config.to_yaml(),
-            ema=self.ema.shadow if self.ema else None, keep=self.config.train.keep_checkpoints,
+            self.checkpoint_dir,
+            self.epoch,
+            dict(self.trainable),
+            state,
+            self.config.to_yaml(),
+            ema=self.ema.shadow if self.ema else None,
+            keep=self.config.train.keep_checkpoints,
             staged=self.engine is not None,
-        )  # fmt: skip
+        )
         self.dist.barrier()
         return path
 
@@ -664,9 +710,12 @@ class FlowGRPOTrainer:
         state = ckpt["state"]
         if self.engine is not None:
             self.engine.load_checkpoint(
-                str(Path(path) / "deepspeed"), tag="state", load_module_strict=False,
-                load_optimizer_states=True, load_lr_scheduler_states=False,
-            )  # fmt: skip
+                str(Path(path) / "deepspeed"),
+                tag="state",
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -690,9 +739,10 @@ class FlowGRPOTrainer:
         saved = flatten(yaml.safe_load(saved_yaml))
         current = self.config.flat()
         differ = sorted(
-            k for k in set(saved) | set(current)
+            k
+            for k in set(saved) | set(current)
             if saved.get(k) != current.get(k) and k not in _RESUMABLE_FIELDS and not k.startswith("tracking.")
-        )  # fmt: skip
+        )
         if differ:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])
             raise ValueError(f"cannot resume from {path}: the config changed ({details})")

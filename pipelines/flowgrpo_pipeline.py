@@ -120,9 +120,15 @@ def build_pipeline(gpus: int = 0, cluster: ClusterOptions | None = None):
         workdir: str = "flowgrpo-runs/work",
     ):
         common = dict(
-            preset=preset, overrides=overrides, model_source=model_source, model_revision=model_revision,
-            tracking_uri=tracking_uri, experiment=experiment, workdir=workdir, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )  # fmt: skip
+            preset=preset,
+            overrides=overrides,
+            model_source=model_source,
+            model_revision=model_revision,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            workdir=workdir,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        )
         stop = _configure(stop_reward_servers(**common), "stop-reward-servers", gpus, cluster)
         with dsl.ExitHandler(stop, name="stop-reward-servers-on-exit"):
             model = _configure(download_model(**common), "download-model", gpus, cluster)
@@ -130,23 +136,46 @@ def build_pipeline(gpus: int = 0, cluster: ClusterOptions | None = None):
                 launch_reward_servers(**common), "launch-reward-servers", gpus, cluster
             ).after(model)
             calibration = _configure(
-                calibrate_rewards(**common, model=model.outputs["model"], endpoints=servers.outputs["endpoints"]),
-                "calibrate-rewards", gpus, cluster,
-            )  # fmt: skip
+                calibrate_rewards(
+                    **common, model=model.outputs["model"], endpoints=servers.outputs["endpoints"]
+                ),
+                "calibrate-rewards",
+                gpus,
+                cluster,
+            )
             train = _configure(
-                train_grpo(**common, model=model.outputs["model"], endpoints=servers.outputs["endpoints"],
-                           calibration=calibration.outputs["calibration"]),
-                "train-grpo", gpus, cluster,
-            ).set_retry(**TRAIN_RETRY)  # fmt: skip
+                train_grpo(
+                    **common,
+                    model=model.outputs["model"],
+                    endpoints=servers.outputs["endpoints"],
+                    calibration=calibration.outputs["calibration"],
+                ),
+                "train-grpo",
+                gpus,
+                cluster,
+            ).set_retry(**TRAIN_RETRY)
             evaluation = _configure(
-                evaluate(**common, model=model.outputs["model"], policy=train.outputs["policy"], endpoints=servers.outputs["endpoints"]),
-                "evaluate", gpus, cluster,
-            )  # fmt: skip
+                evaluate(
+                    **common,
+                    model=model.outputs["model"],
+                    policy=train.outputs["policy"],
+                    endpoints=servers.outputs["endpoints"],
+                ),
+                "evaluate",
+                gpus,
+                cluster,
+            )
             _configure(
-                register_model(**common, family=model.outputs["Output"], policy=train.outputs["policy"],
-                               evaluation=evaluation.outputs["evaluation"]),
-                "register-model", gpus, cluster,
-            )  # fmt: skip
+                register_model(
+                    **common,
+                    family=model.outputs["Output"],
+                    policy=train.outputs["policy"],
+                    evaluation=evaluation.outputs["evaluation"],
+                ),
+                "register-model",
+                gpus,
+                cluster,
+            )
 
     return flowgrpo
 

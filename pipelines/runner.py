@@ -27,10 +27,14 @@ class PipelineArguments:
 
     def as_dict(self) -> dict:
         return {
-            "preset": self.preset, "overrides": list(self.overrides), "model_source": self.model_source,
-            "model_revision": self.model_revision, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
+            "preset": self.preset,
+            "overrides": list(self.overrides),
+            "model_source": self.model_source,
+            "model_revision": self.model_revision,
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.experiment,
             "workdir": self.workdir,
-        }  # fmt: skip
+        }
 
     def validate(self, check_tracking: bool = True) -> FlowGRPOConfig:
         """The resolved config; raises ConfigError / ModelSourceError / ConnectionError with a clear message."""
@@ -38,8 +42,12 @@ class PipelineArguments:
         from flowgrpo_core.stages import PipelineContext
         from flowgrpo_core.tracking import check_reachable
 
-        config = PipelineContext(self.preset, list(self.overrides), model_source=self.model_source,
-                                 model_revision=self.model_revision).config()  # fmt: skip
+        config = PipelineContext(
+            self.preset,
+            list(self.overrides),
+            model_source=self.model_source,
+            model_revision=self.model_revision,
+        ).config()
         parse_source(config.model.source)
         if not self.tracking_uri.startswith(("sqlite:///", "http://", "https://", "file:", "databricks")):
             raise ValueError(
@@ -83,7 +91,12 @@ def run_local(args: PipelineArguments, pipeline_root: str = "flowgrpo-runs/kfp")
             passed = "champion" if register.get("gate.passed") == "true" else "stays a candidate"
             gate = f"{passed}: {register.get('gate.reason', '')}"
     return LocalRun(
-        experiment, parent.info.run_id if parent else None, registered, args.tracking_uri, time.time() - start, gate
+        experiment,
+        parent.info.run_id if parent else None,
+        registered,
+        args.tracking_uri,
+        time.time() - start,
+        gate,
     )
 
 
@@ -166,9 +179,11 @@ def submit(
     _check_kfp_host(host)
     client = kfp.Client(host=host)
     run = client.create_run_from_pipeline_func(
-        build_pipeline(cluster=cluster), arguments=args.as_dict(), run_name=run_name or f"flowgrpo-{args.preset}",
+        build_pipeline(cluster=cluster),
+        arguments=args.as_dict(),
+        run_name=run_name or f"flowgrpo-{args.preset}",
         experiment_name=kfp_experiment or f"flowgrpo-{args.preset}",
-    )  # fmt: skip
+    )
     return run.run_id
 
 

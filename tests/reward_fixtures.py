@@ -187,28 +187,48 @@ def tiny_imagereward_folder(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     }
     for i in range(2):
         v = f"blip.visual_encoder.blocks.{i}."
-        state.update({
-            v + "norm1.weight": 1 + rand(vision), v + "norm1.bias": rand(vision),
-            v + "attn.qkv.weight": rand(3 * vision, vision), v + "attn.qkv.bias": rand(3 * vision),
-            v + "attn.proj.weight": rand(vision, vision), v + "attn.proj.bias": rand(vision),
-            v + "norm2.weight": 1 + rand(vision), v + "norm2.bias": rand(vision),
-            v + "mlp.fc1.weight": rand(2 * vision, vision), v + "mlp.fc1.bias": rand(2 * vision),
-            v + "mlp.fc2.weight": rand(vision, 2 * vision), v + "mlp.fc2.bias": rand(vision),
-        })  # fmt: skip
+        state.update(
+            {
+                v + "norm1.weight": 1 + rand(vision),
+                v + "norm1.bias": rand(vision),
+                v + "attn.qkv.weight": rand(3 * vision, vision),
+                v + "attn.qkv.bias": rand(3 * vision),
+                v + "attn.proj.weight": rand(vision, vision),
+                v + "attn.proj.bias": rand(vision),
+                v + "norm2.weight": 1 + rand(vision),
+                v + "norm2.bias": rand(vision),
+                v + "mlp.fc1.weight": rand(2 * vision, vision),
+                v + "mlp.fc1.bias": rand(2 * vision),
+                v + "mlp.fc2.weight": rand(vision, 2 * vision),
+                v + "mlp.fc2.bias": rand(vision),
+            }
+        )
         t = f"blip.text_encoder.encoder.layer.{i}."
         for attention, width in (("attention", text), ("crossattention", vision)):
-            state.update({
-                f"{t}{attention}.self.query.weight": rand(text, text), f"{t}{attention}.self.query.bias": rand(text),
-                f"{t}{attention}.self.key.weight": rand(text, width), f"{t}{attention}.self.key.bias": rand(text),
-                f"{t}{attention}.self.value.weight": rand(text, width), f"{t}{attention}.self.value.bias": rand(text),
-                f"{t}{attention}.output.dense.weight": rand(text, text), f"{t}{attention}.output.dense.bias": rand(text),
-                f"{t}{attention}.output.LayerNorm.weight": 1 + rand(text), f"{t}{attention}.output.LayerNorm.bias": rand(text),
-            })  # fmt: skip
-        state.update({
-            t + "intermediate.dense.weight": rand(2 * text, text), t + "intermediate.dense.bias": rand(2 * text),
-            t + "output.dense.weight": rand(text, 2 * text), t + "output.dense.bias": rand(text),
-            t + "output.LayerNorm.weight": 1 + rand(text), t + "output.LayerNorm.bias": rand(text),
-        })  # fmt: skip
+            state.update(
+                {
+                    f"{t}{attention}.self.query.weight": rand(text, text),
+                    f"{t}{attention}.self.query.bias": rand(text),
+                    f"{t}{attention}.self.key.weight": rand(text, width),
+                    f"{t}{attention}.self.key.bias": rand(text),
+                    f"{t}{attention}.self.value.weight": rand(text, width),
+                    f"{t}{attention}.self.value.bias": rand(text),
+                    f"{t}{attention}.output.dense.weight": rand(text, text),
+                    f"{t}{attention}.output.dense.bias": rand(text),
+                    f"{t}{attention}.output.LayerNorm.weight": 1 + rand(text),
+                    f"{t}{attention}.output.LayerNorm.bias": rand(text),
+                }
+            )
+        state.update(
+            {
+                t + "intermediate.dense.weight": rand(2 * text, text),
+                t + "intermediate.dense.bias": rand(2 * text),
+                t + "output.dense.weight": rand(text, 2 * text),
+                t + "output.dense.bias": rand(text),
+                t + "output.LayerNorm.weight": 1 + rand(text),
+                t + "output.LayerNorm.bias": rand(text),
+            }
+        )
     for index, (fan_out, fan_in) in zip(
         (0, 2, 4, 6, 7), ((1024, mlp_in), (128, 1024), (64, 128), (16, 64), (1, 16))
     ):
@@ -216,12 +236,37 @@ def tiny_imagereward_folder(folder: Path, seed: int = 0) -> tuple[Path, Path]:
         state[f"mlp.layers.{index}.bias"] = rand(fan_out)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / "ImageReward.pt")
-    med = {"vocab_size": 120, "hidden_size": text, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 2 * text,
-           "max_position_embeddings": 64, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": 0,
-           "encoder_width": vision, "add_cross_attention": True}  # fmt: skip
+    med = {
+        "vocab_size": 120,
+        "hidden_size": text,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 2 * text,
+        "max_position_embeddings": 64,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+        "encoder_width": vision,
+        "add_cross_attention": True,
+    }
     (folder / "med_config.json").write_text(json.dumps(med))
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz0123456789",
-             *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"), "a", "cat", "dog", "red", "blue", "photo", "of", "the"]  # fmt: skip
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *"abcdefghijklmnopqrstuvwxyz0123456789",
+        *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"),
+        "a",
+        "cat",
+        "dog",
+        "red",
+        "blue",
+        "photo",
+        "of",
+        "the",
+    ]
     tokenizer_folder = folder / "tokenizer"
     tokenizer_folder.mkdir(exist_ok=True)
     (tokenizer_folder / "vocab.txt").write_text("\n".join(dict.fromkeys(words)) + "\n")

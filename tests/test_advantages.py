@@ -102,7 +102,9 @@ def test_refill_puts_back_zero_advantage_samples_until_each_rank_holds_a_multipl
     assert [int((ranks[kept] == r).sum()) for r in (0, 1)] == [3, 3]
     again = samples_to_train(advantages, "refill", ranks, 3, torch.Generator().manual_seed(0))
     assert torch.equal(kept, again)  # the epoch's generator decides, identically on every rank
-    other = [samples_to_train(advantages, "refill", ranks, 3, torch.Generator().manual_seed(s)) for s in range(8)]
+    other = [
+        samples_to_train(advantages, "refill", ranks, 3, torch.Generator().manual_seed(s)) for s in range(8)
+    ]
     assert len({tuple(k.tolist()) for k in other}) > 1  # the refilled samples are drawn at random
 
 
@@ -114,9 +116,17 @@ def test_refill_edge_cases():
     # no signal at all: nothing is trained (no step of pure KL and weight decay)
     assert len(samples_to_train(torch.zeros(6), "refill", ranks, 3, g)) == 0
     # not enough zero-advantage samples to round up: left as is
-    assert samples_to_train(torch.tensor([1.0, 2, 3, 4, 0, 5]), "refill", ranks, 4, g).tolist() == [0, 1, 2, 3, 5]
+    assert samples_to_train(torch.tensor([1.0, 2, 3, 4, 0, 5]), "refill", ranks, 4, g).tolist() == [
+        0,
+        1,
+        2,
+        3,
+        5,
+    ]
     # a sample with a non-finite reward is never put back
     eligible = torch.tensor([True, True, True, True, False, True])
-    assert samples_to_train(torch.tensor([1.0, 0, 0, 0, 0, 0]), "refill", ranks, 5, g, eligible=eligible).tolist() == [0, 1, 2, 3, 5]
+    assert samples_to_train(
+        torch.tensor([1.0, 0, 0, 0, 0, 0]), "refill", ranks, 5, g, eligible=eligible
+    ).tolist() == [0, 1, 2, 3, 5]
     with pytest.raises(ValueError, match="zero_advantage"):
         samples_to_train(torch.zeros(6), "sometimes", ranks, 3, g)

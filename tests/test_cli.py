@@ -34,7 +34,14 @@ def test_help_explains_every_command_and_option():
 def test_presets_lists_key_values(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
-    for name in ("tiny", "sd3-geneval", "sd3-ocr", "sd3-pickscore", "sd3-pickscore-fast", "flux-pickscore-fast"):
+    for name in (
+        "tiny",
+        "sd3-geneval",
+        "sd3-ocr",
+        "sd3-pickscore",
+        "sd3-pickscore-fast",
+        "flux-pickscore-fast",
+    ):
         assert name in out
     assert "beta 0.04 (reference KL)" in out and "cps noise 0.8, Fast window 3" in out
 

@@ -48,8 +48,12 @@ RUN_ID = "0f5b7a1c-3d2e-4c8a-9b7e-2f1d6c5a4b3e"
 _PATH = re.compile(
     r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?$"
 )
-_LIST_KIND = {"deployments": ("apps/v1", "DeploymentList"), "services": ("v1", "ServiceList"), "pods": ("v1", "PodList"),
-              "pytorchjobs": ("kubeflow.org/v1", "PyTorchJobList")}  # fmt: skip
+_LIST_KIND = {
+    "deployments": ("apps/v1", "DeploymentList"),
+    "services": ("v1", "ServiceList"),
+    "pods": ("v1", "PodList"),
+    "pytorchjobs": ("kubeflow.org/v1", "PyTorchJobList"),
+}
 
 
 def _selected(obj: dict, selector: str) -> bool:
@@ -152,8 +156,14 @@ class FakeKubeAPI:
 
 
 def _status(code: int, message: str, reason: str = "") -> dict:
-    return {"apiVersion": "v1", "kind": "Status", "status": "Success" if code < 300 else "Failure",
-            "code": code, "message": message, "reason": reason}  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "status": "Success" if code < 300 else "Failure",
+        "code": code,
+        "message": message,
+        "reason": reason,
+    }
 
 
 @pytest.fixture
@@ -161,11 +171,15 @@ def kube_api(tmp_path, monkeypatch):
     """The fake API server, reached through a real kubeconfig, as `connect()` would from a laptop."""
     fake = FakeKubeAPI()
     kubeconfig = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "test",
         "clusters": [{"name": "test", "cluster": {"server": fake.url}}],
         "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": NAMESPACE}}],
-    }  # fmt: skip
+        "contexts": [
+            {"name": "test", "context": {"cluster": "test", "user": "test", "namespace": NAMESPACE}}
+        ],
+    }
     path = tmp_path / "kubeconfig"
     path.write_text(yaml.safe_dump(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(path))
@@ -175,25 +189,57 @@ def kube_api(tmp_path, monkeypatch):
 
 
 FULL = ClusterOptions(
-    gpus=2, pvc="flowgrpo-work", s3_secret="s3-creds", mlflow_secret="mlflow-creds", hf_secret="hf-token",
-    reward_token_secret="reward-token", node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),),
-    tolerations=(Toleration("nvidia.com/gpu"),), trainer_image="registry.example/flowgrpo-trainer:dev",
+    gpus=2,
+    pvc="flowgrpo-work",
+    s3_secret="s3-creds",
+    mlflow_secret="mlflow-creds",
+    hf_secret="hf-token",
+    reward_token_secret="reward-token",
+    node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),),
+    tolerations=(Toleration("nvidia.com/gpu"),),
+    trainer_image="registry.example/flowgrpo-trainer:dev",
     image_pull_secrets=("regcred",),
-)  # fmt: skip
+)
 
 
 # ---------------------------------------------------------------- compiled pipeline
 
 CLUSTER_FLAGS = [
-    "--gpus", "8", "--nodes", "2", "--pvc", "flowgrpo-work", "--s3-secret", "s3-creds",
-    "--mlflow-secret", "mlflow-creds", "--hf-secret", "hf-token", "--reward-token-secret", "reward-token",
-    "--node-selector", "cloud.google.com/gke-accelerator=nvidia-h100-80gb",
-    "--toleration", "nvidia.com/gpu:NoSchedule", "--toleration", "dedicated=gpu:NoExecute",
-    "--image", "registry.example/flowgrpo-trainer:dev", "--image-pull-secret", "regcred",
-]  # fmt: skip
+    "--gpus",
+    "8",
+    "--nodes",
+    "2",
+    "--pvc",
+    "flowgrpo-work",
+    "--s3-secret",
+    "s3-creds",
+    "--mlflow-secret",
+    "mlflow-creds",
+    "--hf-secret",
+    "hf-token",
+    "--reward-token-secret",
+    "reward-token",
+    "--node-selector",
+    "cloud.google.com/gke-accelerator=nvidia-h100-80gb",
+    "--toleration",
+    "nvidia.com/gpu:NoSchedule",
+    "--toleration",
+    "dedicated=gpu:NoExecute",
+    "--image",
+    "registry.example/flowgrpo-trainer:dev",
+    "--image-pull-secret",
+    "regcred",
+]
 GPU_STAGES = ("calibrate-rewards", "evaluate")
-ALL_STAGES = ("download-model", "launch-reward-servers", "calibrate-rewards", "train-grpo", "evaluate",
-              "register-model", "stop-reward-servers")  # fmt: skip
+ALL_STAGES = (
+    "download-model",
+    "launch-reward-servers",
+    "calibrate-rewards",
+    "train-grpo",
+    "evaluate",
+    "register-model",
+    "stop-reward-servers",
+)
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +281,12 @@ def test_compiled_yaml_mounts_the_pvc_and_passes_secrets_as_env(compiled):
     for stage in ALL_STAGES:
         executor = k8s[f"exec-{stage}"]
         assert executor["pvcMount"] == [
-            {"constant": "flowgrpo-work", "mountPath": "/mnt/flowgrpo",
-             "pvcNameParameter": {"runtimeValue": {"constant": "flowgrpo-work"}}}
-        ]  # fmt: skip
+            {
+                "constant": "flowgrpo-work",
+                "mountPath": "/mnt/flowgrpo",
+                "pvcNameParameter": {"runtimeValue": {"constant": "flowgrpo-work"}},
+            }
+        ]
         secrets = {
             (s["secretName"], k["secretKey"], k["envVar"], s["optional"])
             for s in executor["secretAsEnv"]
@@ -385,8 +434,12 @@ def test_reward_server_commands_parse_with_the_real_serve_reward_command():
 
 
 def test_reward_images_follow_the_serving_config():
-    serving = _serving("serving.image_registry=registry.example/ml", "serving.image_tag=rc1",
-                       "serving.images={reward-clip: registry.example/clip:7}", "serving.gpus_per_server=0")  # fmt: skip
+    serving = _serving(
+        "serving.image_registry=registry.example/ml",
+        "serving.image_tag=rc1",
+        "serving.images={reward-clip: registry.example/clip:7}",
+        "serving.gpus_per_server=0",
+    )
     servers = {
         s.name: s for s in render_reward_servers(["ocr", "pickscore"], RUN_ID, NAMESPACE, serving, FULL)
     }
@@ -431,9 +484,18 @@ def test_a_typo_or_a_wrong_type_fails_validation():
 
 
 def _job(**changes) -> dict:
-    cluster = ClusterOptions(nodes=3, gpus=8, pvc="flowgrpo-work", s3_secret="s3-creds", trainer_image="img:1",
-                             tolerations=(Toleration("nvidia.com/gpu"),), **changes)  # fmt: skip
-    command = train_command.torchrun_command(3, 8, "sd3-ocr", ["train.beta=0.02"], "/mnt/flowgrpo/work/r/train")
+    cluster = ClusterOptions(
+        nodes=3,
+        gpus=8,
+        pvc="flowgrpo-work",
+        s3_secret="s3-creds",
+        trainer_image="img:1",
+        tolerations=(Toleration("nvidia.com/gpu"),),
+        **changes,
+    )
+    command = train_command.torchrun_command(
+        3, 8, "sd3-ocr", ["train.beta=0.02"], "/mnt/flowgrpo/work/r/train"
+    )
     return trainjob.render_pytorchjob(RUN_ID, NAMESPACE, cluster, "img:1", command)
 
 
@@ -450,8 +512,14 @@ def test_the_pytorchjob_validates_and_asks_for_the_nodes_and_gpus():
         assert {"name": "flowgrpo-work", "mountPath": "/mnt/flowgrpo"} in container["volumeMounts"]
         assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
         assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        assert container["command"][:6] == ["torchrun", "--nnodes=3", "--nproc_per_node=8", "--node_rank=$(RANK)",
-                                            "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)"]  # fmt: skip
+        assert container["command"][:6] == [
+            "torchrun",
+            "--nnodes=3",
+            "--nproc_per_node=8",
+            "--node_rank=$(RANK)",
+            "--master_addr=$(MASTER_ADDR)",
+            "--master_port=$(MASTER_PORT)",
+        ]
 
 
 def test_a_pytorchjob_typo_fails_validation():
@@ -487,7 +555,9 @@ def test_the_training_command_parses_with_the_real_cli_and_escapes_substitution(
 
 def test_a_command_line_the_cli_refuses_fails_before_any_job_is_created():
     with pytest.raises(ValueError, match="unrecognized arguments: --bogus"):
-        train_command.check_command([*train_command.torchrun_command(2, 1, "tiny", [], "/w/train"), "--bogus", "1"])
+        train_command.check_command(
+            [*train_command.torchrun_command(2, 1, "tiny", [], "/w/train"), "--bogus", "1"]
+        )
 
 
 def test_the_training_command_with_reward_servers_is_accepted_by_the_cli():
@@ -526,8 +596,14 @@ def make_ctx(tmp_path, tracking_uri, request):
     from flowgrpo_core.stages import PipelineContext
 
     def make(*overrides: str, workdir: Path | None = None) -> PipelineContext:
-        return PipelineContext("tiny", list(overrides), RUN_ID, tracking_uri, request.node.name,
-                               str(workdir or tmp_path / "work"))  # fmt: skip
+        return PipelineContext(
+            "tiny",
+            list(overrides),
+            RUN_ID,
+            tracking_uri,
+            request.node.name,
+            str(workdir or tmp_path / "work"),
+        )
 
     return make
 
@@ -581,12 +657,25 @@ def test_a_pod_that_cannot_pull_its_image_fails_the_launch_and_is_deleted(
     from flowgrpo_core.stages.servers import launch_reward_servers
 
     kube_api.ready = False
-    kube_api.pods = [{
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "flowgrpo-reward-ocr-x-1", "labels": names.run_labels(RUN_ID, "reward-ocr")},
-        "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": False, "restartCount": 0,
-                                          "state": {"waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}}}]},
-    }]  # fmt: skip
+    kube_api.pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "flowgrpo-reward-ocr-x-1", "labels": names.run_labels(RUN_ID, "reward-ocr")},
+            "status": {
+                "containerStatuses": [
+                    {
+                        "name": "server",
+                        "image": "i",
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}},
+                    }
+                ]
+            },
+        }
+    ]
     with pytest.raises(
         RuntimeError, match="pod flowgrpo-reward-ocr-x-1: ImagePullBackOff: pull access denied"
     ):
@@ -596,10 +685,22 @@ def test_a_pod_that_cannot_pull_its_image_fails_the_launch_and_is_deleted(
 
 def test_a_server_that_never_gets_ready_times_out_naming_the_reason(kube_api):
     kube_api.ready = False
-    kube_api.pods = [{
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "labels": names.run_labels(RUN_ID, "reward-ocr")},
-        "status": {"conditions": [{"type": "PodScheduled", "status": "False", "message": "0/3 nodes have enough nvidia.com/gpu"}]},
-    }]  # fmt: skip
+    kube_api.pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p", "labels": names.run_labels(RUN_ID, "reward-ocr")},
+            "status": {
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "message": "0/3 nodes have enough nvidia.com/gpu",
+                    }
+                ]
+            },
+        }
+    ]
     servers = render_reward_servers(["ocr"], RUN_ID, NAMESPACE, _serving(), FULL)
     with pytest.raises(
         TimeoutError,
@@ -667,13 +768,29 @@ class LocalOperator:
             rank = index + (role == "worker")
             container = spec["template"]["spec"]["containers"][0]
             env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-            env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": str(nodes * int(procs)),
-                    "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": procs, "PET_NODE_RANK": str(rank)}  # fmt: skip
+            env |= {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(nodes * int(procs)),
+                "PET_NNODES": str(nodes),
+                "PET_NPROC_PER_NODE": procs,
+                "PET_NODE_RANK": str(rank),
+            }
             command = [_substitute(arg, env) for arg in container["command"]]
             path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-            processes.append((f"{role}-{index}", subprocess.Popen(
-                command, env={**os.environ, **env, "PATH": path, "OMP_NUM_THREADS": "1"},
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))  # fmt: skip
+            processes.append(
+                (
+                    f"{role}-{index}",
+                    subprocess.Popen(
+                        command,
+                        env={**os.environ, **env, "PATH": path, "OMP_NUM_THREADS": "1"},
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    ),
+                )
+            )
         codes = []
         for name, process in processes:
             out, _ = process.communicate(timeout=600)
@@ -682,9 +799,17 @@ class LocalOperator:
         state = "Succeeded" if all(c == 0 for c in codes) else "Failed"
         with self.fake.lock:
             stored = self.fake.objects[("pytorchjobs", job["metadata"]["namespace"], job["metadata"]["name"])]
-            stored["status"] = {"conditions": [{"type": "Created", "status": "True"},
-                                               {"type": state, "status": "True", "reason": f"PyTorchJob{state}",
-                                                "message": f"exit codes {codes}"}]}  # fmt: skip
+            stored["status"] = {
+                "conditions": [
+                    {"type": "Created", "status": "True"},
+                    {
+                        "type": state,
+                        "status": "True",
+                        "reason": f"PyTorchJob{state}",
+                        "message": f"exit codes {codes}",
+                    },
+                ]
+            }
 
 
 @pytest.mark.slow
@@ -782,7 +907,8 @@ def test_a_running_job_is_awaited_not_recreated(kube_api):
             time.sleep(0.01)
         with kube_api.lock:
             kube_api.objects[("pytorchjobs", NAMESPACE, job["metadata"]["name"])]["status"] = {
-                "conditions": [{"type": "Succeeded", "status": "True"}]}  # fmt: skip
+                "conditions": [{"type": "Succeeded", "status": "True"}]
+            }
         reads.append(True)
 
     threading.Thread(target=finish_later, daemon=True).start()
@@ -807,8 +933,14 @@ def test_several_gpus_on_one_node_train_as_one_process_per_gpu(tmp_path, monkeyp
     build_tiny_sd3(seed=0).save_pretrained(tmp_path / "model")
     monkeypatch.setenv(CLUSTER_ENV, ClusterOptions(gpus=2).to_json())
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    ctx = PipelineContext("tiny", ["serving.mode=inline", "train.epochs=1"], "two-procs", f"sqlite:///{tmp_path}/mlflow.db", "",
-                          str(tmp_path / "work"))  # fmt: skip
+    ctx = PipelineContext(
+        "tiny",
+        ["serving.mode=inline", "train.epochs=1"],
+        "two-procs",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "",
+        str(tmp_path / "work"),
+    )
     final = train_grpo(ctx, tmp_path / "model", None, tmp_path / "policy")
     assert final["epochs"] == 1.0 and (tmp_path / "policy" / "pytorch_lora_weights.safetensors").is_file()
     client = MlflowClient()

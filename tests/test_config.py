@@ -17,49 +17,113 @@ def test_every_preset_loads(name):
 # per-GPU batch arithmetic is turned into ours: images per epoch = prompts x group, batches of the per-GPU
 # batch size, two optimiser steps per epoch.
 _SD3 = {
-    "model.source": "stabilityai/stable-diffusion-3.5-medium", "model.dtype": "float32",
-    "model.text_encoder_dtype": "float16", "model.vae_dtype": "float32", "sampling.resolution": 512,
-    "sampling.num_steps": 10, "sampling.guidance_scale": 4.5, "sampling.noise_level": 0.7, "sampling.sde_type": "sde",
-    "sampling.sde_window_size": 0, "sampling.group_size": 24, "sampling.groups_per_epoch": 48,
-    "sampling.batch_size": 9, "sampling.max_sequence_length": 128, "sampling.negative_prompt": "",
-    "train.learning_rate": 3e-4, "train.adam_betas": [0.9, 0.999], "train.weight_decay": 1e-4,
-    "train.adam_epsilon": 1e-8, "train.max_grad_norm": 1.0, "train.optimizer_steps_per_epoch": 2,
-    "train.num_inner_epochs": 1, "train.clip_range": 1e-4, "train.adv_clip_max": 5.0, "train.kl_form": "reference",
-    "train.timestep_fraction": 0.99, "train.global_std": True, "train.stat_buffer_size": 0, "train.lora": True,
-    "train.lora_rank": 32, "train.lora_alpha": 64.0, "train.lora_init": "gaussian", "train.lora_target_modules": [],
-    "train.ema": True, "train.ema_decay": 0.9, "train.ema_update_interval": 8, "train.mixed_precision": "fp16",
-    "train.gradient_checkpointing": False, "train.zero_advantage": "refill", "train.shuffle_samples": True,
-    "train.ratio_norm": False, "train.grad_reweight": False, "train.seed": 42, "eval.num_steps": 40,
+    "model.source": "stabilityai/stable-diffusion-3.5-medium",
+    "model.dtype": "float32",
+    "model.text_encoder_dtype": "float16",
+    "model.vae_dtype": "float32",
+    "sampling.resolution": 512,
+    "sampling.num_steps": 10,
+    "sampling.guidance_scale": 4.5,
+    "sampling.noise_level": 0.7,
+    "sampling.sde_type": "sde",
+    "sampling.sde_window_size": 0,
+    "sampling.group_size": 24,
+    "sampling.groups_per_epoch": 48,
+    "sampling.batch_size": 9,
+    "sampling.max_sequence_length": 128,
+    "sampling.negative_prompt": "",
+    "train.learning_rate": 3e-4,
+    "train.adam_betas": [0.9, 0.999],
+    "train.weight_decay": 1e-4,
+    "train.adam_epsilon": 1e-8,
+    "train.max_grad_norm": 1.0,
+    "train.optimizer_steps_per_epoch": 2,
+    "train.num_inner_epochs": 1,
+    "train.clip_range": 1e-4,
+    "train.adv_clip_max": 5.0,
+    "train.kl_form": "reference",
+    "train.timestep_fraction": 0.99,
+    "train.global_std": True,
+    "train.stat_buffer_size": 0,
+    "train.lora": True,
+    "train.lora_rank": 32,
+    "train.lora_alpha": 64.0,
+    "train.lora_init": "gaussian",
+    "train.lora_target_modules": [],
+    "train.ema": True,
+    "train.ema_decay": 0.9,
+    "train.ema_update_interval": 8,
+    "train.mixed_precision": "fp16",
+    "train.gradient_checkpointing": False,
+    "train.zero_advantage": "refill",
+    "train.shuffle_samples": True,
+    "train.ratio_norm": False,
+    "train.grad_reweight": False,
+    "train.seed": 42,
+    "eval.num_steps": 40,
     "eval.guidance_scale": 4.5,
-}  # fmt: skip
+}
 _SD3_FAST = _SD3 | {
-    "sampling.guidance_scale": 1.0, "eval.guidance_scale": 1.0, "sampling.sde_type": "cps", "sampling.noise_level": 0.8,
-    "sampling.sde_window_size": 3, "sampling.sde_window_range": [0.0, 0.5], "train.beta": 0.0,
-    "train.clip_range": 1e-5, "train.shuffle_samples": False,
-}  # fmt: skip
+    "sampling.guidance_scale": 1.0,
+    "eval.guidance_scale": 1.0,
+    "sampling.sde_type": "cps",
+    "sampling.noise_level": 0.8,
+    "sampling.sde_window_size": 3,
+    "sampling.sde_window_range": [0.0, 0.5],
+    "train.beta": 0.0,
+    "train.clip_range": 1e-5,
+    "train.shuffle_samples": False,
+}
 _FLUX = _SD3 | {
-    "model.source": "black-forest-labs/FLUX.1-dev", "model.text_encoder_dtype": "bfloat16", "sampling.num_steps": 6,
-    "sampling.guidance_scale": 3.5, "sampling.noise_level": 0.9, "sampling.batch_size": 3, "train.beta": 0.0,
-    "train.lora_rank": 64, "train.lora_alpha": 128.0, "train.mixed_precision": "bf16",
-    "train.zero_advantage": "keep", "eval.num_steps": 28, "eval.guidance_scale": 3.5,
-    "train.lora_target_modules": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
-                                  "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
-                                  "ff_context.net.0.proj", "ff_context.net.2"],
-}  # fmt: skip
+    "model.source": "black-forest-labs/FLUX.1-dev",
+    "model.text_encoder_dtype": "bfloat16",
+    "sampling.num_steps": 6,
+    "sampling.guidance_scale": 3.5,
+    "sampling.noise_level": 0.9,
+    "sampling.batch_size": 3,
+    "train.beta": 0.0,
+    "train.lora_rank": 64,
+    "train.lora_alpha": 128.0,
+    "train.mixed_precision": "bf16",
+    "train.zero_advantage": "keep",
+    "eval.num_steps": 28,
+    "eval.guidance_scale": 3.5,
+    "train.lora_target_modules": [
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    ],
+}
 UPSTREAM = {
     "sd3-geneval": _SD3 | {"train.beta": 0.04, "rewards.geneval": 1.0},  # geneval_sd3
     "sd3-ocr": _SD3 | {"train.beta": 0.04, "rewards.ocr": 1.0},  # general_ocr_sd3
     "sd3-pickscore": _SD3 | {"train.beta": 0.01, "rewards.pickscore": 1.0},  # pickscore_sd3
     "sd3-geneval-fast": _SD3_FAST | {"rewards.geneval": 1.0},  # geneval_sd3_fast_nocfg
     # pickscore_sd3_fast_nocfg: 64 prompts x 18 images
-    "sd3-pickscore-fast": _SD3_FAST | {"sampling.group_size": 18, "sampling.groups_per_epoch": 64, "rewards.pickscore": 1.0},
+    "sd3-pickscore-fast": _SD3_FAST
+    | {"sampling.group_size": 18, "sampling.groups_per_epoch": 64, "rewards.pickscore": 1.0},
     "flux-pickscore": _FLUX | {"rewards.pickscore": 1.0},  # pickscore_flux
-    "flux-pickscore-fast": _FLUX | {  # pickscore_flux_fast
-        "sampling.sde_type": "cps", "sampling.noise_level": 0.8, "sampling.sde_window_size": 3,
-        "sampling.sde_window_range": [0.0, 0.5], "train.clip_range": 1e-5, "train.global_std": False,
-        "train.shuffle_samples": False, "rewards.pickscore": 1.0,
+    "flux-pickscore-fast": _FLUX
+    | {  # pickscore_flux_fast
+        "sampling.sde_type": "cps",
+        "sampling.noise_level": 0.8,
+        "sampling.sde_window_size": 3,
+        "sampling.sde_window_range": [0.0, 0.5],
+        "train.clip_range": 1e-5,
+        "train.global_std": False,
+        "train.shuffle_samples": False,
+        "rewards.pickscore": 1.0,
     },
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(UPSTREAM))
@@ -67,7 +131,9 @@ def test_reference_presets_carry_the_official_hyper_parameters(name):
     flat = load_config(name).flat()
     differ = {k: (flat.get(k), v) for k, v in UPSTREAM[name].items() if flat.get(k) != v}
     assert not differ, f"{name}: (ours, upstream) {differ}"
-    assert [k for k in flat if k.startswith("rewards.")] == [k for k in UPSTREAM[name] if k.startswith("rewards.")]
+    assert [k for k in flat if k.startswith("rewards.")] == [
+        k for k in UPSTREAM[name] if k.startswith("rewards.")
+    ]
 
 
 def test_reference_batch_arithmetic_and_windows():
@@ -81,10 +147,16 @@ def test_reference_batch_arithmetic_and_windows():
     # our CFG variant of Fast differs from upstream's runnable preset in the guidance only
     cfg_variant = load_config("sd3-pickscore-fast-cfg").flat()
     fast = load_config("sd3-pickscore-fast").flat()
-    assert {k for k in fast if fast[k] != cfg_variant[k]} == {"preset", "sampling.guidance_scale", "eval.guidance_scale"}
+    assert {k for k in fast if fast[k] != cfg_variant[k]} == {
+        "preset",
+        "sampling.guidance_scale",
+        "eval.guidance_scale",
+    }
 
 
-@pytest.mark.parametrize(("num_steps", "bounds"), [(3, (0, 1)), (7, (0, 3)), (10, (0, 5)), (11, (0, 5)), (15, (0, 7))])
+@pytest.mark.parametrize(
+    ("num_steps", "bounds"), [(3, (0, 1)), (7, (0, 3)), (10, (0, 5)), (11, (0, 5)), (15, (0, 7))]
+)
 def test_fast_window_range_is_counted_in_whole_steps_like_upstream(num_steps, bounds):
     cfg = load_config("tiny", overrides=[f"sampling.num_steps={num_steps}", "sampling.sde_window_size=1"])
     assert cfg.sampling.window_bounds() == bounds == (0, num_steps // 2)
@@ -124,7 +196,11 @@ def test_yaml_round_trip(tmp_path):
         ("train.lora_rank=abc", "train.lora_rank", "integer"),
         ("sampling.sde_window_size=8", "sampling", "does not fit"),
         ("eval.metrics=[bogus]", "bogus", "unknown reward"),
-        ("tracking.gate_standard_errors=2", "tracking.gate_standard_errors", "needs a gate metric with a standard error"),
+        (
+            "tracking.gate_standard_errors=2",
+            "tracking.gate_standard_errors",
+            "needs a gate metric with a standard error",
+        ),
     ],
 )
 def test_invalid_values_fail_at_load_time_naming_the_field(override, field, hint):

@@ -24,11 +24,22 @@ def _port() -> int:
 
 
 def _train(out, processes: int, *extra: str, epochs: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-                f"--master_port={_port()}"]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_port()}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run([*launcher, "-m", "flowgrpo_core.cli", *ARGS, "--epochs", str(epochs), "--out", str(out), *extra],
-                            env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        [*launcher, "-m", "flowgrpo_core.cli", *ARGS, "--epochs", str(epochs), "--out", str(out), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -88,8 +99,9 @@ def test_zero2_checkpoints_from_all_ranks_and_resumes_exactly(tmp_path):
     _train(tmp_path / "resumed", 2, *ds, epochs=1)
     state = tmp_path / "resumed" / "checkpoints" / "epoch-000001" / "deepspeed" / "state"
     assert sorted(p.name for p in state.glob("*optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    ]  # fmt: skip
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     resumed = _train(tmp_path / "resumed", 2, *ds, "--resume", epochs=2)
     assert "resumed from" in resumed.stdout + resumed.stderr
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
@@ -109,7 +121,21 @@ def test_world_size_must_divide_the_sampling_batches(tmp_path):
         "--master_addr=127.0.0.1",
         f"--master_port={_port()}",
     ]
-    result = subprocess.run([*launcher, "-m", "flowgrpo_core.cli", *ARGS, "--out", str(tmp_path), "--set", "sampling.groups_per_epoch=3"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [
+            *launcher,
+            "-m",
+            "flowgrpo_core.cli",
+            *ARGS,
+            "--out",
+            str(tmp_path),
+            "--set",
+            "sampling.groups_per_epoch=3",
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0
     assert "3 sampling batches per epoch cannot be shared by 2 processes" in result.stderr

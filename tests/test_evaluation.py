@@ -36,8 +36,15 @@ def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
     from flowgrpo_core.stages.evaluate import evaluate
     from flowgrpo_core.trainer import FlowGRPOTrainer
 
-    overrides = ["serving.mode=inline", "prompts.eval=builtin:shapes_test", "eval.metrics=[shapes_geneval]", "eval.num_prompts=12",
-                 "eval.min_images_per_tag=3", "eval.num_steps=4", "train.learning_rate=0.05"]  # fmt: skip
+    overrides = [
+        "serving.mode=inline",
+        "prompts.eval=builtin:shapes_test",
+        "eval.metrics=[shapes_geneval]",
+        "eval.num_prompts=12",
+        "eval.min_images_per_tag=3",
+        "eval.num_steps=4",
+        "train.learning_rate=0.05",
+    ]
     build_tiny_sd3(seed=0).save_pretrained(tmp_path / "model")
     trainer = FlowGRPOTrainer(load_config("tiny", overrides=overrides), tmp_path / "train", progress=False)
     trainer.train(epochs=2)
@@ -66,9 +73,7 @@ def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
     plan = images_per_prompt_plan(tags, 1, 3)
     assert sum(plan) > 12 and len(rows) == sum(plan)
     assert [r["seed"] for r in rows] == list(range(len(rows)))
-    assert {"prompt", "tag", "seed", "base/reward", "policy/shapes_geneval"} <= set(
-        rows[0]
-    )
+    assert {"prompt", "tag", "seed", "base/reward", "policy/shapes_geneval"} <= set(rows[0])
 
     client = MlflowClient()
     (run,) = client.search_runs(

@@ -49,10 +49,22 @@ COLORS_META = {
     "include": [{"class": "car", "count": 1, "color": "red"}],
     "prompt": "a photo of a red car",
 }
-POSITION = {"tag": "position", "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
-            "prompt": "a photo of a dog right of a teddy bear"}  # fmt: skip
-COLOR_ATTR = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"}, {"class": "bench", "count": 1, "color": "blue"}],
-              "prompt": "a photo of a red car and a blue bench"}  # fmt: skip
+POSITION = {
+    "tag": "position",
+    "include": [
+        {"class": "teddy bear", "count": 1},
+        {"class": "dog", "count": 1, "position": ["right of", 0]},
+    ],
+    "prompt": "a photo of a dog right of a teddy bear",
+}
+COLOR_ATTR = {
+    "tag": "color_attr",
+    "include": [
+        {"class": "car", "count": 1, "color": "red"},
+        {"class": "bench", "count": 1, "color": "blue"},
+    ],
+    "prompt": "a photo of a red car and a blue bench",
+}
 
 
 def test_single_object_needs_a_confident_detection():
@@ -147,10 +159,14 @@ def test_fraction_is_one_exactly_when_correct():
     labels = ["car", "bench", "clock", "dog", "teddy bear"]
     for _ in range(300):
         detections = [
-            det(str(rng.choice(labels)), tuple(rng.uniform(0, 50, 2)) + tuple(rng.uniform(55, 100, 2)), float(rng.uniform(0.2, 1)),
-                str(rng.choice(COLORS[:3])))
+            det(
+                str(rng.choice(labels)),
+                tuple(rng.uniform(0, 50, 2)) + tuple(rng.uniform(55, 100, 2)),
+                float(rng.uniform(0.2, 1)),
+                str(rng.choice(COLORS[:3])),
+            )
             for _ in range(int(rng.integers(0, 5)))
-        ]  # fmt: skip
+        ]
         for meta in (SINGLE, COUNTING, COLORS_META, POSITION, COLOR_ATTR):
             result = verdict(detections, meta)
             assert (result.fraction == 1.0) == result.correct and 0.0 <= result.fraction <= 1.0

@@ -101,17 +101,30 @@ def _hadolint() -> str:
 
 
 def test_hadolint_passes_on_every_recipe():
-    result = subprocess.run([_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), "--no-color",
-                             *(str(IMAGES / f"{r}.Dockerfile") for r in RECIPES)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [
+            _hadolint(),
+            "--config",
+            str(ROOT / ".hadolint.yaml"),
+            "--no-color",
+            *(str(IMAGES / f"{r}.Dockerfile") for r in RECIPES),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 def test_hadolint_with_our_config_refuses_what_we_rely_on_it_for(tmp_path):
     bad = tmp_path / "bad.Dockerfile"
     bad.write_text("FROM quay.io/someone/python:latest\nRUN pip install --no-cache-dir requests\nUSER root\n")
-    result = subprocess.run([_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(bad)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [_hadolint(), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     # untrusted registry, :latest, unpinned pip install, root user, missing OCI labels
     for rule in ("DL3026", "DL3007", "DL3013", "DL3002", "DL3049"):

@@ -72,7 +72,9 @@ def _guard_inputs():
     x, v = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)
     sigma, sigma_next = torch.tensor([0.8, 0.8, 0.2]), torch.tensor([0.6, 0.6, 0.1])
     old = sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, generator=g)
-    new = sde_step_with_logprob(v + 0.05 * torch.arange(1, 4)[:, None], x, sigma, sigma_next, 0.7, prev_sample=old.prev_sample)
+    new = sde_step_with_logprob(
+        v + 0.05 * torch.arange(1, 4)[:, None], x, sigma, sigma_next, 0.7, prev_sample=old.prev_sample
+    )
     std_t, sqrt_dt = sde_std_t(sigma, sigma_next, 0.7), torch.sqrt(sigma - sigma_next)
     # eps = (x_next - mean_old) / s and d = mean_new - mean_old, per sample
     eps = (old.prev_sample - old.prev_sample_mean) / old.std[:, None]
@@ -89,14 +91,24 @@ def test_log_ratio_of_gaussian_steps_is_eps_d_over_s_minus_the_quadratic_shift()
 
 def test_ratio_norm_per_sample_removes_each_samples_shift_and_rescales_by_its_step_std():
     old, new, std_t, sqrt_dt, eps, d = _guard_inputs()
-    normed = log_ratio(new.log_prob, old.log_prob, True, new.prev_sample_mean, old.prev_sample_mean, std_t, sqrt_dt,
-                       bias="sample")  # fmt: skip
+    normed = log_ratio(
+        new.log_prob,
+        old.log_prob,
+        True,
+        new.prev_sample_mean,
+        old.prev_sample_mean,
+        std_t,
+        sqrt_dt,
+        bias="sample",
+    )
     torch.testing.assert_close(normed, (eps * d).mean(1), rtol=1e-4, atol=1e-6)
 
 
 def test_ratio_norm_per_batch_is_the_official_scripts_form():
     old, new, std_t, sqrt_dt, eps, d = _guard_inputs()
-    normed = log_ratio(new.log_prob, old.log_prob, True, new.prev_sample_mean, old.prev_sample_mean, std_t, sqrt_dt)
+    normed = log_ratio(
+        new.log_prob, old.log_prob, True, new.prev_sample_mean, old.prev_sample_mean, std_t, sqrt_dt
+    )
     # one scale and one shift for the micro-batch: S = mean(sqrt(-dt)) * mean(std_t), shift = mean_all(d^2) / (2 S^2)
     s = old.std
     scale = sqrt_dt.mean() * std_t.mean()
@@ -104,14 +116,37 @@ def test_ratio_norm_per_batch_is_the_official_scripts_form():
     raw = (eps * d).mean(1) / s - (d**2).mean(1) / (2 * s**2)
     torch.testing.assert_close(normed, (raw + shift) * scale, rtol=1e-4, atol=1e-6)
     # samples 0 and 1 share a step but not a shift: the batch form leaves their difference in place
-    per_sample = log_ratio(new.log_prob, old.log_prob, True, new.prev_sample_mean, old.prev_sample_mean, std_t,
-                           sqrt_dt, bias="sample")  # fmt: skip
+    per_sample = log_ratio(
+        new.log_prob,
+        old.log_prob,
+        True,
+        new.prev_sample_mean,
+        old.prev_sample_mean,
+        std_t,
+        sqrt_dt,
+        bias="sample",
+    )
     assert not torch.allclose(normed, per_sample, rtol=1e-3, atol=0)
     # the shift is one number: the batch form equals the per-sample form when every sample has the batch's shift
-    same = log_ratio(new.log_prob[:1].expand(2), old.log_prob[:1].expand(2), True, new.prev_sample_mean[:1].expand(2, -1),
-                     old.prev_sample_mean[:1].expand(2, -1), std_t[:1].expand(2), sqrt_dt[:1].expand(2))  # fmt: skip
-    alone = log_ratio(new.log_prob[:1], old.log_prob[:1], True, new.prev_sample_mean[:1], old.prev_sample_mean[:1],
-                      std_t[:1], sqrt_dt[:1], bias="sample")  # fmt: skip
+    same = log_ratio(
+        new.log_prob[:1].expand(2),
+        old.log_prob[:1].expand(2),
+        True,
+        new.prev_sample_mean[:1].expand(2, -1),
+        old.prev_sample_mean[:1].expand(2, -1),
+        std_t[:1].expand(2),
+        sqrt_dt[:1].expand(2),
+    )
+    alone = log_ratio(
+        new.log_prob[:1],
+        old.log_prob[:1],
+        True,
+        new.prev_sample_mean[:1],
+        old.prev_sample_mean[:1],
+        std_t[:1],
+        sqrt_dt[:1],
+        bias="sample",
+    )
     torch.testing.assert_close(same, alone.expand(2), rtol=1e-5, atol=1e-7)
 
 

@@ -13,8 +13,17 @@ PROMPTS = ["a photo of a cat", "hello world 42"]
 
 
 def _ode_images(adapter, steps=6, guidance=4.5, res=64):
-    t = rollout(adapter, PROMPTS, [0, 1], resolution=res, num_steps=steps, guidance_scale=guidance, noise_level=0.0,
-                sde_mask=sde_window_mask(2, steps, 1, 0) & False, max_sequence_length=32)  # fmt: skip
+    t = rollout(
+        adapter,
+        PROMPTS,
+        [0, 1],
+        resolution=res,
+        num_steps=steps,
+        guidance_scale=guidance,
+        noise_level=0.0,
+        sde_mask=sde_window_mask(2, steps, 1, 0) & False,
+        max_sequence_length=32,
+    )
     return t.images
 
 
@@ -29,9 +38,21 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline_exactly(builder, guidance
         # The empty negative prompt is encoded once and repeated over the batch, as the reference does; the
         # pipeline gets the same embeddings (its own batched encoding differs in the last bits).
         cond = adapter.encode_prompts(PROMPTS, "", guidance, 32).tensors
-        negative = {"negative_prompt_embeds": cond["neg_embeds"], "negative_pooled_prompt_embeds": cond["neg_pooled"]}
-    theirs = pipe(PROMPTS, height=64, width=64, num_inference_steps=6, guidance_scale=guidance, max_sequence_length=32,
-                  generator=generators, output_type="pt", **negative).images  # fmt: skip
+        negative = {
+            "negative_prompt_embeds": cond["neg_embeds"],
+            "negative_pooled_prompt_embeds": cond["neg_pooled"],
+        }
+    theirs = pipe(
+        PROMPTS,
+        height=64,
+        width=64,
+        num_inference_steps=6,
+        guidance_scale=guidance,
+        max_sequence_length=32,
+        generator=generators,
+        output_type="pt",
+        **negative,
+    ).images
     assert torch.equal(ours, theirs)
 
 
@@ -44,11 +65,19 @@ def test_negative_prompt_is_encoded_once_and_equals_the_batched_encoding():
     second = adapter.encode_prompts(PROMPTS[:1], "blurry", 4.5, 32).tensors
     assert calls == [PROMPTS, ["blurry"], PROMPTS[:1]]  # the negative prompt once, the prompts every time
     assert torch.equal(first["neg_embeds"][0], second["neg_embeds"][0]) and first["neg_embeds"].shape[0] == 2
-    _, batched, _, batched_pooled = encode(prompt=PROMPTS, prompt_2=None, prompt_3=None, device="cpu",
-                                           negative_prompt=["blurry"] * 2, max_sequence_length=32)  # fmt: skip
+    _, batched, _, batched_pooled = encode(
+        prompt=PROMPTS,
+        prompt_2=None,
+        prompt_3=None,
+        device="cpu",
+        negative_prompt=["blurry"] * 2,
+        max_sequence_length=32,
+    )
     torch.testing.assert_close(first["neg_embeds"], batched, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(first["neg_pooled"], batched_pooled, rtol=1e-5, atol=1e-6)
-    assert "neg_embeds" not in adapter.encode_prompts(PROMPTS, "blurry", 1.0, 32).tensors  # no CFG, no negative
+    assert (
+        "neg_embeds" not in adapter.encode_prompts(PROMPTS, "blurry", 1.0, 32).tensors
+    )  # no CFG, no negative
 
 
 def test_tiny_builders_are_deterministic_and_leave_the_global_rng_alone():
@@ -194,7 +223,11 @@ def test_lora_targets_the_joint_attention_and_not_sd35s_second_image_attention()
 
     adapter = adapter_for(build_tiny_sd3(seed=0, spec=TinySD3Spec(dual_attention_layers=(0,))))
     adapter.add_lora(4, 8.0)
-    with_lora = {name.rsplit(".lora_A", 1)[0] for name, _ in adapter.transformer.named_parameters() if ".lora_A." in name}
+    with_lora = {
+        name.rsplit(".lora_A", 1)[0]
+        for name, _ in adapter.transformer.named_parameters()
+        if ".lora_A." in name
+    }
     assert with_lora, "no LoRA attached"
     assert all(".attn." in name for name in with_lora)
     assert not any(".attn2." in name for name in with_lora)  # SD3.5-Medium's attn2 stays frozen, as upstream

@@ -59,13 +59,24 @@ def test_dag_logs_one_parent_and_six_stage_runs(dag_run):
     train = by_stage["train_grpo"]
     history = client.get_metric_history(train.info.run_id, "reward/total")
     assert [m.step for m in history] == [0, 1]
-    for key in ("train/loss", "train/kl", "train/clipfrac", "train/ratio_mean", "train/approx_kl", "time/epoch_s", "time/sample_s",
-                "reward/jpeg_incompressibility/mean"):  # fmt: skip
+    for key in (
+        "train/loss",
+        "train/kl",
+        "train/clipfrac",
+        "train/ratio_mean",
+        "train/approx_kl",
+        "time/epoch_s",
+        "time/sample_s",
+        "reward/jpeg_incompressibility/mean",
+    ):
         assert len(client.get_metric_history(train.info.run_id, key)) == 2, key
     train_artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"config.yaml", "reward_curve.png", "policy", "samples"} <= train_artifacts
     assert [a.path for a in client.list_artifacts(train.info.run_id, "samples")] == ["samples/last_epoch.png"]
-    assert train.data.tags["train.launcher"] == "in-process" and train.data.tags["train.resumed_from_epoch"] == "none"
+    assert (
+        train.data.tags["train.launcher"] == "in-process"
+        and train.data.tags["train.resumed_from_epoch"] == "none"
+    )
     assert train.data.metrics["stage/work_s"] > 0
 
     calibration = client.list_artifacts(by_stage["calibrate_rewards"].info.run_id)
@@ -93,7 +104,10 @@ def test_dag_registers_a_pyfunc_that_generates_images(dag_run):
     assert str(version.version) == "1" and version.tags["base.source"] == "tiny:sd3"
     # the decision `flowgrpo run` prints, as the registry recorded it
     decided = "champion" if version.tags["gate.decision"] == "passed" else "stays a candidate"
-    assert result.gate.startswith(f"{decided}: eval/policy/reward_mean ") and "against the base model" in result.gate
+    assert (
+        result.gate.startswith(f"{decided}: eval/policy/reward_mean ")
+        and "against the base model" in result.gate
+    )
     model = mlflow.pyfunc.load_model("models:/flowgrpo-sd3@candidate")
     images = model.predict(["a photo of a cat", "a photo of a dog"])
     assert len(images) == 2 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
@@ -180,8 +194,14 @@ def test_a_constant_reward_fails_calibration_with_its_message(tmp_path):
     from flowgrpo_core.stages.calibrate import calibrate_rewards
 
     model = _broken_vae_model(tmp_path / "model")
-    ctx = PipelineContext("tiny", ["serving.mode=inline", "calibration.epochs=1", "sampling.num_steps=4"], "cal-test",
-                          f"sqlite:///{tmp_path}/mlflow.db", "", str(tmp_path / "work"))  # fmt: skip
+    ctx = PipelineContext(
+        "tiny",
+        ["serving.mode=inline", "calibration.epochs=1", "sampling.num_steps=4"],
+        "cal-test",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "",
+        str(tmp_path / "work"),
+    )
     with pytest.raises(
         CalibrationError,
         match=r"reward 'jpeg_incompressibility' is broken: it is constant \(.* for all 16 images\)",

@@ -55,8 +55,26 @@ def test_caption_sampler_holds_out_the_test_requirements():
 def test_pretrain_shapes_command_trains_and_saves_a_loadable_model(tmp_path):
     parser = argparse.ArgumentParser()
     add_pretrain_shapes_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["pretrain-shapes", "--out", str(tmp_path), "--steps", "40", "--vae-steps", "40",
-                              "--batch-size", "8", "--vae-batch-size", "8", "--warmup-steps", "5", "--no-eval", "--seed", "3"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "pretrain-shapes",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "40",
+            "--vae-steps",
+            "40",
+            "--batch-size",
+            "8",
+            "--vae-batch-size",
+            "8",
+            "--warmup-steps",
+            "5",
+            "--no-eval",
+            "--seed",
+            "3",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.steps, cfg.vae_steps, cfg.seed, cfg.eval_prompts) == (40, 40, 3, "")
     result = pretrain_shapes(cfg, tmp_path, progress=False)
@@ -67,18 +85,38 @@ def test_pretrain_shapes_command_trains_and_saves_a_loadable_model(tmp_path):
     adapter = load_model(str(tmp_path))
     vae = adapter.pipeline.vae.config
     assert vae.scaling_factor != 1.0 and vae.shift_factor != 0.0  # set from the trained latents
-    assert generate(adapter, ["a circle"], [0], resolution=64, num_steps=4, guidance_scale=4.5,
-                    batch_size=1, max_sequence_length=16)[0].size == (64, 64)  # fmt: skip
+    assert generate(
+        adapter,
+        ["a circle"],
+        [0],
+        resolution=64,
+        num_steps=4,
+        guidance_scale=4.5,
+        batch_size=1,
+        max_sequence_length=16,
+    )[0].size == (64, 64)
 
 
 def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     import torch
 
-    cfg = PretrainConfig(vae_steps=3, steps=3, batch_size=4, vae_batch_size=4, warmup_steps=2, eval_prompts="", eval_every=0, seed=1)
+    cfg = PretrainConfig(
+        vae_steps=3,
+        steps=3,
+        batch_size=4,
+        vae_batch_size=4,
+        warmup_steps=2,
+        eval_prompts="",
+        eval_every=0,
+        seed=1,
+    )
     a = pretrain_shapes(cfg, tmp_path / "a", progress=False)
     b = pretrain_shapes(cfg, tmp_path / "b", progress=False)
     assert a.losses == b.losses and a.vae_losses == b.vae_losses
-    for name in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+    for name in (
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # phase 2 from a's trained VAE is phase 2 of a: the phases draw from their own generators
     c = pretrain_shapes(replace(cfg, vae_from=str(tmp_path / "a")), tmp_path / "c", progress=False)
@@ -86,12 +124,19 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     for name in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_3/model.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
     # continuing from a's saved model keeps its VAE and trains its transformer further
-    d = pretrain_shapes(replace(cfg, init_from=str(tmp_path / "a"), steps=2, seed=2), tmp_path / "d", progress=False)
+    d = pretrain_shapes(
+        replace(cfg, init_from=str(tmp_path / "a"), steps=2, seed=2), tmp_path / "d", progress=False
+    )
     assert len(d.losses) == 2 and d.vae_losses == []
     assert (tmp_path / "a" / "vae/diffusion_pytorch_model.safetensors").read_bytes() == (
-        tmp_path / "d" / "vae/diffusion_pytorch_model.safetensors").read_bytes()  # fmt: skip
+        tmp_path / "d" / "vae/diffusion_pytorch_model.safetensors"
+    ).read_bytes()
     # zero more steps in float16: the same weights in half the bytes, and the record of the run it came from
-    pretrain_shapes(replace(cfg, init_from=str(tmp_path / "d"), steps=0, save_dtype="float16"), tmp_path / "h", progress=False)
+    pretrain_shapes(
+        replace(cfg, init_from=str(tmp_path / "d"), steps=0, save_dtype="float16"),
+        tmp_path / "h",
+        progress=False,
+    )
     full, half = (load_model(str(tmp_path / x)).pipeline.transformer.state_dict() for x in ("d", "h"))
     assert all(half[k].dtype == torch.float32 and torch.equal(half[k], full[k].half().float()) for k in full)
     name = "transformer/diffusion_pytorch_model.safetensors"
@@ -100,11 +145,17 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     assert record["steps_done"] == 0 and record["started_from"]["steps_done"] == 2
     assert record["started_from"]["started_from"]["steps_done"] == 3  # d came from a
     with pytest.raises(ValueError, match="transformer does not fit"):
-        pretrain_shapes(replace(cfg, init_from=str(tmp_path / "a"), model=ShapesModelSpec(patch_size=1)),
-                        tmp_path / "e", progress=False)  # fmt: skip
+        pretrain_shapes(
+            replace(cfg, init_from=str(tmp_path / "a"), model=ShapesModelSpec(patch_size=1)),
+            tmp_path / "e",
+            progress=False,
+        )
     with pytest.raises(ValueError, match="latent_channels=8, this model needs 4"):
-        pretrain_shapes(replace(cfg, vae_from=str(tmp_path / "a"), model=ShapesModelSpec(latent_channels=4)),
-                        tmp_path / "d", progress=False)  # fmt: skip
+        pretrain_shapes(
+            replace(cfg, vae_from=str(tmp_path / "a"), model=ShapesModelSpec(latent_channels=4)),
+            tmp_path / "d",
+            progress=False,
+        )
 
 
 def test_scene_batches_are_fixed_for_a_number_of_workers():
@@ -133,14 +184,25 @@ def test_scene_batches_are_fixed_for_a_number_of_workers():
 
 
 def test_a_long_run_keeps_checkpoints_and_workers_runs_are_reproducible(tmp_path):
-    cfg = PretrainConfig(vae_steps=2, steps=3, batch_size=4, vae_batch_size=4, warmup_steps=2, eval_prompts="",
-                         eval_every=2, seed=1, workers=2)  # fmt: skip
+    cfg = PretrainConfig(
+        vae_steps=2,
+        steps=3,
+        batch_size=4,
+        vae_batch_size=4,
+        warmup_steps=2,
+        eval_prompts="",
+        eval_every=2,
+        seed=1,
+        workers=2,
+    )
     a = pretrain_shapes(cfg, tmp_path / "a", progress=False)
     b = pretrain_shapes(cfg, tmp_path / "b", progress=False)
     assert a.losses == b.losses and len(a.losses) == 3
     name = "transformer/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert load_model(str(tmp_path / "a" / "step-2")).family == "sd3"  # the checkpoint of the evaluation at step 2
+    assert (
+        load_model(str(tmp_path / "a" / "step-2")).family == "sd3"
+    )  # the checkpoint of the evaluation at step 2
     assert not (tmp_path / "a" / "step-3").exists()  # the last step is the folder itself
 
 
@@ -165,7 +227,9 @@ def test_schedules_match_the_scheduler_and_the_warmup():
     assert torch.allclose(shifted_sigma(unshifted, 3.0), scheduler.sigmas[:-1].float(), atol=1e-6)
     assert shifted_sigma(torch.tensor([0.5]), 3.0).item() == pytest.approx(0.75)
     assert warmup_cosine(0, 100, 10) == pytest.approx(0.1) and warmup_cosine(9, 100, 10) == pytest.approx(1.0)
-    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0) and warmup_cosine(100, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0) and warmup_cosine(100, 100, 10) == pytest.approx(
+        0.1
+    )
 
 
 def test_bad_pretrain_settings_fail_before_training():
@@ -185,4 +249,6 @@ def test_bad_pretrain_settings_fail_before_training():
         with pytest.raises(RuntimeError, match=r"device cuda requested but .* sees no CUDA GPU"):
             pretrain_shapes(PretrainConfig(device="cuda"), "/nonexistent", progress=False)
     with pytest.raises(ValueError, match="unknown prompt set 'builtin:nope'"):
-        pretrain_shapes(PretrainConfig(steps=1, vae_steps=1, eval_prompts="builtin:nope"), "/nonexistent", progress=False)
+        pretrain_shapes(
+            PretrainConfig(steps=1, vae_steps=1, eval_prompts="builtin:nope"), "/nonexistent", progress=False
+        )

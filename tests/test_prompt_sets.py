@@ -43,12 +43,21 @@ def test_geneval_test_is_genevals_benchmark():
         "color_attr": 100,
     }
     prompts = {row["prompt"] for row in test}
-    for known in ("a photo of a dog right of a teddy bear", "a photo of a purple wine glass and a black apple",
-                  "a photo of two clocks", "a photo of a pink car", "a photo of a stop sign above a fork"):  # fmt: skip
+    for known in (
+        "a photo of a dog right of a teddy bear",
+        "a photo of a purple wine glass and a black apple",
+        "a photo of two clocks",
+        "a photo of a pink car",
+        "a photo of a stop sign above a fork",
+    ):
         assert known in prompts
     counting = next(row for row in test if row["prompt"] == "a photo of two clocks")
-    assert counting == {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
-                        "prompt": "a photo of two clocks"}  # fmt: skip
+    assert counting == {
+        "tag": "counting",
+        "include": [{"class": "clock", "count": 2}],
+        "exclude": [{"class": "clock", "count": 3}],
+        "prompt": "a photo of two clocks",
+    }
     assert not any(req["class"] == "person" and "color" in req for row in test for req in row["include"])
 
 
@@ -189,9 +198,14 @@ def test_unknown_tag_names_the_row(tmp_path):
         geneval_row(),
         {"tag": "poses", "include": [{"class": "dog", "count": 1}], "prompt": "a dog sitting"},
     ]
-    path = write_table(tmp_path / "bad.parquet", {
-        "prompt": [r["prompt"] for r in rows], "tag": [r["tag"] for r in rows], "metadata": [json.dumps(r) for r in rows],
-    })  # fmt: skip
+    path = write_table(
+        tmp_path / "bad.parquet",
+        {
+            "prompt": [r["prompt"] for r in rows],
+            "tag": [r["tag"] for r in rows],
+            "metadata": [json.dumps(r) for r in rows],
+        },
+    )
     with pytest.raises(ValueError, match=r"bad.parquet: row 1 \('a dog sitting'\): unknown tag 'poses'"):
         read_prompt_parquet(path)
 
@@ -234,9 +248,13 @@ def test_bad_rows_are_refused_on_write(tmp_path):
     with pytest.raises(
         ValueError, match=r"row 1: the prompt does not contain the text 'Open' in double quotes"
     ):
-        write_prompt_parquet(tmp_path / "x.parquet", [
-            {"tag": "ocr", "text": "Hi", "prompt": 'a sign that says "Hi"'}, {"tag": "ocr", "text": "Open", "prompt": "a sign that says Open"},
-        ])  # fmt: skip
+        write_prompt_parquet(
+            tmp_path / "x.parquet",
+            [
+                {"tag": "ocr", "text": "Hi", "prompt": 'a sign that says "Hi"'},
+                {"tag": "ocr", "text": "Open", "prompt": "a sign that says Open"},
+            ],
+        )
     with pytest.raises(ValueError, match="row 0: column 'prompt' must be a non-empty string"):
         write_prompt_parquet(tmp_path / "x.parquet", [{"tag": "general", "prompt": " "}])
 
@@ -281,5 +299,7 @@ def test_the_builtin_list_is_static_and_names_what_the_generators_make():
     assert tuple(prompt_sets._PAIRS) == GENERATED_FAMILIES and BUILTIN_SETS == GENERATED_SETS
     assert builtin_names() == sorted(["animals", *GENERATED_SETS])
     assert all((DATA_DIR / f"{name}.parquet").is_file() for name in GENERATED_SETS)
-    with pytest.raises(ValueError, match="unknown prompt set 'builtin:nope'; builtin sets: animals, general_test"):
+    with pytest.raises(
+        ValueError, match="unknown prompt set 'builtin:nope'; builtin sets: animals, general_test"
+    ):
         load_prompts("builtin:nope")

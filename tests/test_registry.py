@@ -122,5 +122,14 @@ def test_gate_with_standard_errors_needs_the_metric_s_error(policy_dir, registry
     import mlflow
 
     with mlflow.start_run(), pytest.raises(ValueError, match="reward_mean_se"):
-        register_policy(policy_dir, "tiny:sd3", None, "flowgrpo-test", {"eval/policy/reward_mean": 1.0},
-                        "eval/policy/reward_mean", 0.0, "r", gate_standard_errors=2.0)  # fmt: skip
+        register_policy(
+            policy_dir,
+            "tiny:sd3",
+            None,
+            "flowgrpo-test",
+            {"eval/policy/reward_mean": 1.0},
+            "eval/policy/reward_mean",
+            0.0,
+            "r",
+            gate_standard_errors=2.0,
+        )

@@ -121,7 +121,9 @@ def _literal_step(v, x, sigma, sigma_next, a, sde_type, noise=None, prev=None):
     if prev is None:
         prev = mean + std * noise
     if sde_type == "sde":
-        density = -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+        density = (
+            -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+        )
     else:
         density = -((prev.detach() - mean) ** 2)
     return prev, density.flatten(1).mean(1), mean
@@ -152,7 +154,9 @@ def test_per_sample_generators_draw_what_randn_draws():
     x, v, sigma, sigma_next = _inputs()
     gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
     step = sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, generator=gens)
-    noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(10 + i)) for i in range(3)])
+    noise = torch.stack(
+        [torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+    )
     assert torch.equal(step.prev_sample, step.prev_sample_mean + step.std.reshape(-1, 1, 1, 1) * noise)
 
 
@@ -164,7 +168,10 @@ def test_deterministic_step_outside_the_window():
     # the CPS step at noise level 0: x0_hat (1 - sigma_next) + noise_hat sigma_next, the Euler step up to rounding
     assert torch.equal(cps, (x - s * v) * (1 - sn) + (x + (1 - s) * v) * torch.sqrt(sn**2))
     torch.testing.assert_close(cps, ode_step(v, x, sigma, sigma_next), rtol=0, atol=1e-5)
-    assert torch.equal(cps, sde_step_with_logprob(v, x, sigma, sigma_next, 0.0, prev_sample=cps, sde_type="cps").prev_sample_mean)
+    assert torch.equal(
+        cps,
+        sde_step_with_logprob(v, x, sigma, sigma_next, 0.0, prev_sample=cps, sde_type="cps").prev_sample_mean,
+    )
 
 
 def test_kl_is_zero_for_identical_means_and_matches_the_closed_form():

@@ -72,8 +72,14 @@ def raw_request(port: int, data: bytes, half_close: bool = False, timeout: float
         while True:
             head, sep, body = answer.partition(b"\r\n\r\n")
             if sep:
-                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), None)  # fmt: skip
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    None,
+                )
                 if length is not None and len(body) >= length:
                     return int(head.split(b" ", 2)[1]), body[:length]
             chunk = sock.recv(1 << 16)
@@ -87,8 +93,12 @@ def raw_request(port: int, data: bytes, half_close: bool = False, timeout: float
 
 def http_post(path: str, body: bytes, headers: dict[str, str] | None = None, method: str = "POST") -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}", "Content-Length": str(len(body)),
-               **(headers or {})}  # fmt: skip
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {TOKEN}",
+        "Content-Length": str(len(body)),
+        **(headers or {}),
+    }
     lines += [f"{key}: {value}" for key, value in headers.items() if value is not None]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -120,11 +130,24 @@ def malformed_requests(valid_png: str, limits: Limits) -> list[tuple[str, bytes,
     for missing in ({}, {"prompts": ["p"]}, {"images": [valid_png]}):
         add(f"missing field {sorted(missing)}", json_body(missing))
     add("unknown field", json_body({"prompts": ["p"], "images": [valid_png], "extra": 1}))
-    for i, (prompts, images) in enumerate([
-        ("p", [valid_png]), (["p"], valid_png), ({"a": 1}, [valid_png]), (["p"], {"a": 1}), ([1], [valid_png]),
-        ([None], [valid_png]), ([["p"]], [valid_png]), (["p"], [1]), (["p"], [None]), (["p"], [[valid_png]]),
-        (["p"], [{"png": valid_png}]), ([float("nan")], [valid_png]), ([True], [valid_png]), (["p"], [3.5]),
-    ]):  # fmt: skip
+    for i, (prompts, images) in enumerate(
+        [
+            ("p", [valid_png]),
+            (["p"], valid_png),
+            ({"a": 1}, [valid_png]),
+            (["p"], {"a": 1}),
+            ([1], [valid_png]),
+            ([None], [valid_png]),
+            ([["p"]], [valid_png]),
+            (["p"], [1]),
+            (["p"], [None]),
+            (["p"], [[valid_png]]),
+            (["p"], [{"png": valid_png}]),
+            ([float("nan")], [valid_png]),
+            ([True], [valid_png]),
+            (["p"], [3.5]),
+        ]
+    ):
         add(f"wrong types {i}", json.dumps({"prompts": prompts, "images": images}).encode())
     for i, metadata in enumerate(["m", 3, [1], ["x"], [[]], [None], {"a": 1}]):
         add(f"bad metadata {i}", json_body({"prompts": ["p"], "images": [valid_png], "metadata": metadata}))
@@ -147,8 +170,18 @@ def malformed_requests(valid_png: str, limits: Limits) -> list[tuple[str, bytes,
     Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
     gif = io.BytesIO()
     Image.new("P", (8, 8)).save(gif, format="GIF")
-    not_png = [jpeg.getvalue(), gif.getvalue(), b"", b"\x89PNG", b"\x89PNG\r\n\x1a\n", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
-               b"GIF89a" + b"\x00" * 40, b"BM" + b"\x00" * 60, b"%PDF-1.4", good_png[::-1]]  # fmt: skip
+    not_png = [
+        jpeg.getvalue(),
+        gif.getvalue(),
+        b"",
+        b"\x89PNG",
+        b"\x89PNG\r\n\x1a\n",
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
+        b"GIF89a" + b"\x00" * 40,
+        b"BM" + b"\x00" * 60,
+        b"%PDF-1.4",
+        good_png[::-1],
+    ]
     not_png += [bytes(rng.integers(0, 256, 64).astype(np.uint8)) for _ in range(10)]
     for i, data in enumerate(not_png):
         add(f"not a png {i}", json_body({"prompts": ["p"], "images": [b64(data)]}))
@@ -196,18 +229,38 @@ def malformed_requests(valid_png: str, limits: Limits) -> list[tuple[str, bytes,
         add(f"auth {i}", body, {"Authorization": auth})
 
     requests = [(name, http_post("/score", raw, headers), False) for name, raw, headers in cases]
-    for i, (method, path) in enumerate([("POST", "/scores"), ("POST", "/"), ("PUT", "/score"), ("DELETE", "/score"),
-                                        ("GET", "/score"), ("GET", "/nope"), ("PATCH", "/score"), ("POST", "/health"),
-                                        ("FOO", "/score"), ("TRACE", "/score"), ("CONNECT", "127.0.0.1:1")]):  # fmt: skip
+    for i, (method, path) in enumerate(
+        [
+            ("POST", "/scores"),
+            ("POST", "/"),
+            ("PUT", "/score"),
+            ("DELETE", "/score"),
+            ("GET", "/score"),
+            ("GET", "/nope"),
+            ("PATCH", "/score"),
+            ("POST", "/health"),
+            ("FOO", "/score"),
+            ("TRACE", "/score"),
+            ("CONNECT", "127.0.0.1:1"),
+        ]
+    ):
         requests.append((f"route {i}", http_post(path, body, method=method), False))
-    raw_lines = [b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"POST /score HTTP/9.9\r\n\r\n", b"POST /score HTTP/2.0\r\n\r\n",
-                 b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", b"POST /score HTTP/1.1\r\nX: " + b"y" * 70_000 + b"\r\n\r\n",
-                 b"POST /score HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
-                 b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n"]  # fmt: skip
+    raw_lines = [
+        b"GARBAGE\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"POST /score HTTP/9.9\r\n\r\n",
+        b"POST /score HTTP/2.0\r\n\r\n",
+        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",
+        b"POST /score HTTP/1.1\r\nX: " + b"y" * 70_000 + b"\r\n\r\n",
+        b"POST /score HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",
+    ]
     requests += [(f"bad request line {i}", line, False) for i, line in enumerate(raw_lines)]
     # a body shorter than its Content-Length: the client stops sending (half-close)
-    requests += [(f"short body {i}", http_post("/score", body[:n], {"Content-Length": str(len(body))}), True)
-                 for i, n in enumerate([0, 10, len(body) - 1])]  # fmt: skip
+    requests += [
+        (f"short body {i}", http_post("/score", body[:n], {"Content-Length": str(len(body))}), True)
+        for i, n in enumerate([0, 10, len(body) - 1])
+    ]
     # a client that stalls mid-body: the server stops waiting after its read timeout
     requests.append(
         ("stalled body", http_post("/score", body[:20], {"Content-Length": str(len(body))}), False)
@@ -302,8 +355,24 @@ def ocr_reward():
     return build_reward("ocr")
 
 
-WORDS = ["Apple", "Kubeflow", "Orange 42", "Sunrise", "Mlflow", "Hello", "Rocket", "Garden",
-         "Piano", "Winter", "Coffee", "Tiger", "Silver", "Planet", "Bridge", "Dragon"]  # fmt: skip
+WORDS = [
+    "Apple",
+    "Kubeflow",
+    "Orange 42",
+    "Sunrise",
+    "Mlflow",
+    "Hello",
+    "Rocket",
+    "Garden",
+    "Piano",
+    "Winter",
+    "Coffee",
+    "Tiger",
+    "Silver",
+    "Planet",
+    "Bridge",
+    "Dragon",
+]
 
 
 def test_16_concurrent_clients_get_their_own_correct_scores(ocr_reward):
@@ -345,8 +414,10 @@ def test_batcher_keeps_order_and_chunks_large_requests():
         return RewardOutput(scores=[float(p) for p in prompts], details={"prompt": list(prompts)})
 
     batcher = MicroBatcher(score, max_batch=4, max_wait_s=0.05)
-    futures = [batcher.submit([Image.new("RGB", (1, 1))] * n, [str(10 * k + j) for j in range(n)], [{}] * n)
-               for k, n in enumerate([1, 2, 9, 1])]  # fmt: skip
+    futures = [
+        batcher.submit([Image.new("RGB", (1, 1))] * n, [str(10 * k + j) for j in range(n)], [{}] * n)
+        for k, n in enumerate([1, 2, 9, 1])
+    ]
     outputs = [f.result(timeout=5) for f in futures]
     batcher.close()
     assert [o.scores.tolist() for o in outputs] == [[0.0], [10.0, 11.0], [20.0 + j for j in range(9)], [30.0]]
@@ -504,8 +575,12 @@ def test_manager_reports_a_server_that_cannot_start(tmp_path):
 
 
 def test_serve_reward_command_help_and_bad_options():
-    help_text = subprocess.run([sys.executable, "-m", "flowgrpo_core.serving", "serve-reward", "--help"],
-                               capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    help_text = subprocess.run(
+        [sys.executable, "-m", "flowgrpo_core.serving", "serve-reward", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     for option in (
         "--host",
         "--port",
@@ -517,6 +592,18 @@ def test_serve_reward_command_help_and_bad_options():
         "--option",
     ):
         assert option in help_text
-    bad = subprocess.run([sys.executable, "-m", "flowgrpo_core.serving", "serve-reward", "jpeg_compressibility", "--model", "x"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowgrpo_core.serving",
+            "serve-reward",
+            "jpeg_compressibility",
+            "--model",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "does not accept ['model']" in bad.stderr

@@ -59,8 +59,16 @@ def test_the_supervised_reference_trains_for_its_budget_without_its_evaluations(
         return accuracy
 
     monkeypatch.setattr(bench, "held_out_accuracy", timed_evaluation)
-    cfg = load_config("shapes", overrides=["eval.num_prompts=80", "eval.min_images_per_tag=0", "eval.images_per_prompt=1",
-                                           "eval.num_steps=2", "eval.batch_size=40"])  # fmt: skip
+    cfg = load_config(
+        "shapes",
+        overrides=[
+            "eval.num_prompts=80",
+            "eval.min_images_per_tag=0",
+            "eval.images_per_prompt=1",
+            "eval.num_steps=2",
+            "eval.batch_size=40",
+        ],
+    )
     threads = torch.get_num_threads()
     try:
         points = bench.supervised_under_budget("supervised reference", cfg, 2.0, 0.5)

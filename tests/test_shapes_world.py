@@ -21,7 +21,9 @@ from flowgrpo_core.trainer import FlowGRPOTrainer
 # Where the packaged folder is missing (a source checkout without package data) these tests are reported as
 # skipped, never as passed.
 pytestmark = pytest.mark.skipif(
-    not (Path(__file__).resolve().parents[1] / "flowgrpo_core" / "data" / "shapes-sd3" / "model_index.json").is_file(),
+    not (
+        Path(__file__).resolve().parents[1] / "flowgrpo_core" / "data" / "shapes-sd3" / "model_index.json"
+    ).is_file(),
     reason="the packaged shapes:sd3 folder is missing (flowgrpo_core/data/shapes-sd3: package data not installed)",
 )
 
@@ -63,8 +65,16 @@ def test_packaged_source_resolves_to_the_shipped_folder():
 
 def test_packaged_model_draws_64px_images(shapes_model):
     assert shapes_model.family == "sd3"
-    images = generate(shapes_model, ["a red circle", "two squares"], [0, 1], resolution=64, num_steps=8,
-                      guidance_scale=4.5, batch_size=2, max_sequence_length=16)  # fmt: skip
+    images = generate(
+        shapes_model,
+        ["a red circle", "two squares"],
+        [0, 1],
+        resolution=64,
+        num_steps=8,
+        guidance_scale=4.5,
+        batch_size=2,
+        max_sequence_length=16,
+    )
     assert [im.size for im in images] == [(64, 64), (64, 64)]
     assert np.asarray(images[0]).std() > 5  # not a flat canvas
 

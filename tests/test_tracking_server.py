@@ -35,10 +35,18 @@ def _wait(url: str, timeout_s: float = 90) -> None:
 def mlflow_server_on_s3(tmp_path, monkeypatch):
     s3_port, mlflow_port = _port(), _port()
     s3_url = f"http://127.0.0.1:{s3_port}"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1",
-           "MLFLOW_S3_ENDPOINT_URL": s3_url}  # fmt: skip
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_S3_ENDPOINT_URL": s3_url,
+    }
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     server = None
     try:
         _wait(s3_url + "/moto-api/")
@@ -52,10 +60,27 @@ def mlflow_server_on_s3(tmp_path, monkeypatch):
             region_name="us-east-1",
         ).create_bucket(Bucket="mlflow")
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-             "--artifacts-destination", "s3://mlflow/artifacts", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path}/server.db",
+                "--artifacts-destination",
+                "s3://mlflow/artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         tracking = f"http://127.0.0.1:{mlflow_port}"
         _wait(tracking + "/health")
         yield tracking, s3_url
@@ -72,8 +97,14 @@ def test_stages_log_to_a_tracking_server_with_s3_artifacts(tmp_path, mlflow_serv
     from mlflow.tracking import MlflowClient
 
     tracking, s3_url = mlflow_server_on_s3
-    ctx = PipelineContext("tiny", ["serving.mode=inline", "train.epochs=1", "sampling.num_steps=4"], "server-run", tracking, "",
-                          str(tmp_path / "work"))  # fmt: skip
+    ctx = PipelineContext(
+        "tiny",
+        ["serving.mode=inline", "train.epochs=1", "sampling.num_steps=4"],
+        "server-run",
+        tracking,
+        "",
+        str(tmp_path / "work"),
+    )
     download_model(ctx, tmp_path / "model")
     train_grpo(ctx, tmp_path / "model", None, tmp_path / "policy")
 

@@ -37,8 +37,15 @@ def test_one_batch_one_step_is_exactly_on_policy(tmp_path):
 
 
 def test_updates_move_log_probs_along_the_advantages(tmp_path):
-    trainer = _trainer(tmp_path, "sampling.batch_size=8", "train.optimizer_steps_per_epoch=1", "train.beta=0",
-                       "train.lora=false", "train.learning_rate=1e-3", "train.clip_range=10")  # fmt: skip
+    trainer = _trainer(
+        tmp_path,
+        "sampling.batch_size=8",
+        "train.optimizer_steps_per_epoch=1",
+        "train.beta=0",
+        "train.lora=false",
+        "train.learning_rate=1e-3",
+        "train.clip_range=10",
+    )
     generator = torch.Generator().manual_seed(0)
     epoch = trainer.sample_and_score(generator)
     samples = epoch.local
@@ -211,9 +218,17 @@ def test_seeded_tiny_run_raises_the_jpeg_reward(tmp_path):
     prompts = [trainer.prompts.prompts[i % 8] for i in range(n)]
 
     def ode_rewards():
-        t = rollout(trainer.adapter, prompts, list(range(1000, 1000 + n)), resolution=s.resolution, num_steps=s.num_steps,
-                    guidance_scale=s.guidance_scale, noise_level=0.0, sde_mask=sde_window_mask(n, s.num_steps, 1, 0) & False,
-                    max_sequence_length=s.max_sequence_length)  # fmt: skip
+        t = rollout(
+            trainer.adapter,
+            prompts,
+            list(range(1000, 1000 + n)),
+            resolution=s.resolution,
+            num_steps=s.num_steps,
+            guidance_scale=s.guidance_scale,
+            noise_level=0.0,
+            sde_mask=sde_window_mask(n, s.num_steps, 1, 0) & False,
+            max_sequence_length=s.max_sequence_length,
+        )
         return trainer.reward(to_pil(t.images), prompts).scores
 
     policy = ode_rewards()
@@ -239,8 +254,14 @@ def test_an_epoch_without_signal_trains_nothing(tmp_path):
 
 def test_flux_adapter_trains_exactly_on_policy(tmp_path):
     # FLUX: packed latents, embedded guidance, no CFG batch doubling.
-    trainer = _trainer(tmp_path, "model.source=tiny:flux", "sampling.guidance_scale=3.5", "sampling.batch_size=8",
-                       "train.optimizer_steps_per_epoch=1", "train.lora_target_modules=[]")  # fmt: skip
+    trainer = _trainer(
+        tmp_path,
+        "model.source=tiny:flux",
+        "sampling.guidance_scale=3.5",
+        "sampling.batch_size=8",
+        "train.optimizer_steps_per_epoch=1",
+        "train.lora_target_modules=[]",
+    )
     (metrics,) = trainer.train(epochs=1)
     assert (
         metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0 and metrics["train/kl"] == 0.0
@@ -273,8 +294,10 @@ def test_reference_means_in_one_forward_equal_one_forward_per_step(tmp_path):
 
 
 def test_batched_reference_forwards_train_exactly_like_one_forward_per_step(tmp_path):
-    runs = [_trainer(tmp_path, "train.beta=0.1", f"train.batch_reference_steps={flag}", name=str(flag))
-            for flag in (True, False)]  # fmt: skip
+    runs = [
+        _trainer(tmp_path, "train.beta=0.1", f"train.batch_reference_steps={flag}", name=str(flag))
+        for flag in (True, False)
+    ]
     histories = [run.train(epochs=2) for run in runs]
     assert histories[0][-1]["train/kl"] > 0
     assert [h["train/loss"] for h in histories[0]] == [h["train/loss"] for h in histories[1]]

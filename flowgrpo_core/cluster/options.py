@@ -169,8 +169,12 @@ class ClusterOptions:
 
     def secret_bindings(self) -> list[SecretBinding]:
         """Every environment variable filled from a Secret, for pipeline steps and the pods they create."""
-        names = {"s3": self.s3_secret, "mlflow": self.mlflow_secret, "hf": self.hf_secret,
-                 "reward_token": self.reward_token_secret}  # fmt: skip
+        names = {
+            "s3": self.s3_secret,
+            "mlflow": self.mlflow_secret,
+            "hf": self.hf_secret,
+            "reward_token": self.reward_token_secret,
+        }
         out = []
         for kind, secret in names.items():
             if not secret:

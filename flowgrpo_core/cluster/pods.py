@@ -54,9 +54,14 @@ def pod_spec(
     """A pod spec; GPU pods get the node selector and tolerations of the GPU stages."""
     spec: dict = {
         "containers": containers,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
-    }  # fmt: skip
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
     all_volumes = list(volumes)
     if cluster.pvc:
         all_volumes.append({"name": VOLUME_NAME, "persistentVolumeClaim": {"claimName": cluster.pvc}})

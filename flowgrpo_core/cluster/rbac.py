@@ -16,15 +16,25 @@ NAME = "flowgrpo-step"
 
 RULES = [
     # reward servers (launch stage) and their cleanup (exit handler)
-    {"apiGroups": ["apps"], "resources": ["deployments"],
-     "verbs": ["create", "get", "list", "watch", "delete", "deletecollection"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "get", "list", "delete", "deletecollection"]},
+    {
+        "apiGroups": ["apps"],
+        "resources": ["deployments"],
+        "verbs": ["create", "get", "list", "watch", "delete", "deletecollection"],
+    },
+    {
+        "apiGroups": [""],
+        "resources": ["services"],
+        "verbs": ["create", "get", "list", "delete", "deletecollection"],
+    },
     # why a reward server or training node does not start (image pull, missing secret, unschedulable)
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
     # multi-node training (training stage) and its cleanup
-    {"apiGroups": ["kubeflow.org"], "resources": ["pytorchjobs"],
-     "verbs": ["create", "get", "list", "watch", "delete", "deletecollection"]},
-]  # fmt: skip
+    {
+        "apiGroups": ["kubeflow.org"],
+        "resources": ["pytorchjobs"],
+        "verbs": ["create", "get", "list", "watch", "delete", "deletecollection"],
+    },
+]
 
 
 def render_rbac(namespace: str, service_account: str) -> list[dict]:
@@ -46,8 +56,11 @@ def render_rbac(namespace: str, service_account: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowgrpo_core.cluster.rbac", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m flowgrpo_core.cluster.rbac",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--namespace", required=True, help="namespace the pipeline's steps run in")
     parser.add_argument("--service-account", default="pipeline-runner", help="service account of the steps")
     args = parser.parse_args(argv)

@@ -28,8 +28,14 @@ SERVER_PORT = 8000
 JUDGE_PORT = 17140
 CLUSTER_DOMAIN = "cluster.local"
 # container states that will not heal by waiting: fail the launch at once, naming the reason
-FATAL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-                 "CreateContainerError", "CrashLoopBackOff"}  # fmt: skip
+FATAL_WAITING = {
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+}
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,12 @@ def image_for(spec: ServerSpec, serving) -> str:
 
 
 def _http_probe(port: str, period_s: int, failures: int, timeout_s: int = 5) -> dict:
-    return {"httpGet": {"path": "/health", "port": port}, "periodSeconds": period_s,
-            "failureThreshold": failures, "timeoutSeconds": timeout_s}  # fmt: skip
+    return {
+        "httpGet": {"path": "/health", "port": port},
+        "periodSeconds": period_s,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout_s,
+    }
 
 
 @dataclass(frozen=True)
@@ -101,14 +111,24 @@ class _Target:
 
 
 def _server(
-    name: str, component: str, spec: ServerSpec, command: list[str], port: int, target: _Target,
-    env: dict[str, str] | None = None, shm: bool = False,
-) -> tuple[dict, dict, str]:  # fmt: skip
+    name: str,
+    component: str,
+    spec: ServerSpec,
+    command: list[str],
+    port: int,
+    target: _Target,
+    env: dict[str, str] | None = None,
+    shm: bool = False,
+) -> tuple[dict, dict, str]:
     run_id, namespace, serving, cluster = target.run_id, target.namespace, target.serving, target.cluster
     object_name = names.object_name(component, run_id)
     labels = {**names.run_labels(run_id, component), names.REWARD_LABEL: names.dns_label(name)}
-    metadata = {"name": object_name, "namespace": namespace, "labels": labels,
-                "annotations": {names.RUN_ID_ANNOTATION: run_id}}  # fmt: skip
+    metadata = {
+        "name": object_name,
+        "namespace": namespace,
+        "labels": labels,
+        "annotations": {names.RUN_ID_ANNOTATION: run_id},
+    }
     gpus = serving.gpus_per_server if spec.gpu else 0
     container = {
         "name": "server",
@@ -137,10 +157,12 @@ def _server(
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": dict(labels)},
-            "template": {"metadata": {"labels": pod_labels},
-                         "spec": pods.pod_spec(cluster, [container], gpu=gpus > 0, volumes=volumes)},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": pods.pod_spec(cluster, [container], gpu=gpus > 0, volumes=volumes),
+            },
         },
-    }  # fmt: skip
+    }
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -174,8 +196,18 @@ def render_reward_servers(
             )
             out.append(RenderedServer(JUDGE_NAME, deployment, service, f"{url}/v1"))
             extra += ["--option", f"url={url}/v1"]
-        command = ["python", "-m", "flowgrpo_core.serving", "serve-reward", name,
-                   "--host", "0.0.0.0", "--port", str(SERVER_PORT), *extra]  # fmt: skip
+        command = [
+            "python",
+            "-m",
+            "flowgrpo_core.serving",
+            "serve-reward",
+            name,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(SERVER_PORT),
+            *extra,
+        ]
         spec = REWARD_SERVERS[name]
         deployment, service, url = _server(name, f"reward-{name}", spec, command, SERVER_PORT, target)
         out.append(RenderedServer(name, deployment, service, url))
@@ -300,9 +332,13 @@ def serving_backend(mode: str, cluster: ClusterOptions | None) -> str:
 
 
 def launch(
-    run_id: str, rewards: Sequence[str], serving, cluster: ClusterOptions | None, kube: Kube | None = None,
+    run_id: str,
+    rewards: Sequence[str],
+    serving,
+    cluster: ClusterOptions | None,
+    kube: Kube | None = None,
     poll_s: float = 2.0,
-) -> dict[str, str]:  # fmt: skip
+) -> dict[str, str]:
     """Create and await the servers of ``rewards``; ``{reward: URL}``."""
     from flowgrpo_core.cluster.kube import connect
 

@@ -68,15 +68,19 @@ def render_pytorchjob(
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "PyTorchJob",
-        "metadata": {"name": names.object_name("train", run_id), "namespace": namespace, "labels": labels,
-                     "annotations": {names.RUN_ID_ANNOTATION: run_id}},
+        "metadata": {
+            "name": names.object_name("train", run_id),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {names.RUN_ID_ANNOTATION: run_id},
+        },
         "spec": {
             "nprocPerNode": str(procs),
             # finished pods stay (their logs explain a failure) until the exit handler deletes the job
             "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 0},
             "pytorchReplicaSpecs": specs,
         },
-    }  # fmt: skip
+    }
 
 
 def job_state(job: dict) -> tuple[str | None, str]:

@@ -48,15 +48,25 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         out = rollout(
-            adapter, chunk, list(seeds[start : start + batch_size]), resolution=resolution, num_steps=num_steps,
-            guidance_scale=guidance_scale, noise_level=0.0, sde_mask=torch.zeros(len(chunk), num_steps, dtype=torch.bool),
-            negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, sde_type=sde_type,
-        )  # fmt: skip
+            adapter,
+            chunk,
+            list(seeds[start : start + batch_size]),
+            resolution=resolution,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            noise_level=0.0,
+            sde_mask=torch.zeros(len(chunk), num_steps, dtype=torch.bool),
+            negative_prompt=negative_prompt,
+            max_sequence_length=max_sequence_length,
+            sde_type=sde_type,
+        )
         images += to_pil(out.images)
     return images
 
 
-def images_per_prompt_plan(tags: Sequence[str], images_per_prompt: int, min_images_per_tag: int = 0) -> list[int]:
+def images_per_prompt_plan(
+    tags: Sequence[str], images_per_prompt: int, min_images_per_tag: int = 0
+) -> list[int]:
     """Images to draw for each prompt: ``images_per_prompt``, raised for the prompts of a task with few
     prompts so that every task gets at least ``min_images_per_tag`` images. The overall accuracy is a mean
     over tasks, so a task with one prompt would otherwise weigh as much as fifty prompts on a few images."""
@@ -64,7 +74,9 @@ def images_per_prompt_plan(tags: Sequence[str], images_per_prompt: int, min_imag
     return [max(images_per_prompt, -(-min_images_per_tag // counts[tag])) for tag in tags]
 
 
-def _expand(prompt_set: PromptSet, images_per_prompt: int, min_images_per_tag: int) -> tuple[list[str], list[dict]]:
+def _expand(
+    prompt_set: PromptSet, images_per_prompt: int, min_images_per_tag: int
+) -> tuple[list[str], list[dict]]:
     """Prompts and metadata repeated as :func:`images_per_prompt_plan` says, prompt by prompt."""
     tags = [str(m.get("tag", "all")) for m in prompt_set.metadata]
     plan = images_per_prompt_plan(tags, images_per_prompt, min_images_per_tag)
@@ -92,12 +104,22 @@ def geneval_accuracy(
     in :func:`compare`."""
     prompts, metadata = _expand(prompt_set, images_per_prompt, min_images_per_tag)
     images = generate(
-        adapter, prompts, [seed + i for i in range(len(prompts))], resolution=resolution, num_steps=num_steps,
-        guidance_scale=guidance_scale, batch_size=batch_size, max_sequence_length=max_sequence_length,
-    )  # fmt: skip
-    reports = _verdict_reports(reward(images, prompts, metadata).details, [m["tag"] for m in metadata], prompts)
+        adapter,
+        prompts,
+        [seed + i for i in range(len(prompts))],
+        resolution=resolution,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        max_sequence_length=max_sequence_length,
+    )
+    reports = _verdict_reports(
+        reward(images, prompts, metadata).details, [m["tag"] for m in metadata], prompts
+    )
     if "correct" not in reports:
-        raise ValueError(f"reward {reward.name!r} gives no per-image verdicts (details['correct']): not a GenEval reward")
+        raise ValueError(
+            f"reward {reward.name!r} gives no per-image verdicts (details['correct']): not a GenEval reward"
+        )
     return reports["correct"]
 
 
@@ -133,8 +155,15 @@ def compare(
 
     prompts, metadata = _expand(prompt_set, images_per_prompt, min_images_per_tag)
     seeds = [seed + i for i in range(len(prompts))]
-    kwargs = dict(resolution=resolution, num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size,
-                  negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, sde_type=sde_type)  # fmt: skip
+    kwargs = dict(
+        resolution=resolution,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        negative_prompt=negative_prompt,
+        max_sequence_length=max_sequence_length,
+        sde_type=sde_type,
+    )
     policy_images = generate(adapter, prompts, seeds, **kwargs)
     with adapter.reference_model():
         base_images = generate(adapter, prompts, seeds, **kwargs)
@@ -182,7 +211,9 @@ def compare(
         )
         for tag, idx in groups.items()
     }
-    for key in sorted(k for k in out if "/accuracy/" in k and k.startswith("eval/policy/") and not k.endswith("_se")):
+    for key in sorted(
+        k for k in out if "/accuracy/" in k and k.startswith("eval/policy/") and not k.endswith("_se")
+    ):
         base_key = key.replace("eval/policy/", "eval/base/", 1)
         table.append(
             f"| {key.removeprefix('eval/policy/')} | | {out[base_key]:.4f} | {out[key]:.4f} | {out[key] - out[base_key]:+.4f} | |"

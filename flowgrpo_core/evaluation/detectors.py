@@ -34,10 +34,17 @@ OWLV2 = "google/owlv2-base-patch16-ensemble"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 # COCO label spellings of other checkpoints -> GenEval's class names
 LABEL_ALIASES = {
-    "mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard", "sofa": "couch",
-    "tvmonitor": "tv", "motorbike": "motorcycle", "aeroplane": "airplane", "diningtable": "dining table",
-    "pottedplant": "potted plant", "hair dryer": "hair drier",
-}  # fmt: skip
+    "mouse": "computer mouse",
+    "remote": "tv remote",
+    "keyboard": "computer keyboard",
+    "sofa": "couch",
+    "tvmonitor": "tv",
+    "motorbike": "motorcycle",
+    "aeroplane": "airplane",
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+    "hair dryer": "hair drier",
+}
 COLOR_TEMPLATES = (
     "a photo of a {c} {classname}",
     "a photo of a {c}-colored {classname}",

@@ -212,9 +212,13 @@ def check(
         for name, dets in objects.items()
     }
     return GenEvalResult(
-        tag=str(metadata.get("tag", "")), prompt=str(metadata.get("prompt", "")), correct=correct,
-        fraction=met / units if units else float(correct), reason="\n".join(reasons), detected=detected,
-    )  # fmt: skip
+        tag=str(metadata.get("tag", "")),
+        prompt=str(metadata.get("prompt", "")),
+        correct=correct,
+        fraction=met / units if units else float(correct),
+        reason="\n".join(reasons),
+        detected=detected,
+    )
 
 
 def _color_of(detection: Detection, classname: str) -> str:
@@ -328,12 +332,20 @@ class GenEvalReport:
 
     def to_text(self) -> str:
         lines = [
-            "Summary", "=======", f"Total images: {self.images}", f"Total prompts: {self.prompts}",
+            "Summary",
+            "=======",
+            f"Total images: {self.images}",
+            f"Total prompts: {self.prompts}",
             f"% correct images: {sum(c for c, _ in self.counts.values()) / max(self.images, 1):.2%}",
-            f"% correct prompts: {self.correct_prompts:.2%}", "", "Task breakdown", "==============",
-        ]  # fmt: skip
+            f"% correct prompts: {self.correct_prompts:.2%}",
+            "",
+            "Task breakdown",
+            "==============",
+        ]
         lines += [f"{tag:<16} = {self.per_tag[tag]:.2%} ({c} / {n})" for tag, (c, n) in self.counts.items()]
-        overall = f"Overall score (avg. over tasks): {self.overall:.5f} (standard error {self.standard_error:.5f})"
+        overall = (
+            f"Overall score (avg. over tasks): {self.overall:.5f} (standard error {self.standard_error:.5f})"
+        )
         return "\n".join([*lines, "", overall, ""])
 
 
@@ -371,7 +383,10 @@ def summarize_verdicts(
         by_prompt[key] = by_prompt.get(key, False) or bool(correct[index])
     per_tag = {tag: c / n for tag, (c, n) in counts.items()}
     return GenEvalReport(
-        per_tag=per_tag, counts={tag: (c, n) for tag, (c, n) in counts.items()},
-        overall=float(np.mean(list(per_tag.values()))), images=len(tags), prompts=len(by_prompt),
+        per_tag=per_tag,
+        counts={tag: (c, n) for tag, (c, n) in counts.items()},
+        overall=float(np.mean(list(per_tag.values()))),
+        images=len(tags),
+        prompts=len(by_prompt),
         correct_prompts=float(np.mean(list(by_prompt.values()))),
-    )  # fmt: skip
+    )

@@ -31,10 +31,17 @@ from flowgrpo_core.prompts.vocabulary import COLORS
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
 # Far enough apart in RGB (closest pair: orange/yellow, 83) and from the background (closest: purple, 88).
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 160, 60),
-    "blue": (40, 80, 220), "purple": (130, 50, 170), "pink": (245, 130, 190), "brown": (120, 75, 35),
-    "black": (20, 20, 20), "white": (240, 240, 240),
-}  # fmt: skip
+    "red": (220, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "purple": (130, 50, 170),
+    "pink": (245, 130, 190),
+    "brown": (120, 75, 35),
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+}
 BACKGROUND = (128, 128, 128)
 MIN_SIDE = 12
 assert tuple(PALETTE) == COLORS
@@ -188,9 +195,13 @@ def _positions_hold(
 # Mean features of renders (sizes 64-256, sides 10-87 px): fill ratio of the box, centroid height in the
 # box, solidity, log aspect (width / height).
 _PROTOTYPES: dict[str, tuple[float, float, float, float]] = {
-    "circle": (0.78, 0.50, 1.0, 0.0), "square": (1.00, 0.50, 1.0, 0.0), "triangle": (0.515, 0.662, 1.0, 0.0),
-    "diamond": (0.50, 0.497, 1.0, 0.0), "star": (0.40, 0.548, 0.62, 0.06), "cross": (0.60, 0.494, 0.79, 0.0),
-}  # fmt: skip
+    "circle": (0.78, 0.50, 1.0, 0.0),
+    "square": (1.00, 0.50, 1.0, 0.0),
+    "triangle": (0.515, 0.662, 1.0, 0.0),
+    "diamond": (0.50, 0.497, 1.0, 0.0),
+    "star": (0.40, 0.548, 0.62, 0.06),
+    "cross": (0.60, 0.494, 0.79, 0.0),
+}
 _SPREAD = np.array([0.05, 0.035, 0.06, 0.08])  # tolerated deviation per feature (one "sigma")
 
 

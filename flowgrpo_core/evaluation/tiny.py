@@ -75,15 +75,31 @@ def save_tiny_mask2former(folder: str | Path, seed: int = 0, labels: tuple[str, 
 
     folder = Path(folder)
     backbone = SwinConfig(
-        image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+        image_size=64,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
         out_features=["stage1", "stage2", "stage3", "stage4"],
-    )  # fmt: skip
+    )
     config = Mask2FormerConfig(
-        backbone_config=backbone, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)}, hidden_dim=32, num_queries=20, encoder_layers=1,
-        decoder_layers=2, mask_feature_size=32, feature_size=32, encoder_feedforward_dim=64, dim_feedforward=64,
-        num_attention_heads=2, common_stride=4, use_timm_backbone=False,
-    )  # fmt: skip
+        backbone_config=backbone,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        hidden_dim=32,
+        num_queries=20,
+        encoder_layers=1,
+        decoder_layers=2,
+        mask_feature_size=32,
+        feature_size=32,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        num_attention_heads=2,
+        common_stride=4,
+        use_timm_backbone=False,
+    )
     torch.manual_seed(seed)
     Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(folder)
     Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(folder)

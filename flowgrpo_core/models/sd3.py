@@ -33,7 +33,10 @@ class SD3Adapter(FlowAdapter):
                 self._negative_cache[key] = self._encode([negative_prompt], max_sequence_length)
             neg_embeds, neg_pooled = self._negative_cache[key]
             batch = len(prompts)
-            tensors |= {"neg_embeds": neg_embeds.expand(batch, -1, -1), "neg_pooled": neg_pooled.expand(batch, -1)}
+            tensors |= {
+                "neg_embeds": neg_embeds.expand(batch, -1, -1),
+                "neg_pooled": neg_pooled.expand(batch, -1),
+            }
         # text encoders may run in another dtype than the transformer (the reference's float16 encoders feed a
         # float32 transformer under autocast, which casts them back the same way)
         return Conditioning({k: v.to(self.dtype) for k, v in tensors.items()})

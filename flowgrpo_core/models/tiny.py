@@ -95,11 +95,17 @@ def build_tiny_sd3(seed: int = 0, spec: TinySD3Spec = TinySD3Spec()):
         text_encoder_2 = CLIPTextModelWithProjection(clip_config)
         text_encoder_3 = t5_encoder(d_model=spec.t5_d_model, d_kv=16)
         transformer = sd3_transformer(
-            sample_size=32, patch_size=2, latent_channels=spec.latent_channels, num_layers=spec.num_layers,
-            num_attention_heads=spec.num_attention_heads, attention_head_dim=spec.attention_head_dim,
-            t5_d_model=spec.t5_d_model, clip_hidden=spec.clip_hidden, pos_embed_max_size=128,
+            sample_size=32,
+            patch_size=2,
+            latent_channels=spec.latent_channels,
+            num_layers=spec.num_layers,
+            num_attention_heads=spec.num_attention_heads,
+            attention_head_dim=spec.attention_head_dim,
+            t5_d_model=spec.t5_d_model,
+            clip_hidden=spec.clip_hidden,
+            pos_embed_max_size=128,
             dual_attention_layers=spec.dual_attention_layers,
-        )  # fmt: skip
+        )
         vae = _tiny_vae(spec.vae_blocks, spec.latent_channels)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -158,8 +164,15 @@ def build_tiny_flux(seed: int = 0):
     return _eval_mode(pipe)
 
 
-def clip_text_config(tokenizer, hidden: int, *, intermediate: int | None = None, vocab_size: int = 1000,
-                     max_positions: int = 77, **extra):
+def clip_text_config(
+    tokenizer,
+    hidden: int,
+    *,
+    intermediate: int | None = None,
+    vocab_size: int = 1000,
+    max_positions: int = 77,
+    **extra,
+):
     """A 2-layer CLIP text config for ``tokenizer`` (``max_positions``: the pipelines pad CLIP prompts to the
     tokenizer's ``model_max_length``, 77 for the tiny one)."""
     from transformers import CLIPTextConfig
@@ -179,8 +192,15 @@ def clip_text_config(tokenizer, hidden: int, *, intermediate: int | None = None,
     )
 
 
-def t5_encoder(d_model: int, d_kv: int, *, d_ff: int | None = None, vocab_size: int = 1000, max_distance: int = 16,
-               **extra):
+def t5_encoder(
+    d_model: int,
+    d_kv: int,
+    *,
+    d_ff: int | None = None,
+    vocab_size: int = 1000,
+    max_distance: int = 16,
+    **extra,
+):
     """A 2-layer T5 encoder with random weights (``extra``: more ``T5Config`` fields)."""
     from transformers import T5Config, T5EncoderModel
 
@@ -203,9 +223,18 @@ def t5_encoder(d_model: int, d_kv: int, *, d_ff: int | None = None, vocab_size: 
 
 
 def sd3_transformer(
-    *, sample_size: int, patch_size: int, latent_channels: int, num_layers: int, num_attention_heads: int,
-    attention_head_dim: int, t5_d_model: int, clip_hidden: int, pos_embed_max_size: int, **extra,
-):  # fmt: skip
+    *,
+    sample_size: int,
+    patch_size: int,
+    latent_channels: int,
+    num_layers: int,
+    num_attention_heads: int,
+    attention_head_dim: int,
+    t5_d_model: int,
+    clip_hidden: int,
+    pos_embed_max_size: int,
+    **extra,
+):
     """An MMDiT sized for two CLIPs of width ``clip_hidden`` and a T5 of width ``t5_d_model``."""
     from diffusers import SD3Transformer2DModel
 

@@ -59,7 +59,9 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     tag_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TAGS, 1.0))
     held_out: str | None = "builtin:shapes_test"  # no caption has the requirements of these prompts
-    eval_every: int = 1000  # transformer steps between evaluations and checkpoints (out/step-N); 0: only at the end
+    eval_every: int = (
+        1000  # transformer steps between evaluations and checkpoints (out/step-N); 0: only at the end
+    )
     eval_prompts: str = "builtin:shapes_test"  # "": no evaluation
     eval_images_per_prompt: int = 2
     eval_min_images_per_tag: int = 32  # as the shapes preset: every task judged on at least this many images
@@ -73,26 +75,42 @@ class PretrainConfig:
     save_dtype: str = "float32"  # of the final folder (checkpoints stay float32); float16 halves it
 
     def __post_init__(self) -> None:
-        for name in ("vae_steps", "steps", "vae_batch_size", "batch_size", "warmup_steps", "threads", "eval_images_per_prompt"):
+        for name in (
+            "vae_steps",
+            "steps",
+            "vae_batch_size",
+            "batch_size",
+            "warmup_steps",
+            "threads",
+            "eval_images_per_prompt",
+        ):
             if getattr(self, name) < (0 if name.endswith("steps") else 1):
                 raise ValueError(f"pretrain-shapes: {name} must be positive, got {getattr(self, name)}")
         if self.save_dtype not in ("float32", "float16"):
-            raise ValueError(f"pretrain-shapes: save_dtype must be float32 or float16, got {self.save_dtype!r}")
+            raise ValueError(
+                f"pretrain-shapes: save_dtype must be float32 or float16, got {self.save_dtype!r}"
+            )
         if self.workers < 0:
             raise ValueError(f"pretrain-shapes: workers must be >= 0, got {self.workers}")
         if not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"pretrain-shapes: device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.eval_min_images_per_tag < 0:
-            raise ValueError(f"pretrain-shapes: eval_min_images_per_tag must be >= 0, got {self.eval_min_images_per_tag}")
+            raise ValueError(
+                f"pretrain-shapes: eval_min_images_per_tag must be >= 0, got {self.eval_min_images_per_tag}"
+            )
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"pretrain-shapes: minutes must be positive, got {self.minutes}")
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"pretrain-shapes: lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+            raise ValueError(
+                f"pretrain-shapes: lr_schedule must be constant or cosine, got {self.lr_schedule!r}"
+            )
         if self.init_from and self.vae_from:
             raise ValueError("pretrain-shapes: init_from brings its own VAE; do not give vae_from too")
         unknown = set(self.tag_weights) - set(TAGS)
         if unknown:
-            raise ValueError(f"pretrain-shapes: unknown tags {sorted(unknown)} in tag_weights; tags: {', '.join(TAGS)}")
+            raise ValueError(
+                f"pretrain-shapes: unknown tags {sorted(unknown)} in tag_weights; tags: {', '.join(TAGS)}"
+            )
 
 
 DESCRIPTION = """Pre-train the shapes-world base model (a tiny SD3: MMDiT + CLIP/T5 + KL VAE) by rectified flow
@@ -114,56 +132,139 @@ def add_pretrain_shapes_parser(subparsers: argparse._SubParsersAction) -> argpar
     """Add ``pretrain-shapes`` to the ``flowgrpo`` command line (its handler is the caller's to set)."""
     d = PretrainConfig()
     p = subparsers.add_parser(
-        "pretrain-shapes", help="pre-train the shapes-world base model (tiny SD3) on a CPU",
-        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        "pretrain-shapes",
+        help="pre-train the shapes-world base model (tiny SD3) on a CPU",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="folder for the diffusers pipeline (created)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, data and noise (default {d.seed})")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help=f"seed of weights, data and noise (default {d.seed})"
+    )
     p.add_argument("--steps", type=int, default=d.steps, help=f"transformer steps (default {d.steps})")
     p.add_argument("--vae-steps", type=int, default=d.vae_steps, help=f"VAE steps (default {d.vae_steps})")
-    p.add_argument("--vae-from", metavar="DIR", default=None,
-                   help="skip phase 1 and use the trained VAE of DIR (a pipeline folder or its vae/ folder)")
-    p.add_argument("--init-from", metavar="DIR", default=None,
-                   help="continue pre-training the model saved in DIR (skips phase 1; fresh optimiser and EMA)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule,
-                   help=f"transformer learning rate after warm-up (default {d.lr_schedule})")
-    p.add_argument("--minutes", type=float, default=None,
-                   help=f"wall-clock budget of both phases (VAE: {round(100 * d.vae_share)}%%); the steps become upper bounds")  # fmt: skip
-    p.add_argument("--patch-size", type=int, default=ShapesModelSpec().patch_size,
-                   help=f"latent pixels per transformer token side (default {ShapesModelSpec().patch_size})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"scenes per transformer step (default {d.batch_size})")
-    p.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size, help=f"scenes per VAE step (default {d.vae_batch_size})")
-    p.add_argument("--lr", type=float, default=d.learning_rate, help=f"transformer learning rate (default {d.learning_rate:g})")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help=f"linear learning-rate warm-up of both phases (default {d.warmup_steps})")  # fmt: skip
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help=f"transformer steps between held-out evaluations and checkpoints (OUT/step-N), 0: only at the end (default {d.eval_every})")  # fmt: skip
-    p.add_argument("--eval-prompts", default=d.eval_prompts, help=f"prompt set evaluated (default {d.eval_prompts})")
-    p.add_argument("--eval-images-per-prompt", type=int, default=d.eval_images_per_prompt,
-                   help=f"images per evaluated prompt (default {d.eval_images_per_prompt})")  # fmt: skip
-    p.add_argument("--eval-min-images-per-tag", type=int, default=d.eval_min_images_per_tag,
-                   help=f"more images in tasks with few prompts, up to this many per task (default {d.eval_min_images_per_tag})")  # fmt: skip
+    p.add_argument(
+        "--vae-from",
+        metavar="DIR",
+        default=None,
+        help="skip phase 1 and use the trained VAE of DIR (a pipeline folder or its vae/ folder)",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        default=None,
+        help="continue pre-training the model saved in DIR (skips phase 1; fresh optimiser and EMA)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=d.lr_schedule,
+        help=f"transformer learning rate after warm-up (default {d.lr_schedule})",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help=f"wall-clock budget of both phases (VAE: {round(100 * d.vae_share)}%%); the steps become upper bounds",
+    )
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        default=ShapesModelSpec().patch_size,
+        help=f"latent pixels per transformer token side (default {ShapesModelSpec().patch_size})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"scenes per transformer step (default {d.batch_size})",
+    )
+    p.add_argument(
+        "--vae-batch-size",
+        type=int,
+        default=d.vae_batch_size,
+        help=f"scenes per VAE step (default {d.vae_batch_size})",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=d.learning_rate,
+        help=f"transformer learning rate (default {d.learning_rate:g})",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        help=f"linear learning-rate warm-up of both phases (default {d.warmup_steps})",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help=f"transformer steps between held-out evaluations and checkpoints (OUT/step-N), 0: only at the end (default {d.eval_every})",
+    )
+    p.add_argument(
+        "--eval-prompts", default=d.eval_prompts, help=f"prompt set evaluated (default {d.eval_prompts})"
+    )
+    p.add_argument(
+        "--eval-images-per-prompt",
+        type=int,
+        default=d.eval_images_per_prompt,
+        help=f"images per evaluated prompt (default {d.eval_images_per_prompt})",
+    )
+    p.add_argument(
+        "--eval-min-images-per-tag",
+        type=int,
+        default=d.eval_min_images_per_tag,
+        help=f"more images in tasks with few prompts, up to this many per task (default {d.eval_min_images_per_tag})",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip every evaluation")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help=f"torch CPU threads; 1 is reproducible bit for bit (default {d.threads})")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help=f"torch CPU threads; 1 is reproducible bit for bit (default {d.threads})",
+    )
     p.add_argument("--device", default=d.device, help=f"cpu, cuda or cuda:N (default {d.device})")
-    p.add_argument("--workers", type=int, default=d.workers,
-                   help="processes rendering scenes ahead of training, for a GPU; part of the recipe: the data "
-                        f"sequence depends on it (default {d.workers}: in the training process)")  # fmt: skip
-    p.add_argument("--save-dtype", choices=("float32", "float16"), default=d.save_dtype,
-                   help="weights of the saved folder; float16 halves it (--init-from DIR --steps 0 converts DIR)")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="processes rendering scenes ahead of training, for a GPU; part of the recipe: the data "
+        f"sequence depends on it (default {d.workers}: in the training process)",
+    )
+    p.add_argument(
+        "--save-dtype",
+        choices=("float32", "float16"),
+        default=d.save_dtype,
+        help="weights of the saved folder; float16 halves it (--init-from DIR --steps 0 converts DIR)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     cfg = PretrainConfig(
-        model=ShapesModelSpec(patch_size=args.patch_size), seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, minutes=args.minutes, batch_size=args.batch_size,
-        vae_batch_size=args.vae_batch_size, vae_from=args.vae_from,
-        init_from=args.init_from, lr_schedule=args.lr_schedule,
-        learning_rate=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-        eval_prompts=args.eval_prompts, eval_images_per_prompt=args.eval_images_per_prompt,
-        eval_min_images_per_tag=args.eval_min_images_per_tag, threads=args.threads,
-        device=args.device, workers=args.workers, save_dtype=args.save_dtype,
-    )  # fmt: skip
+        model=ShapesModelSpec(patch_size=args.patch_size),
+        seed=args.seed,
+        steps=args.steps,
+        vae_steps=args.vae_steps,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        vae_batch_size=args.vae_batch_size,
+        vae_from=args.vae_from,
+        init_from=args.init_from,
+        lr_schedule=args.lr_schedule,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        eval_prompts=args.eval_prompts,
+        eval_images_per_prompt=args.eval_images_per_prompt,
+        eval_min_images_per_tag=args.eval_min_images_per_tag,
+        threads=args.threads,
+        device=args.device,
+        workers=args.workers,
+        save_dtype=args.save_dtype,
+    )
     return replace(cfg, eval_every=0, eval_prompts="") if args.no_eval else cfg

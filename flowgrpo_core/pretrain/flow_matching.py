@@ -40,7 +40,10 @@ class CaptionSampler:
     with the requirements of a held-out prompt."""
 
     def __init__(
-        self, tag_weights: dict[str, float], held_out: Sequence[dict] = (), shapes: Sequence[str] = SHAPES_WORLD
+        self,
+        tag_weights: dict[str, float],
+        held_out: Sequence[dict] = (),
+        shapes: Sequence[str] = SHAPES_WORLD,
     ) -> None:
         unknown = set(tag_weights) - set(TAGS)
         if unknown:
@@ -53,9 +56,13 @@ class CaptionSampler:
         self.held_out = {requirement_key(m) for m in held_out}
         g = self.generator
         self.makers: dict[str, Callable[[np.random.Generator], dict]] = {
-            "single_object": self._single_object, "two_object": g.two_object, "counting": g.counting,
-            "colors": g.colors, "position": g.position, "color_attr": g.color_attr,
-        }  # fmt: skip
+            "single_object": self._single_object,
+            "two_object": g.two_object,
+            "counting": g.counting,
+            "colors": g.colors,
+            "position": g.position,
+            "color_attr": g.color_attr,
+        }
 
     def _single_object(self, rng: np.random.Generator) -> dict:
         # GenEval's generator returns every class once; pre-training wants one at a time
@@ -83,9 +90,14 @@ Batch = tuple[list[dict], torch.Tensor]  # captions' metadata, scenes (B, 3, siz
 
 
 def scene_batches(
-    sampler: CaptionSampler, batch_size: int, size: int, rng: np.random.Generator, workers: int = 0,
-    seed: int = 0, stream: int = 0,
-) -> Iterator[Batch]:  # fmt: skip
+    sampler: CaptionSampler,
+    batch_size: int,
+    size: int,
+    rng: np.random.Generator,
+    workers: int = 0,
+    seed: int = 0,
+    stream: int = 0,
+) -> Iterator[Batch]:
     """Endless batches of captions and the scenes drawn for them.
 
     ``workers=0``: drawn here from ``rng``, lazily, so the caller's own draws from ``rng`` between batches
@@ -98,14 +110,26 @@ def scene_batches(
             yield metadata, render_batch(metadata, size, rng)
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(_SceneStream(sampler, batch_size, size, seed, stream), batch_size=None, num_workers=workers,
-                        collate_fn=_as_is, prefetch_factor=4, pin_memory=torch.cuda.is_available())  # fmt: skip
+    loader = DataLoader(
+        _SceneStream(sampler, batch_size, size, seed, stream),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_as_is,
+        prefetch_factor=4,
+        pin_memory=torch.cuda.is_available(),
+    )
     yield from loader
 
 
 class _SceneStream(torch.utils.data.IterableDataset):
     def __init__(self, sampler: CaptionSampler, batch_size: int, size: int, seed: int, stream: int) -> None:
-        self.sampler, self.batch_size, self.size, self.seed, self.stream = sampler, batch_size, size, seed, stream
+        self.sampler, self.batch_size, self.size, self.seed, self.stream = (
+            sampler,
+            batch_size,
+            size,
+            seed,
+            stream,
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         torch.set_num_threads(1)
@@ -134,15 +158,23 @@ class Phase:
 
 
 def train_vae(
-    vae, sampler: CaptionSampler, cfg: PretrainConfig, phase: Phase, rng: np.random.Generator,
-    noise: torch.Generator, progress: bool = True, evaluate: Callable[[int], None] | None = None,
+    vae,
+    sampler: CaptionSampler,
+    cfg: PretrainConfig,
+    phase: Phase,
+    rng: np.random.Generator,
+    noise: torch.Generator,
+    progress: bool = True,
+    evaluate: Callable[[int], None] | None = None,
     evaluate_every: int = 0,
-) -> list[float]:  # fmt: skip
+) -> list[float]:
     """Phase 1: reconstruction (L1 + MSE on pixels in [-1, 1]) + ``vae_kl_weight`` x KL per latent element,
     decoding posterior samples. Returns the loss per step; ``evaluate(step)`` runs every ``evaluate_every``."""
     vae.requires_grad_(True)
     device = next(vae.parameters()).device
-    batches = scene_batches(sampler, cfg.vae_batch_size, cfg.model.resolution, rng, cfg.workers, cfg.seed, stream=1)
+    batches = scene_batches(
+        sampler, cfg.vae_batch_size, cfg.model.resolution, rng, cfg.workers, cfg.seed, stream=1
+    )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
     losses: list[float] = []
     bar = tqdm(total=phase.steps, desc="vae", disable=not progress)
@@ -177,22 +209,39 @@ def train_vae(
 
 
 @torch.no_grad()
-def set_latent_scale(vae, sampler: CaptionSampler, size: int, rng: np.random.Generator, batches: int = 8) -> None:
+def set_latent_scale(
+    vae, sampler: CaptionSampler, size: int, rng: np.random.Generator, batches: int = 8
+) -> None:
     """SD3's convention: ``latents = (z - shift_factor) * scaling_factor`` has mean 0 and std 1."""
     device = next(vae.parameters()).device
-    z = torch.cat([vae.encode(render_batch(sampler(rng, 64), size, rng).to(device)).latent_dist.mode() for _ in range(batches)])
+    z = torch.cat(
+        [
+            vae.encode(render_batch(sampler(rng, 64), size, rng).to(device)).latent_dist.mode()
+            for _ in range(batches)
+        ]
+    )
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
 
 
 def train_transformer(
-    pipe, sampler: CaptionSampler, cfg: PretrainConfig, phase: Phase, rng: np.random.Generator,
-    noise: torch.Generator, evaluate: Callable[[int], None] | None = None, progress: bool = True,
-) -> list[float]:  # fmt: skip
+    pipe,
+    sampler: CaptionSampler,
+    cfg: PretrainConfig,
+    phase: Phase,
+    rng: np.random.Generator,
+    noise: torch.Generator,
+    evaluate: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> list[float]:
     """Phase 2: rectified flow with caption dropout; the text encoders learn jointly. Returns the loss per
     step. ``evaluate(step)`` runs every ``eval_every`` steps with the EMA weights swapped in; the pipeline
     ends with the EMA weights."""
-    modules = {"transformer": pipe.transformer, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2,
-               "te3": pipe.text_encoder_3}  # fmt: skip
+    modules = {
+        "transformer": pipe.transformer,
+        "te1": pipe.text_encoder,
+        "te2": pipe.text_encoder_2,
+        "te3": pipe.text_encoder_3,
+    }
     params = {f"{m}.{k}": p for m, module in modules.items() for k, p in module.named_parameters()}
     for p in params.values():
         p.requires_grad_(True)
@@ -208,25 +257,35 @@ def train_transformer(
     while not phase.done(step):
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate * (
-                min(1.0, (step + 1) / cfg.warmup_steps) if cfg.lr_schedule == "constant"
+                min(1.0, (step + 1) / cfg.warmup_steps)
+                if cfg.lr_schedule == "constant"
                 else warmup_cosine(step, phase.steps, cfg.warmup_steps)
-            )  # fmt: skip
+            )
         metadata, images = next(batches)
         with torch.no_grad():
             x0 = (vae.encode(images.to(device, non_blocking=True)).latent_dist.mode() - shift) * scale
         drop = rng.random(len(metadata)) < cfg.caption_dropout
         prompts = ["" if d else m["prompt"] for m, d in zip(metadata, drop)]
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=x0.device, do_classifier_free_guidance=False,
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=x0.device,
+            do_classifier_free_guidance=False,
             max_sequence_length=spec.max_text_tokens,
-        )  # fmt: skip
-        sigma = shifted_sigma(torch.sigmoid(torch.randn(len(metadata), generator=noise)), spec.shift).to(device)
+        )
+        sigma = shifted_sigma(torch.sigmoid(torch.randn(len(metadata), generator=noise)), spec.shift).to(
+            device
+        )
         eps = torch.randn(x0.shape, generator=noise).to(device)
         s = sigma.view(-1, 1, 1, 1)
         velocity = pipe.transformer(
-            hidden_states=(1 - s) * x0 + s * eps, timestep=sigma * 1000, encoder_hidden_states=embeds,
-            pooled_projections=pooled, return_dict=False,
-        )[0]  # fmt: skip
+            hidden_states=(1 - s) * x0 + s * eps,
+            timestep=sigma * 1000,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
         loss = (velocity - (eps - x0)).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -44,11 +44,18 @@ def shapes_accuracy(
     from flowgrpo_core.rewards.geneval import ShapesGenEvalReward
 
     report = geneval_accuracy(
-        adapter, prompt_set, ShapesGenEvalReward(score="strict"), resolution=adapter.pipeline.vae.config.sample_size,
-        num_steps=num_steps, guidance_scale=guidance_scale, batch_size=batch_size, seed=seed,
-        images_per_prompt=images_per_prompt, min_images_per_tag=min_images_per_tag,
+        adapter,
+        prompt_set,
+        ShapesGenEvalReward(score="strict"),
+        resolution=adapter.pipeline.vae.config.sample_size,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        seed=seed,
+        images_per_prompt=images_per_prompt,
+        min_images_per_tag=min_images_per_tag,
         max_sequence_length=max_sequence_length,
-    )  # fmt: skip
+    )
     return {**report.per_tag, "overall": report.overall, "overall_se": report.standard_error}
 
 
@@ -62,7 +69,11 @@ def reconstruction_accuracy(vae, metadata: Sequence[dict], size: int, seed: int 
     images = render_batch(metadata, size, np.random.default_rng(seed)).to(next(vae.parameters()).device)
     recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
     pil = to_pil((recon / 2 + 0.5).clamp(0, 1))
-    return float(np.mean(ShapesGenEvalReward(score="strict")(pil, [m["prompt"] for m in metadata], list(metadata)).scores))
+    return float(
+        np.mean(
+            ShapesGenEvalReward(score="strict")(pil, [m["prompt"] for m in metadata], list(metadata)).scores
+        )
+    )
 
 
 @dataclass
@@ -83,14 +94,18 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
 
     torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"pretrain-shapes: device {cfg.device} requested but torch {torch.__version__} sees no CUDA GPU")
+        raise RuntimeError(
+            f"pretrain-shapes: device {cfg.device} requested but torch {torch.__version__} sees no CUDA GPU"
+        )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # no effect on a CPU
     start = time.monotonic()
     out = Path(out)
     eval_set = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None  # bad names fail before training
     held_out = load_prompts(cfg.held_out).metadata if cfg.held_out else []
     sampler = CaptionSampler(cfg.tag_weights, held_out)
-    pipe = build_shapes_sd3(cfg.model, seed=cfg.seed).to(cfg.device)  # built on the CPU: the same weights anywhere
+    pipe = build_shapes_sd3(cfg.model, seed=cfg.seed).to(
+        cfg.device
+    )  # built on the CPU: the same weights anywhere
     deadline = start + 60 * cfg.minutes if cfg.minutes else None
     vae_deadline = start + 60 * cfg.minutes * cfg.vae_share if cfg.minutes else None
 
@@ -100,10 +115,14 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     elif cfg.vae_from:
         pipe.vae, vae_losses = load_trained_vae(cfg.vae_from, pipe.vae.config), []
     else:
-        vae_losses = train_vae(pipe.vae, sampler, cfg, Phase(cfg.vae_steps, vae_deadline), *_streams(cfg.seed), progress)
+        vae_losses = train_vae(
+            pipe.vae, sampler, cfg, Phase(cfg.vae_steps, vae_deadline), *_streams(cfg.seed), progress
+        )
         set_latent_scale(pipe.vae, sampler, cfg.model.resolution, np.random.default_rng(cfg.seed + 1))
     pipe.to(cfg.device)  # a loaded VAE arrives on the CPU
-    recon = reconstruction_accuracy(pipe.vae, sampler(np.random.default_rng(cfg.seed + 2), 200), cfg.model.resolution)
+    recon = reconstruction_accuracy(
+        pipe.vae, sampler(np.random.default_rng(cfg.seed + 2), 200), cfg.model.resolution
+    )
     tqdm.write(f"[pretrain-shapes] VAE: {len(vae_losses)} steps, reconstructions judged correct: {recon:.1%}")
 
     adapter = adapter_for(pipe)
@@ -112,12 +131,20 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     def evaluate(step: int) -> None:
         if eval_set is None:
             return
-        acc = shapes_accuracy(adapter, eval_set, images_per_prompt=cfg.eval_images_per_prompt,
-                              min_images_per_tag=cfg.eval_min_images_per_tag,
-                              num_steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale,
-                              max_sequence_length=cfg.model.max_text_tokens)  # fmt: skip
+        acc = shapes_accuracy(
+            adapter,
+            eval_set,
+            images_per_prompt=cfg.eval_images_per_prompt,
+            min_images_per_tag=cfg.eval_min_images_per_tag,
+            num_steps=cfg.eval_steps,
+            guidance_scale=cfg.guidance_scale,
+            max_sequence_length=cfg.model.max_text_tokens,
+        )
         evaluations.append({"step": step, "seconds": round(time.monotonic() - start, 1), **acc})
-        tqdm.write(f"[pretrain-shapes] step {step}: {cfg.eval_prompts} " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+        tqdm.write(
+            f"[pretrain-shapes] step {step}: {cfg.eval_prompts} "
+            + "  ".join(f"{k} {v:.2f}" for k, v in acc.items())
+        )
 
     def checkpoint_and_evaluate(step: int) -> None:
         # a checkpoint (EMA weights) at every periodic evaluation: a stopped run loses little
@@ -133,10 +160,16 @@ def pretrain_shapes(cfg: PretrainConfig, out: str | Path, progress: bool = True)
     # float16 halves the folder; the model is loaded back in float32 for sampling and training
     pipe.to(dtype=getattr(torch, cfg.save_dtype)).save_pretrained(out, safe_serialization=True)
     record = {
-        "config": asdict(cfg), "vae_steps_done": len(vae_losses), "steps_done": len(losses),
-        "seconds": round(seconds, 1), "reconstruction_accuracy": recon, "evaluations": evaluations,
-        "vae_loss_every_50": vae_losses[::50], "loss_every_50": losses[::50], "torch": torch.__version__,
-    }  # fmt: skip
+        "config": asdict(cfg),
+        "vae_steps_done": len(vae_losses),
+        "steps_done": len(losses),
+        "seconds": round(seconds, 1),
+        "reconstruction_accuracy": recon,
+        "evaluations": evaluations,
+        "vae_loss_every_50": vae_losses[::50],
+        "loss_every_50": losses[::50],
+        "torch": torch.__version__,
+    }
     source = cfg.init_from or cfg.vae_from
     if source and (Path(source) / "pretrain.json").is_file():  # the whole chain of runs stays in one record
         record["started_from"] = json.loads((Path(source) / "pretrain.json").read_text())
@@ -153,11 +186,15 @@ def load_trained_vae(folder: str | Path, expected) -> Any:
     folder = Path(folder)
     folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"vae_from: {folder} has no config.json (expected a pipeline folder or its vae/ folder)")
+        raise FileNotFoundError(
+            f"vae_from: {folder} has no config.json (expected a pipeline folder or its vae/ folder)"
+        )
     vae = AutoencoderKL.from_pretrained(folder)
     for key in ("block_out_channels", "latent_channels", "sample_size", "layers_per_block"):
         if list(np.atleast_1d(vae.config[key])) != list(np.atleast_1d(expected[key])):
-            raise ValueError(f"vae_from: {folder} has {key}={vae.config[key]}, this model needs {expected[key]}")
+            raise ValueError(
+                f"vae_from: {folder} has {key}={vae.config[key]}, this model needs {expected[key]}"
+            )
     return vae.eval().requires_grad_(False)
 
 

@@ -72,22 +72,35 @@ def build_shapes_sd3(spec: ShapesModelSpec | None = None, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip_config = clip_text_config(
-            clip_tokenizer, spec.clip_hidden, intermediate=spec.clip_hidden * 4, vocab_size=len(clip_tokenizer),
-            max_positions=spec.max_text_tokens, projection_dim=spec.clip_hidden,
-        )  # fmt: skip
+            clip_tokenizer,
+            spec.clip_hidden,
+            intermediate=spec.clip_hidden * 4,
+            vocab_size=len(clip_tokenizer),
+            max_positions=spec.max_text_tokens,
+            projection_dim=spec.clip_hidden,
+        )
         text_encoder = CLIPTextModelWithProjection(clip_config)
         text_encoder_2 = CLIPTextModelWithProjection(clip_config)
         text_encoder_3 = t5_encoder(
-            spec.t5_d_model, spec.t5_d_model // 4, d_ff=spec.t5_d_model * 2, vocab_size=len(t5_tokenizer),
-            max_distance=spec.max_text_tokens, dropout_rate=0.0,  # the same function in training and sampling
-        )  # fmt: skip
+            spec.t5_d_model,
+            spec.t5_d_model // 4,
+            d_ff=spec.t5_d_model * 2,
+            vocab_size=len(t5_tokenizer),
+            max_distance=spec.max_text_tokens,
+            dropout_rate=0.0,  # the same function in training and sampling
+        )
         transformer = sd3_transformer(
-            sample_size=latent_side, patch_size=spec.patch_size, latent_channels=spec.latent_channels,
-            num_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
-            attention_head_dim=spec.attention_head_dim, t5_d_model=spec.t5_d_model, clip_hidden=spec.clip_hidden,
+            sample_size=latent_side,
+            patch_size=spec.patch_size,
+            latent_channels=spec.latent_channels,
+            num_layers=spec.num_layers,
+            num_attention_heads=spec.num_attention_heads,
+            attention_head_dim=spec.attention_head_dim,
+            t5_d_model=spec.t5_d_model,
+            clip_hidden=spec.clip_hidden,
             pos_embed_max_size=latent_side // spec.patch_size,
             qk_norm="rms_norm",  # as SD3.5: keeps attention logits bounded at a high learning rate
-        )  # fmt: skip
+        )
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,

@@ -6,4 +6,12 @@ their Parquet files (``parquet``), the metadata vocabulary (``vocabulary``) and 
 from flowgrpo_core.prompts.loading import GENERATED_SETS, builtin_names, load_builtin, load_prompts
 from flowgrpo_core.prompts.sets import PromptSet, draw_prompts, tag_groups
 
-__all__ = ["GENERATED_SETS", "PromptSet", "builtin_names", "draw_prompts", "load_builtin", "load_prompts", "tag_groups"]
+__all__ = [
+    "GENERATED_SETS",
+    "PromptSet",
+    "builtin_names",
+    "draw_prompts",
+    "load_builtin",
+    "load_prompts",
+    "tag_groups",
+]

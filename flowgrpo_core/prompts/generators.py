@@ -74,8 +74,12 @@ class GenEvalGenerator:
         return (draw + 1 + self.offset) % len(self.classes)
 
     def single_object(self, rng: np.random.Generator) -> list[dict]:
-        return [self.sample("single_object", [{"class": self.classes[i], "count": 1}], with_article(self.classes[i]))
-                for i in rng.choice(len(self.classes), size=len(self.classes), replace=False)]  # fmt: skip
+        return [
+            self.sample(
+                "single_object", [{"class": self.classes[i], "count": 1}], with_article(self.classes[i])
+            )
+            for i in rng.choice(len(self.classes), size=len(self.classes), replace=False)
+        ]
 
     def two_object(self, rng: np.random.Generator) -> dict:
         a, b = (self.classes[i] for i in rng.choice(len(self.classes), size=2, replace=False))
@@ -88,8 +92,12 @@ class GenEvalGenerator:
     def counting(self, rng: np.random.Generator, max_count: int = 4) -> dict:
         name = self.classes[rng.choice(len(self.classes))]
         count = int(rng.integers(2, max_count, endpoint=True))
-        return self.sample("counting", [{"class": name, "count": count}], f"{NUMBERS[count]} {make_plural(name)}",
-                            exclude=[{"class": name, "count": count + 1}])  # fmt: skip
+        return self.sample(
+            "counting",
+            [{"class": name, "count": count}],
+            f"{NUMBERS[count]} {make_plural(name)}",
+            exclude=[{"class": name, "count": count + 1}],
+        )
 
     def colors(self, rng: np.random.Generator) -> dict:
         if self.offset is None:
@@ -144,9 +152,12 @@ def geneval_sets(
     taken = {requirement_key(m) for m in test}
     rng = np.random.default_rng(train_seed)
     makers: dict[str, Callable[[np.random.Generator], dict]] = {
-        "two_object": generator.two_object, "counting": generator.counting, "colors": generator.colors,
-        "position": generator.position, "color_attr": generator.color_attr,
-    }  # fmt: skip
+        "two_object": generator.two_object,
+        "counting": generator.counting,
+        "colors": generator.colors,
+        "position": generator.position,
+        "color_attr": generator.color_attr,
+    }
     train = []
     for make in makers.values():
         # GenEval's own sampling; small spaces (counting: 240 sets, colours: 790) run out before the cap
@@ -180,13 +191,28 @@ def shapes_sets(
     ]
     pairs = [(a, b) for i, a in enumerate(shapes) for b in shapes[i + 1 :]]
     by_tag["two_object"] = [
-        [make("two_object", [{"class": x, "count": 1}, {"class": y, "count": 1}], f"{with_article(x)} and {with_article(y)}") for x, y in ((a, b), (b, a))]
+        [
+            make(
+                "two_object",
+                [{"class": x, "count": 1}, {"class": y, "count": 1}],
+                f"{with_article(x)} and {with_article(y)}",
+            )
+            for x, y in ((a, b), (b, a))
+        ]
         for a, b in pairs
-    ]  # fmt: skip
+    ]
     by_tag["counting"] = [
-        [make("counting", [{"class": s, "count": n}], f"{NUMBERS[n]} {make_plural(s)}", exclude=[{"class": s, "count": n + 1}])]
-        for s in shapes for n in (2, 3, 4)
-    ]  # fmt: skip
+        [
+            make(
+                "counting",
+                [{"class": s, "count": n}],
+                f"{NUMBERS[n]} {make_plural(s)}",
+                exclude=[{"class": s, "count": n + 1}],
+            )
+        ]
+        for s in shapes
+        for n in (2, 3, 4)
+    ]
     by_tag["colors"] = [
         [make("colors", [{"class": s, "count": 1, "color": c}], f"{with_article(c)} {s}")]
         for s in shapes
@@ -200,8 +226,14 @@ def shapes_sets(
     for a, b in pairs:
         for i, ca in enumerate(colors):
             for cb in colors[:i] + colors[i + 1 :]:
-                group = [make("color_attr", [{"class": x, "count": 1, "color": cx}, {"class": y, "count": 1, "color": cy}],
-                              f"{with_article(cx)} {x} and {with_article(cy)} {y}") for (x, cx), (y, cy) in (((a, ca), (b, cb)), ((b, cb), (a, ca)))]  # fmt: skip
+                group = [
+                    make(
+                        "color_attr",
+                        [{"class": x, "count": 1, "color": cx}, {"class": y, "count": 1, "color": cy}],
+                        f"{with_article(cx)} {x} and {with_article(cy)} {y}",
+                    )
+                    for (x, cx), (y, cy) in (((a, ca), (b, cb)), ((b, cb), (a, ca)))
+                ]
                 by_tag["color_attr"].append(group)
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -242,19 +274,37 @@ tiger lion eagle wolf bear fox owl shark dragon phoenix unicorn robot pixel data
 """
 OCR_WORDS = tuple(dict.fromkeys(_WORDS.split()))  # sign-like words, each once
 OCR_TEMPLATES = (
-    'a storefront sign that reads "{}"', 'a neon sign glowing with the words "{}"',
-    'a chalkboard menu with "{}" written on it', 'a t-shirt printed with the text "{}"',
-    'a book cover titled "{}"', 'a coffee mug with "{}" written on it', 'a street sign that says "{}"',
-    'a birthday cake with "{}" written in icing', 'a wooden sign carved with "{}"',
-    'a poster with the headline "{}"', 'a billboard on a highway that says "{}"',
-    'a handwritten note that says "{}"', 'a license plate reading "{}"', 'a banner at a parade reading "{}"',
-    'a graffiti mural spelling "{}"', 'a doormat with the word "{}"', 'a vintage postcard that says "{}"',
-    'a glass window painted with "{}"', 'a cardboard protest sign saying "{}"', 'a movie poster titled "{}"',
-    'a bus with "{}" on its destination display', 'a cookie decorated with the letters "{}"',
-    'a sand drawing on a beach that spells "{}"', 'a road painted with the word "{}"',
-    'a lighted marquee that says "{}"', 'a baseball cap embroidered with "{}"', 'a letter board reading "{}"',
-    'a label on a jar that says "{}"', 'a flag with the words "{}"', 'a computer screen showing the text "{}"',
-)  # fmt: skip
+    'a storefront sign that reads "{}"',
+    'a neon sign glowing with the words "{}"',
+    'a chalkboard menu with "{}" written on it',
+    'a t-shirt printed with the text "{}"',
+    'a book cover titled "{}"',
+    'a coffee mug with "{}" written on it',
+    'a street sign that says "{}"',
+    'a birthday cake with "{}" written in icing',
+    'a wooden sign carved with "{}"',
+    'a poster with the headline "{}"',
+    'a billboard on a highway that says "{}"',
+    'a handwritten note that says "{}"',
+    'a license plate reading "{}"',
+    'a banner at a parade reading "{}"',
+    'a graffiti mural spelling "{}"',
+    'a doormat with the word "{}"',
+    'a vintage postcard that says "{}"',
+    'a glass window painted with "{}"',
+    'a cardboard protest sign saying "{}"',
+    'a movie poster titled "{}"',
+    'a bus with "{}" on its destination display',
+    'a cookie decorated with the letters "{}"',
+    'a sand drawing on a beach that spells "{}"',
+    'a road painted with the word "{}"',
+    'a lighted marquee that says "{}"',
+    'a baseball cap embroidered with "{}"',
+    'a letter board reading "{}"',
+    'a label on a jar that says "{}"',
+    'a flag with the words "{}"',
+    'a computer screen showing the text "{}"',
+)
 
 
 def _ocr_text(rng: np.random.Generator, max_chars: int = 20) -> str:
@@ -289,21 +339,92 @@ def ocr_sets(seed: int = 11, n_train: int = 6000, n_test: int = 1018) -> tuple[l
 
 # ---- general descriptions -----------------------------------------------------------------------
 
-_STYLES = ("a photo", "a close-up photo", "a watercolor painting", "an oil painting", "a pencil sketch",
-           "a 3D render", "a pixel-art illustration", "an ink drawing", "a polaroid photo", "a studio portrait",
-           "an aerial photo", "a vintage poster", "a claymation still", "a low-poly render", "a children's book illustration")  # fmt: skip
-_SUBJECTS = ("an old lighthouse", "a red fox", "a cup of coffee", "a vintage bicycle", "a snowy owl", "a bowl of ramen",
-             "a sailing boat", "a cozy cabin", "a golden retriever", "a city street", "a mountain lake", "a steam locomotive",
-             "a field of sunflowers", "a robot chef", "an astronaut", "a koi pond", "a stack of books", "a hot air balloon",
-             "a medieval castle", "a desert cactus", "a jazz band", "a tabby cat", "a glass of lemonade", "a wooden bridge",
-             "a market stall", "a paper lantern", "a sea turtle", "a wind turbine", "a treehouse", "a bonsai tree",
-             "an elephant family", "a vintage car", "a bakery window", "a mountain goat", "a campfire", "a violin",
-             "a waterfall", "a hummingbird", "a greenhouse", "a library reading room")  # fmt: skip
-_SETTINGS = ("at sunset", "in the rain", "under a starry sky", "in a misty forest", "on a snowy morning",
-             "by the sea", "in a busy market", "in a quiet village", "on a rooftop", "in autumn leaves",
-             "in a field of flowers", "at dawn", "in a neon-lit alley", "on a wooden table", "in the desert")  # fmt: skip
-_LIGHT = ("soft light", "dramatic lighting", "golden hour light", "high detail", "muted colors", "vivid colors",
-          "shallow depth of field", "wide angle")  # fmt: skip
+_STYLES = (
+    "a photo",
+    "a close-up photo",
+    "a watercolor painting",
+    "an oil painting",
+    "a pencil sketch",
+    "a 3D render",
+    "a pixel-art illustration",
+    "an ink drawing",
+    "a polaroid photo",
+    "a studio portrait",
+    "an aerial photo",
+    "a vintage poster",
+    "a claymation still",
+    "a low-poly render",
+    "a children's book illustration",
+)
+_SUBJECTS = (
+    "an old lighthouse",
+    "a red fox",
+    "a cup of coffee",
+    "a vintage bicycle",
+    "a snowy owl",
+    "a bowl of ramen",
+    "a sailing boat",
+    "a cozy cabin",
+    "a golden retriever",
+    "a city street",
+    "a mountain lake",
+    "a steam locomotive",
+    "a field of sunflowers",
+    "a robot chef",
+    "an astronaut",
+    "a koi pond",
+    "a stack of books",
+    "a hot air balloon",
+    "a medieval castle",
+    "a desert cactus",
+    "a jazz band",
+    "a tabby cat",
+    "a glass of lemonade",
+    "a wooden bridge",
+    "a market stall",
+    "a paper lantern",
+    "a sea turtle",
+    "a wind turbine",
+    "a treehouse",
+    "a bonsai tree",
+    "an elephant family",
+    "a vintage car",
+    "a bakery window",
+    "a mountain goat",
+    "a campfire",
+    "a violin",
+    "a waterfall",
+    "a hummingbird",
+    "a greenhouse",
+    "a library reading room",
+)
+_SETTINGS = (
+    "at sunset",
+    "in the rain",
+    "under a starry sky",
+    "in a misty forest",
+    "on a snowy morning",
+    "by the sea",
+    "in a busy market",
+    "in a quiet village",
+    "on a rooftop",
+    "in autumn leaves",
+    "in a field of flowers",
+    "at dawn",
+    "in a neon-lit alley",
+    "on a wooden table",
+    "in the desert",
+)
+_LIGHT = (
+    "soft light",
+    "dramatic lighting",
+    "golden hour light",
+    "high detail",
+    "muted colors",
+    "vivid colors",
+    "shallow depth of field",
+    "wide angle",
+)
 
 
 def general_sets(seed: int = 5, n_train: int = 4000, n_test: int = 1000) -> tuple[list[dict], list[dict]]:
@@ -338,8 +459,11 @@ def stratified(rows: Sequence[dict]) -> list[dict]:
 # ---- builtin sets --------------------------------------------------------------------------------
 
 _PAIRS: dict[str, Callable[[], tuple[list[dict], list[dict]]]] = {
-    "geneval": geneval_sets, "ocr": ocr_sets, "shapes": shapes_sets, "general": general_sets,
-}  # fmt: skip
+    "geneval": geneval_sets,
+    "ocr": ocr_sets,
+    "shapes": shapes_sets,
+    "general": general_sets,
+}
 BUILTIN_SETS = GENERATED_SETS
 
 

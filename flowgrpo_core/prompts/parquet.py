@@ -39,10 +39,13 @@ def write_prompt_parquet(path: str | Path, metadata: Iterable[Mapping[str, Any]]
     for index, meta in enumerate(rows):
         _validate_row(meta.get("prompt"), meta.get("tag"), dict(meta), f"row {index}")
     table = pa.table(
-        {"prompt": [m["prompt"] for m in rows], "tag": [m["tag"] for m in rows],
-         "metadata": [json.dumps(m, separators=(",", ":")) for m in rows]},
+        {
+            "prompt": [m["prompt"] for m in rows],
+            "tag": [m["tag"] for m in rows],
+            "metadata": [json.dumps(m, separators=(",", ":")) for m in rows],
+        },
         schema=SCHEMA,
-    )  # fmt: skip
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, compression="zstd", compression_level=19)
@@ -58,8 +61,10 @@ def read_prompt_parquet(path: str | Path) -> PromptSet:
         raise ValueError(f"{path}: not a readable Parquet file ({error})") from None
     missing = [name for name in SCHEMA.names if name not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column {', '.join(map(repr, missing))} (columns: {', '.join(table.column_names)}; "
-                         f"expected: {', '.join(SCHEMA.names)})")  # fmt: skip
+        raise ValueError(
+            f"{path}: missing column {', '.join(map(repr, missing))} (columns: {', '.join(table.column_names)}; "
+            f"expected: {', '.join(SCHEMA.names)})"
+        )
     for name in SCHEMA.names:
         if not pa.types.is_string(table.schema.field(name).type) and not pa.types.is_large_string(
             table.schema.field(name).type

@@ -18,4 +18,6 @@ class Brightness(Reward):
     def score(
         self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]
     ) -> RewardOutput:
-        return RewardOutput(scores=np.array([np.asarray(im.convert("L"), dtype=np.float64).mean() / 255 for im in images]))
+        return RewardOutput(
+            scores=np.array([np.asarray(im.convert("L"), dtype=np.float64).mean() / 255 for im in images])
+        )

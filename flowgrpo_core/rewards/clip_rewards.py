@@ -105,9 +105,11 @@ class ClipReward(Reward):
             list(prompts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
         features = _features(
-            self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
-                                         attention_mask=tokens["attention_mask"].to(self.device))
-        )  # fmt: skip
+            self.model.get_text_features(
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=tokens["attention_mask"].to(self.device),
+            )
+        )
         return nn.functional.normalize(features.float(), dim=-1)
 
 
@@ -148,9 +150,15 @@ class AestheticHead(nn.Module):
     def __init__(self, embed_dim: int = 768) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(embed_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )  # fmt: skip
+            nn.Linear(embed_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.layers(embeddings).squeeze(-1)

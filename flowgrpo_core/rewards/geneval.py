@@ -68,8 +68,14 @@ class GenEvalReward(Reward):
     ) -> None:
         from flowgrpo_core.evaluation.detectors import ClipColorClassifier, TransformersDetector
 
-        found = TransformersDetector(detector, detector_revision, device=device, dtype=dtype, batch_size=batch_size,
-                                     image_size=detector_image_size)  # fmt: skip
+        found = TransformersDetector(
+            detector,
+            detector_revision,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            image_size=detector_image_size,
+        )
         colors = ClipColorClassifier(clip, clip_revision, clip_processor, device=device, dtype=dtype)
         self._setup(found, colors, score, threshold, counting_threshold, position_margin)
         self.device = found.device
@@ -95,8 +101,9 @@ class GenEvalReward(Reward):
         thresholds = Thresholds(
             presence=defaults.presence if threshold is None else threshold,
             counting=defaults.counting if counting_threshold is None else counting_threshold,
-            position_margin=margin, max_objects=defaults.max_objects,
-        )  # fmt: skip
+            position_margin=margin,
+            max_objects=defaults.max_objects,
+        )
         self.score_kind = score
         self.scorer = GenEvalScorer(detector, colors, thresholds)
 

@@ -47,8 +47,12 @@ def add_serve_reward_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("name", choices=names, metavar="NAME",
-                        help="reward to serve: " + "; ".join(f"{n} ({REWARD_NAMES[n]})" for n in names))  # fmt: skip
+    parser.add_argument(
+        "name",
+        choices=names,
+        metavar="NAME",
+        help="reward to serve: " + "; ".join(f"{n} ({REWARD_NAMES[n]})" for n in names),
+    )
     net = parser.add_argument_group("network")
     net.add_argument(
         "--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 exposes it)"
@@ -59,12 +63,20 @@ def add_serve_reward_parser(subparsers: argparse._SubParsersAction) -> None:
         default=18000,
         help="TCP port; 0 picks a free one (see --ready-file) (default: 18000)",
     )
-    net.add_argument("--token-env", default="FLOWGRPO_REWARD_TOKEN", metavar="VAR",
-                     help="environment variable holding the bearer token /score requires; unset or empty: no token "
-                          "(a token is never passed on the command line, where `ps` would show it) "
-                          "(default: FLOWGRPO_REWARD_TOKEN)")  # fmt: skip
-    net.add_argument("--ready-file", type=Path, metavar="PATH",
-                     help="once serving, write {name, url, pid} as JSON here (used by the process manager)")  # fmt: skip
+    net.add_argument(
+        "--token-env",
+        default="FLOWGRPO_REWARD_TOKEN",
+        metavar="VAR",
+        help="environment variable holding the bearer token /score requires; unset or empty: no token "
+        "(a token is never passed on the command line, where `ps` would show it) "
+        "(default: FLOWGRPO_REWARD_TOKEN)",
+    )
+    net.add_argument(
+        "--ready-file",
+        type=Path,
+        metavar="PATH",
+        help="once serving, write {name, url, pid} as JSON here (used by the process manager)",
+    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model", help="weights: hub id, local folder or s3://bucket/prefix (default: the reward's own)"
@@ -76,9 +88,16 @@ def add_serve_reward_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=["float32", "float16", "bfloat16"],
         help="weights dtype of torch rewards (default: float32)",
     )
-    model.add_argument("--option", dest="options", action="append", default=[], type=_option, metavar="KEY=VALUE",
-                       help="extra reward option, e.g. rule=reference (ocr), head=PATH (aesthetic), url=URL "
-                            "(unifiedreward); VALUE is parsed as JSON when it can be (repeatable)")  # fmt: skip
+    model.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="KEY=VALUE",
+        help="extra reward option, e.g. rule=reference (ocr), head=PATH (aesthetic), url=URL "
+        "(unifiedreward); VALUE is parsed as JSON when it can be (repeatable)",
+    )
     limits = parser.add_argument_group("batching and limits")
     limits.add_argument(
         "--max-batch",
@@ -166,10 +185,17 @@ def serve_reward_command(args: argparse.Namespace) -> int:
     )
     try:
         server = RewardServer(
-            reward, name=args.name, host=args.host, port=args.port, limits=limits, max_batch=args.max_batch,
-            max_wait_s=args.batch_wait_ms / 1000.0, token=token, read_timeout_s=args.read_timeout_s,
+            reward,
+            name=args.name,
+            host=args.host,
+            port=args.port,
+            limits=limits,
+            max_batch=args.max_batch,
+            max_wait_s=args.batch_wait_ms / 1000.0,
+            token=token,
+            read_timeout_s=args.read_timeout_s,
             max_connections=args.max_connections,
-        )  # fmt: skip
+        )
     except OSError as error:  # port taken, address not on this machine
         print(
             f"flowgrpo serve-reward: error: cannot listen on {args.host}:{args.port}: {error}",

@@ -90,11 +90,29 @@ class LocalRewardServers:
         ready = self.workdir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log_path = self.workdir / f"{name}.log"
-        command = [sys.executable, "-m", _MARKER, "serve-reward", name, "--host", self.host, "--port", "0",
-                   "--ready-file", str(ready), *extra]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            _MARKER,
+            "serve-reward",
+            name,
+            "--host",
+            self.host,
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+            *extra,
+        ]
         with open(log_path, "ab") as log_file:
-            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=self.env, start_new_session=True)  # fmt: skip
+            process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
         pid_path = self.workdir / f"{name}.pid"
         pid_path.write_text(json.dumps({"name": name, "pid": process.pid}))
         log.info("started reward server %r (pid %d, log %s)", name, process.pid, log_path)

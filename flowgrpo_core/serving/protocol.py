@@ -155,8 +155,16 @@ def decode_image(data: Any, limits: Limits, index: int = 0) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw), formats=["PNG"])
             image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:  # fmt: skip
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        struct.error,
+        zlib.error,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as error:
         raise ProtocolError(400, f"{where} is not a decodable PNG: {error}") from None
     return image if image.mode == "RGB" else image.convert("RGB")
 

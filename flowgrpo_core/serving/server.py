@@ -101,8 +101,12 @@ class RewardServer:
         self.device = device or str(getattr(reward, "device", "cpu"))
         self.version = package_version()
         self.connection_slots = threading.BoundedSemaphore(max_connections)
-        self.batcher = MicroBatcher(reward, max_batch=max_batch, max_wait_s=max_wait_s,
-                                    max_queued_images=max(4 * max_batch, 2 * self.limits.max_items))  # fmt: skip
+        self.batcher = MicroBatcher(
+            reward,
+            max_batch=max_batch,
+            max_wait_s=max_wait_s,
+            max_queued_images=max(4 * max_batch, 2 * self.limits.max_items),
+        )
         self.started = time.time()
         self.httpd = _HTTPServer((host, port), _Handler)
         self.httpd.app = self

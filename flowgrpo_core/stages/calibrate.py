@@ -31,12 +31,16 @@ def calibrate_rewards(
                 {f"calibration/{k}": v for k, v in metrics.items() if k.startswith("reward/")}, step=epoch
             )
         for report in reports:
-            log_metrics({
-                f"calibration/{report.name}/mean": report.mean, f"calibration/{report.name}/std": report.std,
-                f"calibration/{report.name}/within_group_std": report.within_group_std,
-                f"calibration/{report.name}/zero_variance_share": report.zero_variance_share,
-                f"calibration/{report.name}/trend": report.trend, f"calibration/{report.name}/nonfinite": report.nonfinite,
-            })  # fmt: skip
+            log_metrics(
+                {
+                    f"calibration/{report.name}/mean": report.mean,
+                    f"calibration/{report.name}/std": report.std,
+                    f"calibration/{report.name}/within_group_std": report.within_group_std,
+                    f"calibration/{report.name}/zero_variance_share": report.zero_variance_share,
+                    f"calibration/{report.name}/trend": report.trend,
+                    f"calibration/{report.name}/nonfinite": report.nonfinite,
+                }
+            )
         Path(out_json).write_text(json.dumps(result, indent=1))
         mlflow.log_dict(result, "calibration.json")
         mlflow.set_tag("calibration.ok", str(result["ok"]).lower())

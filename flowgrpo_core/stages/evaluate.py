@@ -39,11 +39,20 @@ def evaluate(
             adapter = load_model(str(model_dir), dtype=config.model.component_dtypes())
             weights = attach_policy(adapter, policy_dir, ema=config.train.ema)
             result = compare(
-                adapter, prompts, metrics, resolution=s.resolution, num_steps=e.num_steps, guidance_scale=e.guidance_scale,
-                batch_size=e.batch_size, seed=e.seed, images_per_prompt=e.images_per_prompt,
+                adapter,
+                prompts,
+                metrics,
+                resolution=s.resolution,
+                num_steps=e.num_steps,
+                guidance_scale=e.guidance_scale,
+                batch_size=e.batch_size,
+                seed=e.seed,
+                images_per_prompt=e.images_per_prompt,
                 min_images_per_tag=e.min_images_per_tag,
-                negative_prompt=s.negative_prompt, max_sequence_length=s.max_sequence_length, sde_type=s.sde_type,
-            )  # fmt: skip
+                negative_prompt=s.negative_prompt,
+                max_sequence_length=s.max_sequence_length,
+                sde_type=s.sde_type,
+            )
         mlflow.set_tag("eval.weights", "ema" if weights.name == "ema" else "final")
         header = f"# Evaluation: base vs policy\n\n{len(result.rows)} images, {e.num_steps} ODE steps, CFG {e.guidance_scale}, seed {e.seed}\n\n"
         (out / "report.md").write_text(header + result.table)

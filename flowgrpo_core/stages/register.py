@@ -21,10 +21,17 @@ def register_model(
     name = config.tracking.registered_model or f"flowgrpo-{family}"
     with ctx.stage("register_model"):
         result = register_policy(
-            policy_dir, config.model.source, config.model.revision, name, eval_metrics,
-            config.tracking.gate_metric, config.tracking.gate_margin, ctx.kfp_run_id,
-            extra_tags={"flowgrpo.preset": ctx.preset}, gate_standard_errors=config.tracking.gate_standard_errors,
-        )  # fmt: skip
+            policy_dir,
+            config.model.source,
+            config.model.revision,
+            name,
+            eval_metrics,
+            config.tracking.gate_metric,
+            config.tracking.gate_margin,
+            ctx.kfp_run_id,
+            extra_tags={"flowgrpo.preset": ctx.preset},
+            gate_standard_errors=config.tracking.gate_standard_errors,
+        )
         mlflow.set_tags(
             {
                 "registry.model": name,

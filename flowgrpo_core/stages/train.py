@@ -67,9 +67,12 @@ def train_in_process(
 
 
 def train_on_local_processes(
-    ctx: PipelineContext, processes: int, model_dir: str | Path, endpoints_path: str | Path | None,
+    ctx: PipelineContext,
+    processes: int,
+    model_dir: str | Path,
+    endpoints_path: str | Path | None,
     policy_dir: str | Path,
-) -> dict:  # fmt: skip
+) -> dict:
     """``--gpus N`` on one node: ``torchrun --standalone`` with one process per GPU, each running
     ``flowgrpo train`` (they write checkpoints, so a retried step resumes)."""
     import subprocess
@@ -83,20 +86,34 @@ def train_on_local_processes(
     with ctx.stage("train_grpo"):
         mlflow.log_text(config.to_yaml(), "config.yaml")
         started = time.perf_counter()
-        out, overrides, endpoints_file, resumed_from = _prepare(ctx, model_dir, endpoints_path, shared_base=None)
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   *train_arguments(ctx.preset, overrides, str(out), endpoints_file)]  # fmt: skip
+        out, overrides, endpoints_file, resumed_from = _prepare(
+            ctx, model_dir, endpoints_path, shared_base=None
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            *train_arguments(ctx.preset, overrides, str(out), endpoints_file),
+        ]
         mlflow.set_tags({"train.launcher": "torchrun", "train.procs_per_node": str(processes)})
         result = subprocess.run(command)
         if result.returncode:
-            raise RuntimeError(f"training processes failed (exit code {result.returncode}): {' '.join(command)}")
+            raise RuntimeError(
+                f"training processes failed (exit code {result.returncode}): {' '.join(command)}"
+            )
         return _finish(out, policy_dir, resumed_from, time.perf_counter() - started)
 
 
 def train_on_pytorchjob(
-    ctx: PipelineContext, cluster, model_dir: str | Path, endpoints_path: str | Path | None,
-    policy_dir: str | Path, kube=None,
-) -> dict:  # fmt: skip
+    ctx: PipelineContext,
+    cluster,
+    model_dir: str | Path,
+    endpoints_path: str | Path | None,
+    policy_dir: str | Path,
+    kube=None,
+) -> dict:
     """The training stage when ``cluster.nodes > 1``: the nodes run ``cluster.trainer_image`` (the image of
     the pipeline's own steps) as a PyTorchJob; the stage waits for it and collects its policy."""
     import mlflow
@@ -121,12 +138,20 @@ def train_on_pytorchjob(
         out, overrides, endpoints_file, resumed_from = _prepare(
             ctx, model_dir, endpoints_path, shared_base=run_dir / "base-model"
         )
-        command = torchrun_command(cluster.nodes, max(cluster.gpus, 1), ctx.preset, overrides, str(out), endpoints_file)
+        command = torchrun_command(
+            cluster.nodes, max(cluster.gpus, 1), ctx.preset, overrides, str(out), endpoints_file
+        )
         check_command(command)
         kube = kube or connect()  # the PVC and secrets live in the pipeline's own namespace
         job = render_pytorchjob(ctx.kfp_run_id, kube.namespace, cluster, cluster.trainer_image, command)
-        mlflow.set_tags({"train.launcher": "pytorchjob", "train.pytorchjob": job["metadata"]["name"],
-                         "train.nodes": str(cluster.nodes), "train.procs_per_node": str(max(cluster.gpus, 1))})  # fmt: skip
+        mlflow.set_tags(
+            {
+                "train.launcher": "pytorchjob",
+                "train.pytorchjob": job["metadata"]["name"],
+                "train.nodes": str(cluster.nodes),
+                "train.procs_per_node": str(max(cluster.gpus, 1)),
+            }
+        )
         run_job(kube, job, poll_s=POLL_S)
         return _finish(out, policy_dir, resumed_from, time.perf_counter() - started)
 
@@ -192,7 +217,11 @@ def _finish(out: Path, policy_dir: str | Path, resumed_from: int | None, work_s:
     if (out / LAST_GRID).is_file():
         mlflow.log_artifact(str(out / LAST_GRID), "samples")
     mlflow.set_tag("train.resumed_from_epoch", str(resumed_from) if resumed_from is not None else "none")
-    final = {k: v for k, v in (history[-1] if history else {}).items() if not k.startswith("train/ratio_mean/step_")}
+    final = {
+        k: v
+        for k, v in (history[-1] if history else {}).items()
+        if not k.startswith("train/ratio_mean/step_")
+    }
     final["resumed"] = float(resumed_from is not None)
     final["epochs"] = float(int(history[-1]["epoch"]) + 1 if history else 0)
     return final
