@@ -25,7 +25,14 @@ def calibrate_rewards(
     from flowgrpo_core.stages.calibrate import calibrate_rewards as run
 
     ctx = PipelineContext(
-        preset, list(overrides), kfp_run_id, tracking_uri, experiment, workdir, model_source, model_revision
+        preset=preset,
+        overrides=list(overrides),
+        model_source=model_source,
+        model_revision=model_revision,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workdir=workdir,
+        kfp_run_id=kfp_run_id,
     )
     result = run(ctx, model.path, endpoints.path, calibration.path)
     for name, stats in result["rewards"].items():

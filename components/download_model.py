@@ -23,7 +23,14 @@ def download_model(
     from flowgrpo_core.stages.download import download_model as run
 
     ctx = PipelineContext(
-        preset, list(overrides), kfp_run_id, tracking_uri, experiment, workdir, model_source, model_revision
+        preset=preset,
+        overrides=list(overrides),
+        model_source=model_source,
+        model_revision=model_revision,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workdir=workdir,
+        kfp_run_id=kfp_run_id,
     )
     meta = run(ctx, model.path)
     model.metadata.update(

@@ -31,7 +31,14 @@ def evaluate(
     from flowgrpo_core.stages.evaluate import evaluate as run
 
     ctx = PipelineContext(
-        preset, list(overrides), kfp_run_id, tracking_uri, experiment, workdir, model_source, model_revision
+        preset=preset,
+        overrides=list(overrides),
+        model_source=model_source,
+        model_revision=model_revision,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workdir=workdir,
+        kfp_run_id=kfp_run_id,
     )
     folder = os.path.join(os.path.dirname(evaluation.path), "evaluation_files")
     results = run(ctx, model.path, policy.path, endpoints.path, folder)

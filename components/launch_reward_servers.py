@@ -23,7 +23,14 @@ def launch_reward_servers(
     from flowgrpo_core.stages.servers import launch_reward_servers as run
 
     ctx = PipelineContext(
-        preset, list(overrides), kfp_run_id, tracking_uri, experiment, workdir, model_source, model_revision
+        preset=preset,
+        overrides=list(overrides),
+        model_source=model_source,
+        model_revision=model_revision,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workdir=workdir,
+        kfp_run_id=kfp_run_id,
     )
     result = run(ctx, endpoints.path)
     endpoints.metadata["rewards"] = sorted(result)
@@ -45,6 +52,13 @@ def stop_reward_servers(
     from flowgrpo_core.stages.servers import stop_reward_servers as run
 
     ctx = PipelineContext(
-        preset, list(overrides), kfp_run_id, tracking_uri, experiment, workdir, model_source, model_revision
+        preset=preset,
+        overrides=list(overrides),
+        model_source=model_source,
+        model_revision=model_revision,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workdir=workdir,
+        kfp_run_id=kfp_run_id,
     )
     print("stopped reward servers:", run(ctx))

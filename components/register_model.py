@@ -28,7 +28,14 @@ def register_model(
     from flowgrpo_core.stages.register import register_model as run
 
     ctx = PipelineContext(
-        preset, list(overrides), kfp_run_id, tracking_uri, experiment, workdir, model_source, model_revision
+        preset=preset,
+        overrides=list(overrides),
+        model_source=model_source,
+        model_revision=model_revision,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workdir=workdir,
+        kfp_run_id=kfp_run_id,
     )
     with open(evaluation.path) as f:
         eval_metrics = json.load(f)

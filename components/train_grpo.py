@@ -32,7 +32,14 @@ def train_grpo(
     if not calibrated:
         raise RuntimeError(f"calibration {calibration.path} did not pass; refusing to train")
     ctx = PipelineContext(
-        preset, list(overrides), kfp_run_id, tracking_uri, experiment, workdir, model_source, model_revision
+        preset=preset,
+        overrides=list(overrides),
+        model_source=model_source,
+        model_revision=model_revision,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        workdir=workdir,
+        kfp_run_id=kfp_run_id,
     )
     final = run(ctx, model.path, endpoints.path, policy.path)
     policy.metadata.update({"epochs": int(final["epochs"]), "resumed": bool(final["resumed"])})

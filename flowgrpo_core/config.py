@@ -313,10 +313,6 @@ class FlowGRPOConfig(_Strict):
         return self.sampling.images_per_epoch // self.sampling.batch_size
 
     @property
-    def sde_steps_per_sample(self) -> int:
-        return self.sampling.sde_window_size or self.sampling.num_steps
-
-    @property
     def trained_steps_per_sample(self) -> int:
         """Full Flow-GRPO trains the first ``int(T * timestep_fraction)`` steps; Fast trains its whole window."""
         if self.sampling.sde_window_size:

@@ -1,4 +1,4 @@
-"""MLflow conventions (DESIGN.md): one parent run per pipeline run, a nested run per stage, flattened
+"""MLflow conventions (docs/architecture.md): one parent run per pipeline run, a nested run per stage, flattened
 params, per-epoch metrics, image grids and plots. Every stage goes through these few functions.
 
 The parent run is found by its ``kfp.run_id`` tag, so stages in separate processes (or pods) attach to

@@ -1,4 +1,4 @@
-"""The Flow-GRPO DAG (DESIGN.md): wiring only.
+"""The Flow-GRPO DAG (docs/architecture.md): wiring only.
 
     download_model -> launch_reward_servers -> calibrate_rewards -> train_grpo -> evaluate -> register_model
 

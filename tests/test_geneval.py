@@ -243,7 +243,7 @@ def test_standard_error_of_the_mean_over_tags():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from flowgrpo_core.evaluation.tiny import save_tiny_mask2former, save_tiny_owlv2
+    from tiny_detectors import save_tiny_mask2former, save_tiny_owlv2
 
     root = tmp_path_factory.mktemp("geneval-models")
     return {

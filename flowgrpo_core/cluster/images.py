@@ -13,7 +13,7 @@ VERSION = "0.1.0"
 DEFAULT_REGISTRY = "ghcr.io/flowgrpo"
 
 TRAINER = "trainer"
-# one image per reward family: their dependencies conflict (DESIGN.md, "Reward servers")
+# one image per reward family: their dependencies conflict (README, "Reward servers")
 REWARD_OCR = "reward-ocr"
 REWARD_CLIP = "reward-clip"
 REWARD_GENEVAL = "reward-geneval"

@@ -30,7 +30,6 @@ from flowgrpo_core.rewards.device import torch_device, torch_dtype
 from flowgrpo_core.sources import resolve_folder
 
 MASK2FORMER_COCO = "facebook/mask2former-swin-small-coco-instance"
-OWLV2 = "google/owlv2-base-patch16-ensemble"
 CLIP_L14 = "openai/clip-vit-large-patch14"
 # COCO label spellings of other checkpoints -> GenEval's class names
 LABEL_ALIASES = {

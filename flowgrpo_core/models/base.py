@@ -243,16 +243,6 @@ class FlowAdapter(ABC):
 
         return get_peft_model_state_dict(self.transformer, adapter_name=self.lora_adapter_name or "grpo")
 
-    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(
-            self.transformer, state, adapter_name=self.lora_adapter_name or "grpo"
-        )
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"LoRA weights have keys the model does not know: {unexpected[:5]}")
-
     def save_lora(self, directory: str | os.PathLike) -> None:
         """Write ``pytorch_lora_weights.safetensors`` loadable by the pipeline's ``load_lora_weights``.
 

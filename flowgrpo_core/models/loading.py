@@ -31,10 +31,6 @@ class ModelSource:
     location: str  # family for tiny, folder for packaged and local, URI or hub id
     seed: int = 0
 
-    @property
-    def family_hint(self) -> str | None:
-        return self.location if self.kind == "tiny" else None
-
 
 def parse_source(source: str) -> ModelSource:
     """Classify a model source string without touching the network or the disk beyond ``exists``."""
