@@ -100,6 +100,34 @@ def group_stats(prompts: list[str], rewards: np.ndarray) -> GroupStats:
     )
 
 
+def reward_statistics(
+    prompts: list[str], rewards: np.ndarray, components: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """What an epoch's rewards say, for logging: the total's mean and std and its share of zero-variance
+    groups, and per reward component (``components``: ``{"<name>/raw": (N,) values}``) its mean, std, mean
+    within-group std and zero-variance share. A component without within-group spread teaches nothing.
+
+    Args:
+        prompts: length N, the group of each (finite) reward.
+        rewards: (N,) the weighted totals.
+    """
+    total = np.asarray(rewards, dtype=np.float64)
+    metrics = {
+        "reward/total": float(total.mean()) if total.size else float("nan"),
+        "reward/total/std": float(total.std()) if total.size else float("nan"),
+        "train/zero_variance_share": group_stats(prompts, total).zero_variance_share,
+    }
+    for key, values in components.items():
+        name = key.removesuffix("/raw")
+        raw = np.asarray(values, dtype=np.float64)
+        stats = group_stats(prompts, raw)
+        metrics[f"reward/{name}/mean"] = float(raw.mean()) if raw.size else float("nan")
+        metrics[f"reward/{name}/std"] = float(raw.std()) if raw.size else float("nan")
+        metrics[f"reward/{name}/within_group_std"] = stats.mean_within_group_std
+        metrics[f"reward/{name}/zero_variance_share"] = stats.zero_variance_share
+    return metrics
+
+
 def clip_advantages(advantages: np.ndarray, adv_clip_max: float) -> np.ndarray:
     """Clip to ``[-adv_clip_max, adv_clip_max]`` (reference: 5)."""
     return np.clip(advantages, -adv_clip_max, adv_clip_max)

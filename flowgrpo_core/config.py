@@ -239,9 +239,7 @@ class ServingConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    tracking_uri: str = "sqlite:///flowgrpo-runs/mlflow.db"
-    # MLflow experiment; default: the preset name
-    experiment: str | None = None
+    # (the tracking URI and the experiment are pipeline parameters: `flowgrpo run --tracking-uri --experiment`)
     run_name: str | None = None
     # registered model; default: flowgrpo-<family>
     registered_model: str | None = None

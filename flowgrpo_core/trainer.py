@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -29,20 +28,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flowgrpo_core.advantages import PerPromptStatTracker, clip_advantages, group_stats, samples_to_train
+from flowgrpo_core.advantages import (
+    PerPromptStatTracker,
+    clip_advantages,
+    reward_statistics,
+    samples_to_train,
+)
 from flowgrpo_core.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    staging_dir,
 )
 from flowgrpo_core.config import FlowGRPOConfig
 from flowgrpo_core.distributed import DistributedContext
 from flowgrpo_core.ema import EMA
 from flowgrpo_core.loss import LossOutput, grpo_loss, guard_step_weight
 from flowgrpo_core.models import Conditioning, FlowAdapter, load_model
+from flowgrpo_core.optimization import DeepSpeedBackend, TorchBackend
 from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts, tag_groups
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
 from flowgrpo_core.sampling import Trajectories, rollout, sample_window_start, sde_window_mask, to_pil
@@ -112,17 +116,34 @@ class FlowGRPOTrainer:
         self.trainable = self._setup_policy()
 
         t = config.train
-        self.optimizer = torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             list(self.trainable.values()),
             lr=t.learning_rate,
             betas=t.adam_betas,
             weight_decay=t.weight_decay,
             eps=t.adam_epsilon,
         )
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=t.mixed_precision == "fp16" and self.device.type == "cuda"
-        )
-        self.engine = self._setup_deepspeed() if t.deepspeed_stage else None
+        if t.deepspeed_stage:
+            self.backend = DeepSpeedBackend(
+                self.adapter.transformer,
+                optimizer,
+                self.dist,
+                t.deepspeed_stage,
+                config.sampling.batch_size,
+                t.max_grad_norm,
+                t.mixed_precision,
+                self.device,
+            )
+            self.adapter.training_wrapper = self.backend.engine
+        else:
+            self.backend = TorchBackend(
+                list(self.trainable.values()),
+                optimizer,
+                self.dist,
+                t.max_grad_norm,
+                fp16_scaling=t.mixed_precision == "fp16" and self.device.type == "cuda",
+                device=self.device,
+            )
         self.ema = EMA(self.trainable, t.ema_decay, t.ema_update_interval) if t.ema else None
         self.tracker = PerPromptStatTracker(global_std=t.global_std, buffer_size=t.stat_buffer_size)
         self.autocast_dtype = _AUTOCAST[t.mixed_precision]
@@ -153,43 +174,6 @@ class FlowGRPOTrainer:
         for p in trainable.values():
             p.data = p.data.float()  # optimiser state and updates in float32, whatever the base dtype
         return trainable
-
-    def _setup_deepspeed(self):
-        """A DeepSpeed ZeRO-1/2 engine around the transformer, with our AdamW as its client optimiser (no
-        DeepSpeed op has to be compiled for it). Training calls the module directly and lets the engine do
-        backward (gradient reduction) and step (clipping, partitioned update)."""
-        import deepspeed
-
-        t = self.config.train
-        if not torch.distributed.is_initialized():
-            # DeepSpeed needs a process group even alone; without a launcher, make a private one.
-            for var, value in {
-                "RANK": "0",
-                "WORLD_SIZE": "1",
-                "LOCAL_RANK": "0",
-                "MASTER_ADDR": "127.0.0.1",
-            }.items():
-                os.environ.setdefault(var, value)
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            deepspeed.init_distributed(
-                dist_backend="nccl" if self.device.type == "cuda" else "gloo", auto_mpi_discovery=False
-            )
-        config = {
-            "train_micro_batch_size_per_gpu": self.config.sampling.batch_size,
-            "gradient_accumulation_steps": 1,  # windows are closed by hand (set_gradient_accumulation_boundary)
-            "zero_optimization": {"stage": t.deepspeed_stage},
-            "zero_allow_untested_optimizer": True,
-            "gradient_clipping": t.max_grad_norm,
-            "bf16": {"enabled": t.mixed_precision == "bf16"},
-            "fp16": {"enabled": t.mixed_precision == "fp16"},
-            "steps_per_print": 2**30,
-        }
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=self.adapter.transformer, optimizer=self.optimizer, config=config
-        )
-        self.optimizer = optimizer
-        self.adapter.training_wrapper = engine
-        return engine
 
     # ---- the loop ----
 
@@ -345,23 +329,13 @@ class FlowGRPOTrainer:
             advantages[finite] = clip_advantages(
                 self.tracker.update(kept_prompts, rewards[finite]), t.adv_clip_max
             )
-        metrics = {
-            "reward/total": float(np.mean(rewards[finite])) if finite.any() else float("nan"),
-            "reward/total/std": float(np.std(rewards[finite])) if finite.any() else float("nan"),
-            "train/nonfinite_rewards": float((~finite).sum()),
-            "train/advantage_abs_mean": float(np.abs(advantages).mean()),
-        }
-        stats = group_stats(kept_prompts, rewards[finite])
-        metrics["train/zero_variance_share"] = stats.zero_variance_share
-        for key, values in scores.details.items():
-            if key.endswith("/raw"):
-                name = key[: -len("/raw")]
-                raw = np.asarray(values, dtype=np.float64)[finite]
-                component = group_stats(kept_prompts, raw)
-                metrics[f"reward/{name}/mean"] = float(raw.mean()) if raw.size else float("nan")
-                metrics[f"reward/{name}/std"] = float(raw.std()) if raw.size else float("nan")
-                metrics[f"reward/{name}/within_group_std"] = component.mean_within_group_std
-                metrics[f"reward/{name}/zero_variance_share"] = component.zero_variance_share
+        metrics = reward_statistics(
+            kept_prompts,
+            rewards[finite],
+            {k: np.asarray(v)[finite] for k, v in scores.details.items() if k.endswith("/raw")},
+        )
+        metrics["train/nonfinite_rewards"] = float((~finite).sum())
+        metrics["train/advantage_abs_mean"] = float(np.abs(advantages).mean())
         return torch.as_tensor(advantages, dtype=torch.float32), metrics
 
     def trained_steps(self, sde_mask: torch.Tensor) -> torch.Tensor:
@@ -417,12 +391,10 @@ class FlowGRPOTrainer:
                 micro = [
                     m for m in mine.split(self.config.sampling.batch_size) if len(m)
                 ]  # none on an idle rank
-                # ZeRO-2 reduces gradients inside backward, in buckets matched across ranks: every rank makes the
-                # same number of backward calls per window, the ones with fewer samples padding with zero-weighted
-                # real ones (a synthetic zero loss would fire the gradient hooks in another order).
-                calls = len(micro) * k_steps
-                if self.engine is not None:
-                    calls = max(self.dist.all_gather_objects(calls))
+                # A backend that reduces gradients inside backward needs the same number of backward calls on
+                # every rank: the ones with fewer samples pad with zero-weighted real ones (a synthetic zero loss
+                # would fire the gradient hooks in another order).
+                calls = self.backend.backward_calls(len(micro) * k_steps)
                 done = 0
                 started = time.perf_counter()
                 for index in tqdm(micro, desc="training", leave=False, disable=not self.progress):
@@ -443,11 +415,13 @@ class FlowGRPOTrainer:
                         done += 1
                         if not torch.isfinite(out.loss):
                             self.counters["skipped_loss_steps"] += 1
-                            if self.engine is not None:
-                                self._backward(self._padding_loss(samples, steps), last=done == calls)
+                            if self.backend.pads_backward_calls:
+                                self.backend.backward(self._padding_loss(samples, steps), last=done == calls)
                             continue
                         # Each sample-step weighs 1 / (samples in the window x trained steps), whatever its rank.
-                        self._backward(out.loss * (len(index) / (len(window) * k_steps)), last=done == calls)
+                        self.backend.backward(
+                            out.loss * (len(index) / (len(window) * k_steps)), last=done == calls
+                        )
                         # Per-sample weights: the statistics do not depend on how samples fall into micro-batches.
                         for key, value in out.metrics().items():
                             sums[key] += value * len(index)
@@ -456,7 +430,7 @@ class FlowGRPOTrainer:
                             per_step[j].append(r)
                 while done < calls:
                     done += 1
-                    self._backward(self._padding_loss(samples, steps), last=done == calls)
+                    self.backend.backward(self._padding_loss(samples, steps), last=done == calls)
                 compute_s += time.perf_counter() - started
                 grad_norms.append(self.optimizer_step())
         return self._train_metrics(sums, count, per_step, grad_norms, len(keep), skipped_before, compute_s)
@@ -594,14 +568,6 @@ class FlowGRPOTrainer:
         )
         return step.prev_sample_mean.unflatten(0, (b, k))
 
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        if self.engine is None:
-            self.scaler.scale(loss).backward()
-            return
-        self.engine.set_gradient_accumulation_boundary(last)
-        # DeepSpeed averages gradients over ranks; our losses are already normalised globally, so undo it.
-        self.engine.backward(loss * torch.distributed.get_world_size(), scale_wrt_gas=False)
-
     def _padding_loss(self, samples: Trajectories, steps: torch.Tensor) -> torch.Tensor:
         """The real loss graph of this rank's first sample, weighted 0: gradients of exactly 0, reached through
         the same modules in the same order as a real backward."""
@@ -609,35 +575,10 @@ class FlowGRPOTrainer:
         return self.step_loss(samples, index, steps[index, 0], torch.zeros(1)).loss * 0.0
 
     def optimizer_step(self) -> float:
-        """Sum gradients over ranks, clip, step, update EMA. A non-finite gradient norm skips the step
-        (counted), never applies it; the norm is computed after the all-reduce, so every rank agrees."""
-        if self.engine is not None:
-            return self._deepspeed_step()
-        self.dist.all_reduce_grads(list(self.trainable.values()))
-        self.scaler.unscale_(self.optimizer)
-        norm = float(
-            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.config.train.max_grad_norm)
-        )
-        if not math.isfinite(norm):
-            self.counters["skipped_optimizer_steps"] += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()
-            return norm
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
-        if self.ema is not None:
-            self.ema.step()
-        return norm
-
-    def _deepspeed_step(self) -> float:
-        """The engine clips and steps; in fp32 it skips a step whose global gradient norm is not finite, which
-        ``was_step_applied`` reports."""
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else math.nan
-        if not self.engine.was_step_applied() or not math.isfinite(norm):
+        """One optimiser step through the backend, then the EMA. A non-finite gradient norm skips the step
+        (counted), never applies it; every rank sees the same norm, so they skip alike."""
+        norm, applied = self.backend.step()
+        if not applied:
             self.counters["skipped_optimizer_steps"] += 1
             return norm
         self.global_step += 1
@@ -654,23 +595,14 @@ class FlowGRPOTrainer:
     def save_checkpoint(self) -> Path | None:
         """Written by rank 0 (every rank holds the same state); the others wait until it is complete. With
         DeepSpeed, every rank first writes its optimiser partition into the same staging folder."""
-        if self.engine is not None:
-            if self.dist.is_main:
-                staging_dir(self.checkpoint_dir, self.epoch)
-            self.dist.barrier()
-            tmp = staging_dir(self.checkpoint_dir, self.epoch, fresh=False)
-            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-            self.dist.barrier()
+        staged = self.backend.save_partitions(self.checkpoint_dir, self.epoch)
         if not self.dist.is_main:
             self.dist.barrier()
             return None
         state = {
             "epoch": self.epoch,
             "global_step": self.global_step,
-            "optimizer": self.optimizer.state_dict()
-            if self.engine is None
-            else {},  # DeepSpeed keeps its own
-            "scaler": self.scaler.state_dict(),
+            **self.backend.state_dict(),  # "optimizer" and "scaler"
             "tracker": self.tracker.state_dict(),
             "rng": rng_state(),
             "history": self.history,
@@ -687,7 +619,7 @@ class FlowGRPOTrainer:
             self.config.to_yaml(),
             ema=self.ema.shadow if self.ema else None,
             keep=self.config.train.keep_checkpoints,
-            staged=self.engine is not None,
+            staged=staged,
         )
         self.dist.barrier()
         return path
@@ -708,17 +640,7 @@ class FlowGRPOTrainer:
             for name, param in self.trainable.items():
                 param.copy_(ckpt["policy"][name])
         state = ckpt["state"]
-        if self.engine is not None:
-            self.engine.load_checkpoint(
-                str(Path(path) / "deepspeed"),
-                tag="state",
-                load_module_strict=False,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.backend.load_state_dict(state, Path(path))
         self.tracker.load_state_dict(state["tracker"])
         if self.ema is not None:
             if ckpt["ema"] is None:
@@ -791,11 +713,3 @@ def _split_evenly(items: list, parts: int) -> list[list]:
         out.append(items[start:end])
         start = end
     return [chunk for chunk in out if chunk]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,0 +1,173 @@
+"""How gradients become parameter updates: plain torch, or a DeepSpeed ZeRO-1/2 engine.
+
+The trainer's loop only says "backward this loss" and "step"; a backend does the rest and reports whether the
+step was applied (a non-finite gradient norm skips it, on every rank alike). Both use the same AdamW.
+
+- :class:`TorchBackend`: gradients summed over ranks by hand before clipping (so every rank computes the same
+  norm), fp16 loss scaling on CUDA.
+- :class:`DeepSpeedBackend`: the engine reduces gradients inside backward (ZeRO-2) and clips and steps its
+  partition of the optimiser state; it checkpoints that partition itself, from every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from flowgrpo_core.distributed import DistributedContext
+
+
+class TorchBackend:
+    # a rank may make fewer backward calls than another: its gradients are summed explicitly in step()
+    pads_backward_calls = False
+
+    def __init__(
+        self,
+        parameters: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        dist: DistributedContext,
+        max_grad_norm: float,
+        fp16_scaling: bool,
+        device: torch.device,
+    ) -> None:
+        self.parameters, self.optimizer, self.dist, self.max_grad_norm = (
+            parameters,
+            optimizer,
+            dist,
+            max_grad_norm,
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16_scaling)
+
+    def backward_calls(self, local: int) -> int:
+        """How many backward calls this rank makes in an optimiser step that needs ``local`` of them."""
+        return local
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> tuple[float, bool]:
+        """All-reduce, clip and step; returns the gradient norm and whether the step was applied."""
+        self.dist.all_reduce_grads(self.parameters)
+        self.scaler.unscale_(self.optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm))
+        if math.isfinite(norm):
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, math.isfinite(norm)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict, checkpoint: Path) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save_partitions(self, checkpoint_dir: Path, epoch: int) -> bool:
+        """Write what only this rank holds into the checkpoint's staging folder (every rank calls this);
+        True when the checkpoint is then completed in that folder."""
+        return False
+
+
+class DeepSpeedBackend:
+    # ZeRO-2 reduces gradients inside backward, in buckets matched across ranks: every rank must make the same
+    # number of backward calls per optimiser step
+    pads_backward_calls = True
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dist: DistributedContext,
+        stage: int,
+        micro_batch: int,
+        max_grad_norm: float,
+        mixed_precision: str,
+        device: torch.device,
+    ) -> None:
+        """A ZeRO-1/2 engine around ``module`` with ``optimizer`` as its client optimiser (no DeepSpeed op has
+        to be compiled for it). Training calls the module through ``self.engine`` (its forward does
+        bookkeeping its backward relies on)."""
+        import deepspeed
+
+        if not torch.distributed.is_initialized():
+            # DeepSpeed needs a process group even alone; without a launcher, make a private one.
+            for var, value in {
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+            }.items():
+                os.environ.setdefault(var, value)
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            deepspeed.init_distributed(
+                dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
+            )
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,  # steps are closed by hand (set_gradient_accumulation_boundary)
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": max_grad_norm,
+            "bf16": {"enabled": mixed_precision == "bf16"},
+            "fp16": {"enabled": mixed_precision == "fp16"},
+            "steps_per_print": 2**30,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=config
+        )
+        self.dist = dist
+        # kept only so that checkpoints have the same keys whichever backend wrote them
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+    def backward_calls(self, local: int) -> int:
+        return max(self.dist.all_gather_objects(local))
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        # DeepSpeed averages gradients over ranks; our losses are already normalised globally, so undo it.
+        self.engine.backward(loss * torch.distributed.get_world_size(), scale_wrt_gas=False)
+
+    def step(self) -> tuple[float, bool]:
+        """The engine clips and steps; in fp32 it skips a step whose global gradient norm is not finite, which
+        ``was_step_applied`` reports."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        return norm, bool(self.engine.was_step_applied()) and math.isfinite(norm)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": {}, "scaler": self.scaler.state_dict()}  # the engine keeps its own
+
+    def load_state_dict(self, state: dict, checkpoint: Path) -> None:
+        self.engine.load_checkpoint(
+            str(checkpoint / "deepspeed"),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save_partitions(self, checkpoint_dir: Path, epoch: int) -> bool:
+        """Every rank writes its optimiser partition into the same staging folder, which rank 0 made."""
+        from flowgrpo_core.checkpoint import staging_dir
+
+        if self.dist.is_main:
+            staging_dir(checkpoint_dir, epoch)
+        self.dist.barrier()
+        staging = staging_dir(checkpoint_dir, epoch, fresh=False)
+        self.engine.save_checkpoint(str(staging / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        self.dist.barrier()
+        return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
