@@ -16,7 +16,7 @@ import torch
 
 from flowgrpo_core.models import adapter_for
 from flowgrpo_core.models.tiny import TinySD3Spec, build_tiny_sd3
-from flowgrpo_core.sampling import rollout, sde_window_mask
+from flowgrpo_core.sampling import SamplingSpec, rollout, sde_window_mask
 
 SIZES = {
     # (spec, resolution, batch)
@@ -45,17 +45,8 @@ def bench(size: str, repeats: int, steps: int, guidance: float) -> dict[str, flo
     params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
 
     def ours() -> None:
-        rollout(
-            adapter,
-            prompts,
-            list(range(batch)),
-            resolution=res,
-            num_steps=steps,
-            guidance_scale=guidance,
-            noise_level=0.7,
-            sde_mask=sde_window_mask(batch, steps, 0, 0),
-            max_sequence_length=32,
-        )
+        spec = SamplingSpec(res, steps, guidance, noise_level=0.7, max_sequence_length=32)
+        rollout(adapter, prompts, list(range(batch)), spec, sde_window_mask(batch, steps, 0, 0))
 
     def diffusers() -> None:
         generators = [torch.Generator().manual_seed(i) for i in range(batch)]

@@ -84,20 +84,40 @@ def sample_window_start(bounds: tuple[int, int], window_size: int, generator: to
     return int(torch.randint(lo, hi - window_size + 1, (1,), generator=generator))
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How a roll-out samples: image side, number of steps, guidance, the SDE and the text encoding."""
+
+    resolution: int
+    num_steps: int
+    guidance_scale: float
+    noise_level: float = 0.0  # `a` of the SDE on the stochastic steps
+    sde_type: SDEType = "sde"
+    negative_prompt: str = ""
+    max_sequence_length: int = 128  # T5 tokens
+
+    @classmethod
+    def of(cls, sampling) -> SamplingSpec:
+        """From a config's ``sampling`` section (anything with these fields)."""
+        return cls(
+            sampling.resolution,
+            sampling.num_steps,
+            sampling.guidance_scale,
+            sampling.noise_level,
+            sampling.sde_type,
+            sampling.negative_prompt,
+            sampling.max_sequence_length,
+        )
+
+
 @torch.inference_mode()
 def rollout(
     adapter: FlowAdapter,
     prompts: Sequence[str],
     seeds: Sequence[int],
-    *,
-    resolution: int,
-    num_steps: int,
-    guidance_scale: float,
-    noise_level: float,
+    spec: SamplingSpec,
     sde_mask: torch.Tensor,
-    negative_prompt: str = "",
-    max_sequence_length: int = 256,
-    sde_type: SDEType = "sde",
+    *,
     metadata: Sequence[dict] | None = None,
     store_means: bool = False,
     autocast_dtype: torch.dtype | None = None,
@@ -108,6 +128,7 @@ def rollout(
     Args:
         prompts: B prompts.
         seeds: B seeds.
+        spec: how to sample (size, steps, guidance, SDE, text encoding).
         sde_mask: (B, T) bool, which steps are stochastic; the rest are noise-free steps (the Euler ODE step,
             or for 'cps' the CPS step at noise level 0, as the reference takes them).
         store_means: keep the SDE step means (needed by RatioNorm).
@@ -116,40 +137,44 @@ def rollout(
         Trajectories of B images.
     """
     batch = len(prompts)
-    if len(seeds) != batch or tuple(sde_mask.shape) != (batch, num_steps):
+    if len(seeds) != batch or tuple(sde_mask.shape) != (batch, spec.num_steps):
         raise ValueError(
-            f"need {batch} seeds and a ({batch}, {num_steps}) mask, got {len(seeds)} and {tuple(sde_mask.shape)}"
+            f"need {batch} seeds and a ({batch}, {spec.num_steps}) mask, got {len(seeds)} and {tuple(sde_mask.shape)}"
         )
     device = adapter.device
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    cond = adapter.encode_prompts(prompts, negative_prompt, guidance_scale, max_sequence_length)
-    sigmas = adapter.sigmas(num_steps, resolution, resolution).to(device)
-    x = adapter.initial_noise(generators, resolution, resolution).float()
+    cond = adapter.encode_prompts(
+        prompts, spec.negative_prompt, spec.guidance_scale, spec.max_sequence_length
+    )
+    sigmas = adapter.sigmas(spec.num_steps, spec.resolution, spec.resolution).to(device)
+    x = adapter.initial_noise(generators, spec.resolution, spec.resolution).float()
     sde_mask = sde_mask.to(device)
 
-    latents, log_probs, means = [x], torch.zeros(batch, num_steps, device=device), []
-    for i in range(num_steps):
+    latents, log_probs, means = [x], torch.zeros(batch, spec.num_steps, device=device), []
+    for i in range(spec.num_steps):
         sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            velocity = adapter.predict_velocity(x, sigma, cond, guidance_scale, resolution, resolution)
+            velocity = adapter.predict_velocity(
+                x, sigma, cond, spec.guidance_scale, spec.resolution, spec.resolution
+            )
         stochastic = sde_mask[:, i]
         if stochastic.any():
             step = sde_step_with_logprob(
-                velocity, x, sigma, sigma_next, noise_level, generator=generators, sde_type=sde_type
+                velocity, x, sigma, sigma_next, spec.noise_level, generator=generators, sde_type=spec.sde_type
             )
             x_next, mean = step.prev_sample, step.prev_sample_mean
             if not stochastic.all():
-                still = deterministic_step(velocity, x, sigma, sigma_next, sde_type)
+                still = deterministic_step(velocity, x, sigma, sigma_next, spec.sde_type)
                 x_next = torch.where(_rows(stochastic, x), x_next, still)
             log_probs[:, i] = torch.where(stochastic, step.log_prob, 0.0)
         else:
-            x_next = mean = deterministic_step(velocity, x, sigma, sigma_next, sde_type)
+            x_next = mean = deterministic_step(velocity, x, sigma, sigma_next, spec.sde_type)
         if store_means:
             means.append(mean)
         x = x_next.float()
         latents.append(x)
 
-    images = adapter.decode(x, resolution, resolution)
+    images = adapter.decode(x, spec.resolution, spec.resolution)
     return Trajectories(
         prompts=list(prompts),
         metadata=list(metadata) if metadata is not None else [{} for _ in prompts],

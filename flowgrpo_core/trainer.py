@@ -49,7 +49,14 @@ from flowgrpo_core.models import Conditioning, FlowAdapter, load_model
 from flowgrpo_core.optimization import DeepSpeedBackend, TorchBackend
 from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts, tag_groups
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
-from flowgrpo_core.sampling import Trajectories, rollout, sample_window_start, sde_window_mask, to_pil
+from flowgrpo_core.sampling import (
+    SamplingSpec,
+    Trajectories,
+    rollout,
+    sample_window_start,
+    sde_window_mask,
+    to_pil,
+)
 from flowgrpo_core.sde import SDEStep, gaussian_kl, kl_std, sde_std_t, sde_step_with_logprob
 
 EpochCallback = Callable[["FlowGRPOTrainer", dict[str, float]], None]
@@ -270,14 +277,8 @@ class FlowGRPOTrainer:
                     self.adapter,
                     images.prompts[sl],
                     seeds[sl],
-                    resolution=s.resolution,
-                    num_steps=s.num_steps,
-                    guidance_scale=s.guidance_scale,
-                    noise_level=s.noise_level,
-                    sde_mask=sde_window_mask(s.batch_size, s.num_steps, s.sde_window_size, starts[b]),
-                    negative_prompt=s.negative_prompt,
-                    max_sequence_length=s.max_sequence_length,
-                    sde_type=s.sde_type,
+                    SamplingSpec.of(s),
+                    sde_window_mask(s.batch_size, s.num_steps, s.sde_window_size, starts[b]),
                     metadata=images.metadata[sl],
                     store_means=self.config.train.ratio_norm,
                     autocast_dtype=self.autocast_dtype,

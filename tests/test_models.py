@@ -7,7 +7,7 @@ import torch
 
 from flowgrpo_core.models import ModelSourceError, adapter_for, load_model, parse_source
 from flowgrpo_core.models.tiny import build_tiny_flux, build_tiny_sd3
-from flowgrpo_core.sampling import rollout, sde_window_mask
+from flowgrpo_core.sampling import SamplingSpec, rollout, sde_window_mask
 
 PROMPTS = ["a photo of a cat", "hello world 42"]
 
@@ -17,12 +17,8 @@ def _ode_images(adapter, steps=6, guidance=4.5, res=64):
         adapter,
         PROMPTS,
         [0, 1],
-        resolution=res,
-        num_steps=steps,
-        guidance_scale=guidance,
-        noise_level=0.0,
-        sde_mask=sde_window_mask(2, steps, 1, 0) & False,
-        max_sequence_length=32,
+        SamplingSpec(res, steps, guidance, max_sequence_length=32),
+        sde_window_mask(2, steps, 1, 0) & False,
     )
     return t.images
 
@@ -93,9 +89,9 @@ def test_tiny_builders_are_deterministic_and_leave_the_global_rng_alone():
 
 def test_sde_rollout_is_reproducible_per_sample_whatever_the_batch():
     adapter = load_model("tiny:sd3")
-    kwargs = dict(resolution=64, num_steps=4, guidance_scale=4.5, noise_level=0.7, max_sequence_length=32)
-    both = rollout(adapter, PROMPTS, [7, 8], sde_mask=sde_window_mask(2, 4, 0, 0), **kwargs)
-    alone = rollout(adapter, PROMPTS[1:], [8], sde_mask=sde_window_mask(1, 4, 0, 0), **kwargs)
+    spec = SamplingSpec(64, 4, 4.5, noise_level=0.7, max_sequence_length=32)
+    both = rollout(adapter, PROMPTS, [7, 8], spec, sde_window_mask(2, 4, 0, 0))
+    alone = rollout(adapter, PROMPTS[1:], [8], spec, sde_window_mask(1, 4, 0, 0))
     torch.testing.assert_close(both.latents[1], alone.latents[0], rtol=1e-5, atol=1e-5)
     assert both.latents.shape == (2, 5, 16, 8, 8) and both.log_probs.shape == (2, 4)
     assert torch.all(both.log_probs != 0) and both.images.shape == (2, 3, 64, 64)

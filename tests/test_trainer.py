@@ -184,7 +184,7 @@ def test_nonfinite_loss_and_gradients_are_skipped_never_applied(tmp_path):
 def test_exported_policy_reproduces_the_trained_model(tmp_path):
     from flowgrpo_core.models import adapter_for
     from flowgrpo_core.models.tiny import build_tiny_sd3
-    from flowgrpo_core.sampling import rollout, sde_window_mask
+    from flowgrpo_core.sampling import SamplingSpec, rollout, sde_window_mask
 
     trainer = _trainer(tmp_path, "train.learning_rate=0.05", "train.ema=false")
     trainer.train(epochs=2)
@@ -196,10 +196,8 @@ def test_exported_policy_reproduces_the_trained_model(tmp_path):
     }
 
     def images(adapter):
-        kw = dict(resolution=64, num_steps=4, guidance_scale=4.5, noise_level=0.0, max_sequence_length=32)
-        return rollout(
-            adapter, ["a photo of a cat"], [0], sde_mask=sde_window_mask(1, 4, 1, 0) & False, **kw
-        ).images
+        spec = SamplingSpec(64, 4, 4.5, max_sequence_length=32)
+        return rollout(adapter, ["a photo of a cat"], [0], spec, sde_window_mask(1, 4, 1, 0) & False).images
 
     pipe = build_tiny_sd3(seed=0)
     pipe.load_lora_weights(policy, adapter_name="grpo")
@@ -209,7 +207,7 @@ def test_exported_policy_reproduces_the_trained_model(tmp_path):
 def test_seeded_tiny_run_raises_the_jpeg_reward(tmp_path):
     """The `tiny` preset, 10 epochs: the policy beats the base on the same 32 held-out seeds (paired, so the
     sampling noise cancels) and the training reward rises."""
-    from flowgrpo_core.sampling import rollout, sde_window_mask, to_pil
+    from flowgrpo_core.sampling import SamplingSpec, rollout, sde_window_mask, to_pil
 
     cfg = load_config("tiny", overrides=["train.checkpoint_every=0"])
     trainer = FlowGRPOTrainer(cfg, tmp_path / "learn", progress=False)
@@ -218,16 +216,15 @@ def test_seeded_tiny_run_raises_the_jpeg_reward(tmp_path):
     prompts = [trainer.prompts.prompts[i % 8] for i in range(n)]
 
     def ode_rewards():
+        spec = SamplingSpec(
+            s.resolution, s.num_steps, s.guidance_scale, max_sequence_length=s.max_sequence_length
+        )
         t = rollout(
             trainer.adapter,
             prompts,
             list(range(1000, 1000 + n)),
-            resolution=s.resolution,
-            num_steps=s.num_steps,
-            guidance_scale=s.guidance_scale,
-            noise_level=0.0,
-            sde_mask=sde_window_mask(n, s.num_steps, 1, 0) & False,
-            max_sequence_length=s.max_sequence_length,
+            spec,
+            sde_window_mask(n, s.num_steps, 1, 0) & False,
         )
         return trainer.reward(to_pil(t.images), prompts).scores
 

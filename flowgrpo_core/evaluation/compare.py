@@ -15,7 +15,7 @@ from flowgrpo_core.evaluation.geneval import GenEvalReport, summarize_verdicts
 from flowgrpo_core.models.base import FlowAdapter
 from flowgrpo_core.prompts import PromptSet
 from flowgrpo_core.rewards.base import Reward
-from flowgrpo_core.sampling import rollout, to_pil
+from flowgrpo_core.sampling import SamplingSpec, rollout, to_pil
 from flowgrpo_core.sde import SDEType
 
 
@@ -44,22 +44,14 @@ def generate(
 ) -> list:
     """Noise-free samples, one seeded generator per image: Euler ODE steps, or for ``sde_type='cps'`` the CPS
     step at noise level 0 as the reference evaluates its CPS runs (the same up to rounding). Returns PIL images."""
+    spec = SamplingSpec(
+        resolution, num_steps, guidance_scale, 0.0, sde_type, negative_prompt, max_sequence_length
+    )
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        out = rollout(
-            adapter,
-            chunk,
-            list(seeds[start : start + batch_size]),
-            resolution=resolution,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            noise_level=0.0,
-            sde_mask=torch.zeros(len(chunk), num_steps, dtype=torch.bool),
-            negative_prompt=negative_prompt,
-            max_sequence_length=max_sequence_length,
-            sde_type=sde_type,
-        )
+        seeds_chunk = list(seeds[start : start + batch_size])
+        out = rollout(adapter, chunk, seeds_chunk, spec, torch.zeros(len(chunk), num_steps, dtype=torch.bool))
         images += to_pil(out.images)
     return images
 
