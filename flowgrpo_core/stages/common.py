@@ -25,14 +25,18 @@ class PipelineContext:
     workdir: str = "flowgrpo-runs/work"
     model_source: str = ""  # overrides model.source when set
     model_revision: str = ""
+    _config: FlowGRPOConfig | None = field(default=None, init=False, repr=False, compare=False)
 
     def config(self) -> FlowGRPOConfig:
-        extra = []
-        if self.model_source:
-            extra.append(f"model.source={json.dumps(self.model_source)}")
-        if self.model_revision:
-            extra.append(f"model.revision={json.dumps(self.model_revision)}")
-        return load_config(self.preset, overrides=[*self.overrides, *extra])
+        """The resolved config (preset, overrides, model source), computed once per stage and shared."""
+        if self._config is None:
+            extra = []
+            if self.model_source:
+                extra.append(f"model.source={json.dumps(self.model_source)}")
+            if self.model_revision:
+                extra.append(f"model.revision={json.dumps(self.model_revision)}")
+            self._config = load_config(self.preset, overrides=[*self.overrides, *extra])
+        return self._config
 
     @property
     def experiment_name(self) -> str:
