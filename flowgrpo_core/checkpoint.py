@@ -150,3 +150,28 @@ def _python_state_to_plain(state: tuple) -> dict[str, Any]:
 
 def _python_state_from_plain(state: dict[str, Any]) -> tuple:
     return (state["version"], tuple(state["internal"]), state["gauss"])
+
+
+# Changing these between a run and its resume cannot change what was already computed.
+RESUMABLE_FIELDS = frozenset(
+    {"train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.device"}
+)
+
+
+def check_resumable(saved_yaml: str, current: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse to resume under a changed config, naming the fields that changed (the saved config is the
+    checkpoint's ``config.yaml``; ``current`` the flattened config of the run that resumes). Bookkeeping
+    fields and ``tracking.*`` may change."""
+    import yaml
+
+    from flowgrpo_core.config import flatten
+
+    saved = flatten(yaml.safe_load(saved_yaml))
+    differ = sorted(
+        k
+        for k in set(saved) | set(current)
+        if saved.get(k) != current.get(k) and k not in RESUMABLE_FIELDS and not k.startswith("tracking.")
+    )
+    if differ:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])
+        raise ValueError(f"cannot resume from {path}: the config changed ({details})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from flowgrpo_core.sde import gaussian_kl
@@ -168,3 +169,28 @@ def guard_step_weight(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Te
         (B,) float32.
     """
     return 1.0 / (sigma.float() - sigma_next.float())
+
+
+LOGGED = ("loss", "policy_loss", "kl", "clipfrac", "approx_kl", "ratio_mean")
+
+
+def loss_statistics(parts: list[tuple[dict[str, float], int, dict[int, list[float]]]]) -> dict[str, float]:
+    """An epoch's training statistics from every rank's share: ``(sums, count, ratios)`` per rank, where
+    ``sums[k]`` adds :meth:`LossOutput.metrics` ``[k]`` weighted by the samples of each term, ``count`` the
+    samples, and ``ratios`` each trained step's ratios. Means are per sample over all ranks; the ratio's
+    min, max and mean per step are over every term.
+    """
+    total = sum(count for _, count, _ in parts)
+    metrics = {
+        f"train/{k}": sum(s.get(k, 0.0) for s, _, _ in parts) / total if total else 0.0 for k in LOGGED
+    }
+    ratios: dict[int, list[float]] = {}
+    for _, _, steps in parts:
+        for j, values in steps.items():
+            ratios.setdefault(j, []).extend(values)
+    every = [r for values in ratios.values() for r in values]
+    metrics["train/ratio_min"] = min(every) if every else 0.0
+    metrics["train/ratio_max"] = max(every) if every else 0.0
+    for j, values in sorted(ratios.items()):
+        metrics[f"train/ratio_mean/step_{j}"] = float(np.mean(values))
+    return metrics

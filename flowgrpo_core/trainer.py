@@ -35,6 +35,7 @@ from flowgrpo_core.advantages import (
     samples_to_train,
 )
 from flowgrpo_core.checkpoint import (
+    check_resumable,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
@@ -44,7 +45,7 @@ from flowgrpo_core.checkpoint import (
 from flowgrpo_core.config import FlowGRPOConfig
 from flowgrpo_core.distributed import DistributedContext
 from flowgrpo_core.ema import EMA
-from flowgrpo_core.loss import LossOutput, grpo_loss, guard_step_weight
+from flowgrpo_core.loss import LossOutput, grpo_loss, guard_step_weight, loss_statistics
 from flowgrpo_core.models import Conditioning, FlowAdapter, load_model
 from flowgrpo_core.optimization import DeepSpeedBackend, TorchBackend
 from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts, tag_groups
@@ -61,8 +62,6 @@ from flowgrpo_core.sde import SDEStep, gaussian_kl, kl_std, sde_std_t, sde_step_
 
 EpochCallback = Callable[["FlowGRPOTrainer", dict[str, float]], None]
 _AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Changing these between a run and its resume cannot change what was already computed.
-_RESUMABLE_FIELDS = {"train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.device"}
 
 
 @dataclass
@@ -439,41 +438,24 @@ class FlowGRPOTrainer:
     def _train_metrics(
         self, sums, count, per_step, grad_norms, kept, skipped_before, compute_s
     ) -> dict[str, float]:
-        """Loss statistics averaged over every rank's terms; counters summed over ranks."""
-        skipped = {
-            key: self.counters[key] - skipped_before[key]
-            for key in ("skipped_loss_steps", "skipped_optimizer_steps")
-        }
-        parts = self.dist.all_gather_objects(
-            (dict(sums), count, dict(per_step), skipped["skipped_loss_steps"])
+        """Loss statistics over every rank's terms; counters summed over ranks."""
+        skipped_optimizer = (
+            self.counters["skipped_optimizer_steps"] - skipped_before["skipped_optimizer_steps"]
         )
-        total = sum(c for _, c, _, _ in parts)
-        names = ("loss", "policy_loss", "kl", "clipfrac", "approx_kl", "ratio_mean")
-        metrics = {
-            f"train/{k}": sum(s.get(k, 0.0) for s, _, _, _ in parts) / total if total else 0.0 for k in names
-        }
-        ratios: dict[int, list[float]] = defaultdict(list)
-        for _, _, steps, _ in parts:
-            for j, values in steps.items():
-                ratios[j] += values
-        every = [r for v in ratios.values() for r in v]
-        metrics["train/ratio_min"] = min(every) if every else 0.0
-        metrics["train/ratio_max"] = max(every) if every else 0.0
-        for j, values in sorted(ratios.items()):
-            metrics[f"train/ratio_mean/step_{j}"] = float(np.mean(values))
-        finite_norms = [g for g in grad_norms if math.isfinite(g)]
-        metrics["train/grad_norm"] = float(np.mean(finite_norms)) if finite_norms else 0.0
-        metrics["train/trained_samples"] = float(kept)
+        skipped_loss = self.counters["skipped_loss_steps"] - skipped_before["skipped_loss_steps"]
+        parts = self.dist.all_gather_objects((dict(sums), count, dict(per_step), skipped_loss))
         all_skipped = sum(p[3] for p in parts)
-        self.counters["skipped_loss_steps"] = (
-            skipped_before["skipped_loss_steps"] + all_skipped
-        )  # the same on every rank
-        metrics["train/skipped_loss_steps"] = float(all_skipped)
-        metrics["train/skipped_optimizer_steps"] = float(
-            skipped["skipped_optimizer_steps"]
-        )  # same on every rank
-        metrics["time/forward_backward_s"] = compute_s
-        return metrics
+        # the same on every rank
+        self.counters["skipped_loss_steps"] = skipped_before["skipped_loss_steps"] + all_skipped
+        finite_norms = [g for g in grad_norms if math.isfinite(g)]
+        return {
+            **loss_statistics([p[:3] for p in parts]),
+            "train/grad_norm": float(np.mean(finite_norms)) if finite_norms else 0.0,
+            "train/trained_samples": float(kept),
+            "train/skipped_loss_steps": float(all_skipped),
+            "train/skipped_optimizer_steps": float(skipped_optimizer),  # the same on every rank
+            "time/forward_backward_s": compute_s,
+        }
 
     def step_loss(
         self,
@@ -631,7 +613,7 @@ class FlowGRPOTrainer:
         if path is None:
             return False
         ckpt = load_checkpoint(path)
-        self._check_compatible(ckpt["config_yaml"], path)
+        check_resumable(ckpt["config_yaml"], self.config.flat(), path)
         missing = set(self.trainable) ^ set(ckpt["policy"])
         if missing:
             raise ValueError(
@@ -653,22 +635,6 @@ class FlowGRPOTrainer:
         self.counters.update({k: int(v) for k, v in state["counters"].items()})
         self._log(f"[flowgrpo] resumed from {path} at epoch {self.epoch}")
         return True
-
-    def _check_compatible(self, saved_yaml: str, path: Path) -> None:
-        import yaml
-
-        from flowgrpo_core.config import flatten
-
-        saved = flatten(yaml.safe_load(saved_yaml))
-        current = self.config.flat()
-        differ = sorted(
-            k
-            for k in set(saved) | set(current)
-            if saved.get(k) != current.get(k) and k not in _RESUMABLE_FIELDS and not k.startswith("tracking.")
-        )
-        if differ:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:8])
-            raise ValueError(f"cannot resume from {path}: the config changed ({details})")
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         """The weights the policy is judged by: the EMA weights swapped in when EMA is on."""

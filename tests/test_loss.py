@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flowgrpo_core.loss import grpo_loss, guard_step_weight, log_ratio
+from flowgrpo_core.loss import grpo_loss, guard_step_weight, log_ratio, loss_statistics
 from flowgrpo_core.sde import sde_std_t, sde_step_with_logprob
 
 
@@ -168,3 +168,17 @@ def test_gradient_reweight_is_one_over_minus_dt():
     out = grpo_loss(new, torch.zeros(2), torch.tensor([1.0, 1.0]), 1e-3, step_weight=w)
     (grad,) = torch.autograd.grad(out.loss, new)
     torch.testing.assert_close(grad, torch.tensor([-5.0, -10.0]))
+
+
+def test_loss_statistics_weigh_every_sample_of_every_rank_alike():
+    # rank 0: 2 samples (loss sums 2 x 0.5), ratios at step 0; rank 1: 6 samples (sum 6 x 0.1), steps 0 and 3
+    rank0 = ({"loss": 1.0, "kl": 0.2}, 2, {0: [1.0, 1.002]})
+    rank1 = ({"loss": 0.6, "kl": 0.0}, 6, {0: [0.998], 3: [1.01, 0.99]})
+    stats = loss_statistics([rank0, rank1])
+    assert stats["train/loss"] == pytest.approx(1.6 / 8) and stats["train/kl"] == pytest.approx(0.2 / 8)
+    assert stats["train/clipfrac"] == 0.0  # not reported by any rank
+    assert stats["train/ratio_min"] == 0.99 and stats["train/ratio_max"] == 1.01
+    assert stats["train/ratio_mean/step_0"] == pytest.approx(1.0) and stats[
+        "train/ratio_mean/step_3"
+    ] == pytest.approx(1.0)
+    assert loss_statistics([({}, 0, {})])["train/loss"] == 0.0  # an idle epoch
