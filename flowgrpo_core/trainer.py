@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,24 @@ class EpochSamples:
     prompts: list[str]  # all N prompts of the epoch, every rank's
     rewards: RewardOutput  # all N rewards in global order, every component
     timing: dict[str, float]
+
+
+@dataclass
+class _Accumulated:
+    """Loss statistics of an epoch's terms on this rank, each weighted by its samples (so they do not depend on
+    how samples fall into micro-batches), and the ratios per trained step."""
+
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    count: int = 0
+    per_step: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    compute_s: float = 0.0
+
+    def add(self, out: LossOutput, samples: int, steps: torch.Tensor) -> None:
+        for key, value in out.metrics().items():
+            self.sums[key] += value * samples
+        self.count += samples
+        for j, r in zip(steps.tolist(), out.ratio.tolist()):
+            self.per_step[j].append(r)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -352,7 +370,8 @@ class FlowGRPOTrainer:
         indices: torch.Tensor | None = None,
         finite: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """Inner epochs over the samples chosen by ``train.zero_advantage``.
+        """Inner epochs over the samples chosen by ``train.zero_advantage``, in
+        ``train.optimizer_steps_per_epoch`` optimiser steps each.
 
         Args:
             samples: this rank's trajectories.
@@ -363,24 +382,15 @@ class FlowGRPOTrainer:
         t = self.config.train
         indices = torch.arange(len(samples)) if indices is None else indices
         local_position = {int(g): pos for pos, g in enumerate(indices.tolist())}
-        batch = self.config.sampling.batch_size
-        rank_of_sample = (torch.arange(len(advantages)) // batch) % self.dist.world_size
+        rank_of_sample = (
+            torch.arange(len(advantages)) // self.config.sampling.batch_size
+        ) % self.dist.world_size
+        per_rank = self.config.batches_per_epoch // self.dist.world_size
         keep = samples_to_train(
-            advantages,
-            t.zero_advantage,
-            rank_of_sample,
-            self.config.batches_per_epoch // self.dist.world_size,
-            generator,
-            eligible=finite,
+            advantages, t.zero_advantage, rank_of_sample, per_rank, generator, eligible=finite
         )
         steps = self.trained_steps(samples.sde_mask)
-        k_steps = steps.shape[1]
-        sums: dict[str, float] = defaultdict(float)
-        count = 0
-        per_step: dict[int, list[float]] = defaultdict(list)
-        grad_norms: list[float] = []
-        skipped_before = dict(self.counters)
-        compute_s = 0.0
+        stats, grad_norms, skipped_before = _Accumulated(), [], dict(self.counters)
         for _ in range(t.num_inner_epochs):
             # the same order on every rank; unshuffled, the optimiser steps take the samples in sampling order
             order = keep[torch.randperm(len(keep), generator=generator)] if t.shuffle_samples else keep
@@ -388,52 +398,54 @@ class FlowGRPOTrainer:
                 mine = torch.tensor(
                     [local_position[g] for g in window if g in local_position], dtype=torch.long
                 )
-                micro = [
-                    m for m in mine.split(self.config.sampling.batch_size) if len(m)
-                ]  # none on an idle rank
-                # A backend that reduces gradients inside backward needs the same number of backward calls on
-                # every rank: the ones with fewer samples pad with zero-weighted real ones (a synthetic zero loss
-                # would fire the gradient hooks in another order).
-                calls = self.backend.backward_calls(len(micro) * k_steps)
-                done = 0
-                started = time.perf_counter()
-                for index in tqdm(micro, desc="training", leave=False, disable=not self.progress):
-                    local_adv = advantages[indices[index]]
-                    cond = samples.cond.select(index.to(samples.latents.device))  # the same for every step
-                    reference = None
-                    if t.beta > 0 and t.batch_reference_steps:
-                        reference = self.reference_means(samples, index, steps[index], cond)
-                    for k in range(k_steps):
-                        out = self.step_loss(
-                            samples,
-                            index,
-                            steps[index, k],
-                            local_adv,
-                            cond,
-                            reference[:, k] if reference is not None else None,
-                        )
-                        done += 1
-                        if not torch.isfinite(out.loss):
-                            self.counters["skipped_loss_steps"] += 1
-                            if self.backend.pads_backward_calls:
-                                self.backend.backward(self._padding_loss(samples, steps), last=done == calls)
-                            continue
-                        # Each sample-step weighs 1 / (samples in the window x trained steps), whatever its rank.
-                        self.backend.backward(
-                            out.loss * (len(index) / (len(window) * k_steps)), last=done == calls
-                        )
-                        # Per-sample weights: the statistics do not depend on how samples fall into micro-batches.
-                        for key, value in out.metrics().items():
-                            sums[key] += value * len(index)
-                        count += len(index)
-                        for j, r in zip(steps[index, k].tolist(), out.ratio.tolist()):
-                            per_step[j].append(r)
-                while done < calls:
-                    done += 1
-                    self.backend.backward(self._padding_loss(samples, steps), last=done == calls)
-                compute_s += time.perf_counter() - started
+                self.accumulate(samples, mine, len(window), advantages[indices[mine]], steps, stats)
                 grad_norms.append(self.optimizer_step())
-        return self._train_metrics(sums, count, per_step, grad_norms, len(keep), skipped_before, compute_s)
+        return self._train_metrics(
+            stats.sums, stats.count, stats.per_step, grad_norms, len(keep), skipped_before, stats.compute_s
+        )
+
+    def accumulate(
+        self,
+        samples: Trajectories,
+        mine: torch.Tensor,
+        window_size: int,
+        advantages: torch.Tensor,
+        steps: torch.Tensor,
+        stats: _Accumulated,
+    ) -> None:
+        """Back-propagate this rank's share of one optimiser step: its samples ``mine`` (local indices) with
+        their ``advantages``, at their trained ``steps`` (n_local, K), in micro-batches of the sampling batch
+        size. Each sample-step weighs ``1 / (window_size x K)``, whatever its rank."""
+        t, k_steps = self.config.train, steps.shape[1]
+        batch = self.config.sampling.batch_size
+        micro = [
+            (m, advantages[i : i + batch]) for i, m in zip(range(0, len(mine), batch), mine.split(batch))
+        ]
+        # A backend that reduces gradients inside backward needs the same number of backward calls on every
+        # rank: the ones with fewer samples pad with zero-weighted real ones (a synthetic zero loss would fire
+        # the gradient hooks in another order).
+        calls, done = self.backend.backward_calls(len(micro) * k_steps), 0
+        started = time.perf_counter()
+        for index, local_adv in tqdm(micro, desc="training", leave=False, disable=not self.progress):
+            cond = samples.cond.select(index.to(samples.latents.device))  # the same for every step
+            reference = None
+            if t.beta > 0 and t.batch_reference_steps:
+                reference = self.reference_means(samples, index, steps[index], cond)
+            for k in range(k_steps):
+                ref_k = reference[:, k] if reference is not None else None
+                out = self.step_loss(samples, index, steps[index, k], local_adv, cond, ref_k)
+                done += 1
+                if not torch.isfinite(out.loss):
+                    self.counters["skipped_loss_steps"] += 1
+                    if self.backend.pads_backward_calls:
+                        self.backend.backward(self._padding_loss(samples, steps), last=done == calls)
+                    continue
+                self.backend.backward(out.loss * (len(index) / (window_size * k_steps)), last=done == calls)
+                stats.add(out, len(index), steps[index, k])
+        while done < calls:
+            done += 1
+            self.backend.backward(self._padding_loss(samples, steps), last=done == calls)
+        stats.compute_s += time.perf_counter() - started
 
     def _train_metrics(
         self, sums, count, per_step, grad_norms, kept, skipped_before, compute_s
