@@ -61,9 +61,10 @@ def train_in_process(
         trainer = FlowGRPOTrainer(config, out, adapter=adapter, reward=reward, callbacks=[log_epoch])
         resumed_from = trainer.epoch if trainer.resume() else None
         trainer.train()
-        trainer.save_policy(out / "policy")
+        trainer.save_policy(policy_dir)  # straight into the stage's output: full weights can be large
         mlflow.set_tag("train.launcher", "in-process")
-        return _finish(out, policy_dir, resumed_from, time.perf_counter() - work_started - logging_s)
+        work_s = time.perf_counter() - work_started - logging_s
+        return _finish(out, Path(policy_dir), policy_dir, resumed_from, work_s)
 
 
 def train_on_local_processes(
@@ -103,7 +104,7 @@ def train_on_local_processes(
             raise RuntimeError(
                 f"training processes failed (exit code {result.returncode}): {' '.join(command)}"
             )
-        return _finish(out, policy_dir, resumed_from, time.perf_counter() - started)
+        return _finish(out, out / "policy", policy_dir, resumed_from, time.perf_counter() - started)
 
 
 def train_on_pytorchjob(
@@ -153,7 +154,7 @@ def train_on_pytorchjob(
             }
         )
         run_job(kube, job, poll_s=POLL_S)
-        return _finish(out, policy_dir, resumed_from, time.perf_counter() - started)
+        return _finish(out, out / "policy", policy_dir, resumed_from, time.perf_counter() - started)
 
 
 def share_model(model_dir: str | Path, target: Path) -> Path:
@@ -190,17 +191,17 @@ def _prepare(
     return out, overrides, endpoints_file, checkpoint_epoch(latest) if latest is not None else None
 
 
-def _finish(out: Path, policy_dir: str | Path, resumed_from: int | None, work_s: float) -> dict:
-    """Inside the stage's MLflow run, whichever process trained: copy the policy into the stage's output,
-    log the epochs not logged yet (a retried step, or processes that do not log), the reward curve and the
-    last epoch's images; return the final metrics."""
+def _finish(out: Path, policy: Path, policy_dir: str | Path, resumed_from: int | None, work_s: float) -> dict:
+    """Inside the stage's MLflow run, whichever process trained: copy the policy the processes wrote
+    (``policy``) into the stage's output unless it is there already, log the epochs not logged yet (a retried
+    step, or processes that do not log), the reward curve and the last epoch's images (``out``); return the
+    final metrics."""
     import tempfile
 
     import mlflow
 
     from flowgrpo_core.tracking import log_metrics, reward_curve
 
-    policy = out / "policy"
     history = json.loads((policy / "metrics.json").read_text())
     if Path(policy_dir).resolve() != policy.resolve():
         shutil.copytree(policy, policy_dir, dirs_exist_ok=True)
