@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
+
+from flowgrpo_core.config import flatten
 
 _NAME = re.compile(r"^epoch-(\d{6})$")
 
@@ -162,10 +165,6 @@ def check_resumable(saved_yaml: str, current: dict[str, Any], path: str | os.Pat
     """Refuse to resume under a changed config, naming the fields that changed (the saved config is the
     checkpoint's ``config.yaml``; ``current`` the flattened config of the run that resumes). Bookkeeping
     fields and ``tracking.*`` may change."""
-    import yaml
-
-    from flowgrpo_core.config import flatten
-
     saved = flatten(yaml.safe_load(saved_yaml))
     differ = sorted(
         k
