@@ -25,6 +25,7 @@ from flowgrpo_core.config import load_config
 from flowgrpo_core.noise_scale import NoiseScale, gradient_noise_scale
 from flowgrpo_core.prompts import PromptSet, load_prompts
 from flowgrpo_core.trainer import FlowGRPOTrainer, epoch_generator
+from flowgrpo_core.transitions import trained_steps
 
 
 def named_prompts(source: str, names: list[str]) -> PromptSet:
@@ -41,7 +42,7 @@ def epoch_gradients(trainer: FlowGRPOTrainer, epoch: int) -> tuple[dict[int, tor
         epoch_samples = trainer.sample_and_score(epoch_generator(trainer.config.train.seed, epoch))
     advantages, _ = trainer.advantages(epoch_samples.prompts, epoch_samples.rewards)
     samples = epoch_samples.local
-    steps = trainer.trained_steps(samples.sde_mask)
+    steps = trained_steps(samples.sde_mask, trainer.config.trained_steps_per_sample)
     params = list(trainer.trainable.values())
     weight = 1.0 / (len(samples) * steps.shape[1])  # as train_on: each sample-step weighs 1 / (N x K)
     per_step: dict[int, torch.Tensor] = defaultdict(lambda: torch.zeros(sum(p.numel() for p in params)))
@@ -51,7 +52,7 @@ def epoch_gradients(trainer: FlowGRPOTrainer, epoch: int) -> tuple[dict[int, tor
                 rows = index[steps[index, k] == j]
                 for p in params:
                     p.grad = None
-                out = trainer.step_loss(samples, rows, steps[rows, k], advantages[rows])
+                out = trainer.transitions.loss(samples, rows, steps[rows, k], advantages[rows])
                 (out.loss * len(rows) * weight).backward()
                 per_step[j] += torch.cat([p.grad.flatten() for p in params]).detach().cpu()
     for p in params:

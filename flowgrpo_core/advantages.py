@@ -128,6 +128,39 @@ def reward_statistics(
     return metrics
 
 
+def epoch_advantages(
+    tracker: PerPromptStatTracker,
+    prompts: list[str],
+    rewards: np.ndarray,
+    components: dict[str, np.ndarray],
+    adv_clip_max: float,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """An epoch's clipped advantages and reward statistics. A sample whose reward is not finite (a failed
+    scorer) gets advantage 0 and enters neither the baseline nor the statistics. Without a rolling buffer
+    the tracker starts the epoch empty.
+
+    Args:
+        prompts: length N; rewards: (N,) weighted totals; components: ``{"<name>/raw": (N,)}``.
+    Returns:
+        (N,) float64 advantages and the metrics of :func:`reward_statistics`, plus
+        ``train/nonfinite_rewards`` and ``train/advantage_abs_mean``.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    finite = np.isfinite(rewards)
+    if tracker.buffer_size == 0:
+        tracker.clear()
+    advantages = np.zeros(len(rewards))
+    kept_prompts = [p for p, ok in zip(prompts, finite) if ok]
+    if finite.any():
+        advantages[finite] = clip_advantages(tracker.update(kept_prompts, rewards[finite]), adv_clip_max)
+    metrics = reward_statistics(
+        kept_prompts, rewards[finite], {k: np.asarray(v)[finite] for k, v in components.items()}
+    )
+    metrics["train/nonfinite_rewards"] = float((~finite).sum())
+    metrics["train/advantage_abs_mean"] = float(np.abs(advantages).mean()) if len(advantages) else 0.0
+    return advantages, metrics
+
+
 def clip_advantages(advantages: np.ndarray, adv_clip_max: float) -> np.ndarray:
     """Clip to ``[-adv_clip_max, adv_clip_max]`` (reference: 5)."""
     return np.clip(advantages, -adv_clip_max, adv_clip_max)

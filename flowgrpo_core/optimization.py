@@ -23,6 +23,8 @@ from flowgrpo_core.distributed import DistributedContext
 class TorchBackend:
     # a rank may make fewer backward calls than another: its gradients are summed explicitly in step()
     pads_backward_calls = False
+    # the module training calls instead of the transformer (None: the transformer itself)
+    training_wrapper = None
 
     def __init__(
         self,
@@ -119,6 +121,7 @@ class DeepSpeedBackend:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=config
         )
+        self.training_wrapper = self.engine
         self.dist = dist
         # kept only so that checkpoints have the same keys whichever backend wrote them
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -163,6 +166,44 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(staging / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         self.dist.barrier()
         return True
+
+
+def build_backend(
+    train,
+    transformer: torch.nn.Module,
+    parameters: list[torch.nn.Parameter],
+    dist: DistributedContext,
+    device: torch.device,
+    micro_batch: int,
+) -> TorchBackend | DeepSpeedBackend:
+    """AdamW over ``parameters`` (``train``: a config's ``train`` section) behind DeepSpeed when
+    ``train.deepspeed_stage`` is set, else plain torch. ``micro_batch`` is the sampling batch size."""
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=train.learning_rate,
+        betas=train.adam_betas,
+        weight_decay=train.weight_decay,
+        eps=train.adam_epsilon,
+    )
+    if train.deepspeed_stage:
+        return DeepSpeedBackend(
+            transformer,
+            optimizer,
+            dist,
+            train.deepspeed_stage,
+            micro_batch,
+            train.max_grad_norm,
+            train.mixed_precision,
+            device,
+        )
+    return TorchBackend(
+        parameters,
+        optimizer,
+        dist,
+        train.max_grad_norm,
+        fp16_scaling=train.mixed_precision == "fp16" and device.type == "cuda",
+        device=device,
+    )
 
 
 def _free_port() -> int:

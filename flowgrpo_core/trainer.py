@@ -10,6 +10,9 @@ own batches, and gathers the rewards so that all ranks compute the same advantag
 defined over global sets of samples: each rank back-propagates its share, normalised by the global size,
 and the gradients are summed over ranks. N processes therefore take the same steps as one process with
 the same global batch (up to floating-point summation order).
+
+The epoch's roll-outs are :mod:`flowgrpo_core.rollouts`, the loss of a trained transition
+:mod:`flowgrpo_core.transitions`, the optimiser step :mod:`flowgrpo_core.optimization`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flowgrpo_core.advantages import (
-    PerPromptStatTracker,
-    clip_advantages,
-    reward_statistics,
-    samples_to_train,
-)
+from flowgrpo_core.advantages import PerPromptStatTracker, epoch_advantages, samples_to_train
 from flowgrpo_core.checkpoint import (
     check_resumable,
     latest_checkpoint,
@@ -45,34 +42,17 @@ from flowgrpo_core.checkpoint import (
 from flowgrpo_core.config import FlowGRPOConfig
 from flowgrpo_core.distributed import DistributedContext
 from flowgrpo_core.ema import EMA
-from flowgrpo_core.loss import LossOutput, grpo_loss, guard_step_weight, loss_statistics
-from flowgrpo_core.models import Conditioning, FlowAdapter, load_model
-from flowgrpo_core.optimization import DeepSpeedBackend, TorchBackend
-from flowgrpo_core.prompts import PromptSet, draw_prompts, load_prompts, tag_groups
+from flowgrpo_core.loss import LossOutput, loss_statistics
+from flowgrpo_core.models import FlowAdapter, load_model
+from flowgrpo_core.optimization import build_backend
+from flowgrpo_core.prompts import PromptSet, load_prompts, tag_groups
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
-from flowgrpo_core.sampling import (
-    SamplingSpec,
-    Trajectories,
-    rollout,
-    sample_window_start,
-    sde_window_mask,
-    to_pil,
-)
-from flowgrpo_core.sde import SDEStep, gaussian_kl, kl_std, sde_std_t, sde_step_with_logprob
+from flowgrpo_core.rollouts import EpochSamples, plan_epoch, sample_and_score
+from flowgrpo_core.sampling import Trajectories, to_pil
+from flowgrpo_core.transitions import TransitionScorer, trained_steps
 
 EpochCallback = Callable[["FlowGRPOTrainer", dict[str, float]], None]
 _AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class EpochSamples:
-    """One epoch's roll-outs as a rank sees them."""
-
-    local: Trajectories  # this rank's roll-outs
-    indices: torch.Tensor  # (n_local,) their global indices
-    prompts: list[str]  # all N prompts of the epoch, every rank's
-    rewards: RewardOutput  # all N rewards in global order, every component
-    timing: dict[str, float]
 
 
 @dataclass
@@ -140,37 +120,19 @@ class FlowGRPOTrainer:
         self.trainable = self._setup_policy()
 
         t = config.train
-        optimizer = torch.optim.AdamW(
+        self.backend = build_backend(
+            t,
+            self.adapter.transformer,
             list(self.trainable.values()),
-            lr=t.learning_rate,
-            betas=t.adam_betas,
-            weight_decay=t.weight_decay,
-            eps=t.adam_epsilon,
+            self.dist,
+            self.device,
+            config.sampling.batch_size,
         )
-        if t.deepspeed_stage:
-            self.backend = DeepSpeedBackend(
-                self.adapter.transformer,
-                optimizer,
-                self.dist,
-                t.deepspeed_stage,
-                config.sampling.batch_size,
-                t.max_grad_norm,
-                t.mixed_precision,
-                self.device,
-            )
-            self.adapter.training_wrapper = self.backend.engine
-        else:
-            self.backend = TorchBackend(
-                list(self.trainable.values()),
-                optimizer,
-                self.dist,
-                t.max_grad_norm,
-                fp16_scaling=t.mixed_precision == "fp16" and self.device.type == "cuda",
-                device=self.device,
-            )
+        self.adapter.training_wrapper = self.backend.training_wrapper  # DeepSpeed's engine, or None
         self.ema = EMA(self.trainable, t.ema_decay, t.ema_update_interval) if t.ema else None
         self.tracker = PerPromptStatTracker(global_std=t.global_std, buffer_size=t.stat_buffer_size)
         self.autocast_dtype = _AUTOCAST[t.mixed_precision]
+        self.transitions = TransitionScorer(self.adapter, config.sampling, t, self.autocast_dtype)
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, float]] = []
@@ -259,108 +221,21 @@ class FlowGRPOTrainer:
             "time/epoch_s": end - start,
         }
 
-    def plan_epoch(self, generator: torch.Generator) -> tuple[PromptSet, list[int], list[int]]:
-        """The epoch's global plan, identical on every rank: ``groups_per_epoch`` prompts repeated
-        ``group_size`` times, one noise seed per image, one Fast-window start per sampling batch."""
-        s = self.config.sampling
-        chosen = self.prompts.take(
-            draw_prompts(self.prompts, s.groups_per_epoch, generator, self.config.prompts.balance_tags)
-        )
-        images = PromptSet(
-            [p for p in chosen.prompts for _ in range(s.group_size)],
-            [m for m in chosen.metadata for _ in range(s.group_size)],
-        )
-        seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()
-        starts = [
-            sample_window_start(s.window_bounds(), s.sde_window_size, generator) if s.sde_window_size else 0
-            for _ in range(self.config.batches_per_epoch)
-        ]
-        return images, seeds, starts
-
     def sample_and_score(self, generator: torch.Generator) -> EpochSamples:
-        """Roll out this rank's batches of the plan and score them (a batch's rewards are computed in a worker
-        thread while the next batch samples; reward servers answer over HTTP meanwhile), then gather every
-        rank's rewards."""
-        s = self.config.sampling
-        images, seeds, starts = self.plan_epoch(generator)
-        mine = range(self.dist.rank, self.config.batches_per_epoch, self.dist.world_size)
-        parts, futures, indices = [], [], []
-        rollout_s = 0.0
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for b in tqdm(mine, desc="sampling", leave=False, disable=not self.progress):
-                sl = slice(b * s.batch_size, (b + 1) * s.batch_size)
-                started = time.perf_counter()
-                part = rollout(
-                    self.adapter,
-                    images.prompts[sl],
-                    seeds[sl],
-                    SamplingSpec.of(s),
-                    sde_window_mask(s.batch_size, s.num_steps, s.sde_window_size, starts[b]),
-                    metadata=images.metadata[sl],
-                    store_means=self.config.train.ratio_norm,
-                    autocast_dtype=self.autocast_dtype,
-                )
-                rollout_s += time.perf_counter() - started
-                parts.append(part)
-                indices += range(sl.start, sl.stop)
-                futures.append(pool.submit(self.reward, to_pil(part.images), part.prompts, part.metadata))
-            waited = time.perf_counter()
-            outputs = [f.result() for f in futures]
-            reward_wait_s = time.perf_counter() - waited
-        local = RewardOutput(
-            np.concatenate([o.scores for o in outputs]),
-            {k: [v for o in outputs for v in o.details.get(k, [])] for k in outputs[0].details},
+        """This rank's share of the epoch's plan, sampled and scored; every rank's rewards."""
+        plan = plan_epoch(self.config, self.prompts, generator)
+        return sample_and_score(
+            self.adapter, self.reward, self.config, plan, self.dist, self.autocast_dtype, self.progress
         )
-        gathered = time.perf_counter()
-        rewards = self._gather_rewards(indices, local, len(images))
-        timing = {
-            "time/rollout_s": rollout_s,
-            "time/reward_wait_s": reward_wait_s,
-            "time/gather_s": time.perf_counter() - gathered,
-        }
-        return EpochSamples(Trajectories.cat(parts), torch.tensor(indices), images.prompts, rewards, timing)
-
-    def _gather_rewards(self, indices: list[int], local: RewardOutput, total: int) -> RewardOutput:
-        """Every rank's scores and details, placed at their global indices."""
-        scores = np.full(total, np.nan)
-        details: dict[str, list] = {k: [None] * total for k in local.details}
-        for rank_indices, rank_scores, rank_details in self.dist.all_gather_objects(
-            (indices, local.scores, local.details)
-        ):
-            scores[rank_indices] = rank_scores
-            for key, values in rank_details.items():
-                for i, v in zip(rank_indices, values):
-                    details.setdefault(key, [None] * total)[i] = v
-        return RewardOutput(scores, details)
 
     def advantages(self, prompts: list[str], scores: RewardOutput) -> tuple[torch.Tensor, dict[str, float]]:
         """Group-relative advantages; samples with a non-finite reward get advantage 0 and are not trained."""
-        t = self.config.train
-        rewards = scores.scores
-        finite = np.isfinite(rewards)
-        self.counters["nonfinite_rewards"] += int((~finite).sum())
-        if t.stat_buffer_size == 0:
-            self.tracker.clear()
-        advantages = np.zeros(len(rewards))
-        kept_prompts = [p for p, ok in zip(prompts, finite) if ok]
-        if finite.any():
-            advantages[finite] = clip_advantages(
-                self.tracker.update(kept_prompts, rewards[finite]), t.adv_clip_max
-            )
-        metrics = reward_statistics(
-            kept_prompts,
-            rewards[finite],
-            {k: np.asarray(v)[finite] for k, v in scores.details.items() if k.endswith("/raw")},
+        raw = {k: v for k, v in scores.details.items() if k.endswith("/raw")}
+        advantages, metrics = epoch_advantages(
+            self.tracker, prompts, scores.scores, raw, self.config.train.adv_clip_max
         )
-        metrics["train/nonfinite_rewards"] = float((~finite).sum())
-        metrics["train/advantage_abs_mean"] = float(np.abs(advantages).mean())
+        self.counters["nonfinite_rewards"] += int(metrics["train/nonfinite_rewards"])
         return torch.as_tensor(advantages, dtype=torch.float32), metrics
-
-    def trained_steps(self, sde_mask: torch.Tensor) -> torch.Tensor:
-        """(N, K) step indices trained per sample: its first K stochastic steps, in schedule order."""
-        k = self.config.trained_steps_per_sample
-        order = torch.argsort((~sde_mask).int(), dim=1, stable=True)
-        return order[:, :k].cpu()
 
     def train_on(
         self,
@@ -389,7 +264,7 @@ class FlowGRPOTrainer:
         keep = samples_to_train(
             advantages, t.zero_advantage, rank_of_sample, per_rank, generator, eligible=finite
         )
-        steps = self.trained_steps(samples.sde_mask)
+        steps = trained_steps(samples.sde_mask, self.config.trained_steps_per_sample)
         stats, grad_norms, skipped_before = _Accumulated(), [], dict(self.counters)
         for _ in range(t.num_inner_epochs):
             # the same order on every rank; unshuffled, the optimiser steps take the samples in sampling order
@@ -400,9 +275,7 @@ class FlowGRPOTrainer:
                 )
                 self.accumulate(samples, mine, len(window), advantages[indices[mine]], steps, stats)
                 grad_norms.append(self.optimizer_step())
-        return self._train_metrics(
-            stats.sums, stats.count, stats.per_step, grad_norms, len(keep), skipped_before, stats.compute_s
-        )
+        return self._train_metrics(stats, grad_norms, len(keep), skipped_before)
 
     def accumulate(
         self,
@@ -430,32 +303,36 @@ class FlowGRPOTrainer:
             cond = samples.cond.select(index.to(samples.latents.device))  # the same for every step
             reference = None
             if t.beta > 0 and t.batch_reference_steps:
-                reference = self.reference_means(samples, index, steps[index], cond)
+                reference = self.transitions.reference_means(samples, index, steps[index], cond)
             for k in range(k_steps):
                 ref_k = reference[:, k] if reference is not None else None
-                out = self.step_loss(samples, index, steps[index, k], local_adv, cond, ref_k)
+                out = self.transitions.loss(samples, index, steps[index, k], local_adv, cond, ref_k)
                 done += 1
                 if not torch.isfinite(out.loss):
                     self.counters["skipped_loss_steps"] += 1
                     if self.backend.pads_backward_calls:
-                        self.backend.backward(self._padding_loss(samples, steps), last=done == calls)
+                        self.backend.backward(
+                            self.transitions.padding_loss(samples, steps), last=done == calls
+                        )
                     continue
                 self.backend.backward(out.loss * (len(index) / (window_size * k_steps)), last=done == calls)
                 stats.add(out, len(index), steps[index, k])
         while done < calls:
             done += 1
-            self.backend.backward(self._padding_loss(samples, steps), last=done == calls)
+            self.backend.backward(self.transitions.padding_loss(samples, steps), last=done == calls)
         stats.compute_s += time.perf_counter() - started
 
     def _train_metrics(
-        self, sums, count, per_step, grad_norms, kept, skipped_before, compute_s
+        self, stats: _Accumulated, grad_norms: list[float], kept: int, skipped_before: dict[str, int]
     ) -> dict[str, float]:
         """Loss statistics over every rank's terms; counters summed over ranks."""
         skipped_optimizer = (
             self.counters["skipped_optimizer_steps"] - skipped_before["skipped_optimizer_steps"]
         )
         skipped_loss = self.counters["skipped_loss_steps"] - skipped_before["skipped_loss_steps"]
-        parts = self.dist.all_gather_objects((dict(sums), count, dict(per_step), skipped_loss))
+        parts = self.dist.all_gather_objects(
+            (dict(stats.sums), stats.count, dict(stats.per_step), skipped_loss)
+        )
         all_skipped = sum(p[3] for p in parts)
         # the same on every rank
         self.counters["skipped_loss_steps"] = skipped_before["skipped_loss_steps"] + all_skipped
@@ -466,108 +343,8 @@ class FlowGRPOTrainer:
             "train/trained_samples": float(kept),
             "train/skipped_loss_steps": float(all_skipped),
             "train/skipped_optimizer_steps": float(skipped_optimizer),  # the same on every rank
-            "time/forward_backward_s": compute_s,
+            "time/forward_backward_s": stats.compute_s,
         }
-
-    def step_loss(
-        self,
-        samples: Trajectories,
-        index: torch.Tensor,
-        step: torch.Tensor,
-        advantages: torch.Tensor,
-        cond: Conditioning | None = None,
-        reference_mean: torch.Tensor | None = None,
-    ) -> LossOutput:
-        """The loss of B samples, each at its own trained step ``step`` (B,) of its trajectory. ``cond`` is
-        their conditioning and ``reference_mean`` (B, ...) the reference model's step means, when the caller
-        already has them (see :meth:`reference_means`)."""
-        s, t = self.config.sampling, self.config.train
-        dev = samples.latents.device
-        i, j = index.to(dev), step.to(dev)
-        sigma, sigma_next = samples.sigmas[i, j], samples.sigmas[i, j + 1]
-        cond = samples.cond.select(i) if cond is None else cond
-        current = self._score_steps(samples, i, j, cond)
-        kl = None
-        if t.beta > 0:
-            if reference_mean is None:
-                with torch.inference_mode():
-                    reference_mean = self._score_steps(samples, i, j, cond, reference=True).prev_sample_mean
-            std = kl_std(sigma, sigma_next, s.noise_level, current.std, t.kl_form, s.sde_type)
-            kl = gaussian_kl(current.prev_sample_mean, reference_mean, std)
-        guard = {}
-        if t.ratio_norm:
-            guard = {
-                "mean": current.prev_sample_mean,
-                "old_mean": samples.step_means[i, j],
-                "std_t": sde_std_t(sigma, sigma_next, s.noise_level),
-                "sqrt_dt": torch.sqrt(sigma.float() - sigma_next.float()),
-            }
-        return grpo_loss(
-            current.log_prob,
-            samples.log_probs[i, j],
-            advantages.to(dev),
-            t.clip_range,
-            beta=t.beta,
-            kl=kl,
-            ratio_norm=t.ratio_norm,
-            ratio_norm_bias=t.ratio_norm_bias,
-            **guard,
-            step_weight=guard_step_weight(sigma, sigma_next) if t.grad_reweight else None,
-        )
-
-    def _score_steps(
-        self,
-        samples: Trajectories,
-        i: torch.Tensor,
-        j: torch.Tensor,
-        cond: Conditioning,
-        reference: bool = False,
-    ) -> SDEStep:
-        """The stored step ``x_j -> x_{j+1}`` of samples ``i`` (n,) at steps ``j`` (n,), scored under the current
-        policy (with a graph) or under the reference model."""
-        s = self.config.sampling
-        dev = samples.latents.device
-        x, x_next = samples.latents[i, j], samples.latents[i, j + 1]
-        sigma, sigma_next = samples.sigmas[i, j], samples.sigmas[i, j + 1]
-        model = self.adapter.reference_model() if reference else contextlib.nullcontext()
-        autocast = torch.autocast(
-            dev.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        )
-        with model, autocast:
-            velocity = self.adapter.predict_velocity(
-                x, sigma, cond, s.guidance_scale, s.resolution, s.resolution
-            )
-        return sde_step_with_logprob(
-            velocity, x, sigma, sigma_next, s.noise_level, prev_sample=x_next, sde_type=s.sde_type
-        )
-
-    @torch.inference_mode()
-    def reference_means(
-        self, samples: Trajectories, index: torch.Tensor, steps: torch.Tensor, cond: Conditioning
-    ) -> torch.Tensor:
-        """The reference model's step means of B samples at each of their K trained steps, in one forward over
-        B x K samples. The reference enters only the KL and carries no graph, so its forwards need not be
-        batched like the policy's (whose batch must equal the sampling batch for the ratio to start at 1);
-        on a CPU the batched forward gives the same bits as K forwards of B (tested).
-
-        Args:
-            index: (B,) local sample indices; steps: (B, K) their trained steps; cond: their conditioning.
-        Returns:
-            (B, K, *latent) float32.
-        """
-        dev = samples.latents.device
-        b, k = steps.shape
-        repeated = Conditioning({name: v.repeat_interleave(k, 0) for name, v in cond.tensors.items()})
-        step = self._score_steps(
-            samples, index.to(dev).repeat_interleave(k), steps.to(dev).flatten(), repeated, reference=True
-        )
-        return step.prev_sample_mean.unflatten(0, (b, k))
-
-    def _padding_loss(self, samples: Trajectories, steps: torch.Tensor) -> torch.Tensor:
-        """The real loss graph of this rank's first sample, weighted 0: gradients of exactly 0, reached through
-        the same modules in the same order as a real backward."""
-        index = torch.zeros(1, dtype=torch.long)
-        return self.step_loss(samples, index, steps[index, 0], torch.zeros(1)).loss * 0.0
 
     def optimizer_step(self) -> float:
         """One optimiser step through the backend, then the EMA. A non-finite gradient norm skips the step

@@ -8,6 +8,7 @@ from flowgrpo_core.advantages import (
     STD_EPS,
     PerPromptStatTracker,
     clip_advantages,
+    epoch_advantages,
     group_stats,
     samples_to_train,
 )
@@ -40,6 +41,25 @@ def test_zero_variance_group_gets_zero_advantages():
     adv = PerPromptStatTracker(global_std=False).update(["a", "a", "b", "b"], np.array([5.0, 5.0, 1.0, 2.0]))
     assert adv[0] == 0 and adv[1] == 0
     np.testing.assert_allclose(adv[2:], [-0.5 / (0.5 + STD_EPS), 0.5 / (0.5 + STD_EPS)])
+
+
+def test_epoch_advantages_leave_out_non_finite_rewards_and_start_each_epoch_empty():
+    rewards = np.array([1.0, np.nan, 3.0, 10.0, 10.0, np.inf])
+    raw = {"r/raw": rewards * 2}
+    tracker = PerPromptStatTracker(global_std=False)
+    tracker.update(["a"], np.array([100.0]))  # last epoch's: forgotten without a buffer
+    adv, metrics = epoch_advantages(tracker, PROMPTS, rewards, raw, adv_clip_max=5.0)
+    # group a is {1, 3}: mean 2, std 1; group b is {10, 10}: zero variance
+    np.testing.assert_allclose(adv, [-1 / (1 + STD_EPS), 0, 1 / (1 + STD_EPS), 0, 0, 0], rtol=1e-12)
+    assert metrics["train/nonfinite_rewards"] == 2
+    assert metrics["reward/total"] == pytest.approx(np.mean([1, 3, 10, 10]))
+    assert metrics["reward/r/mean"] == pytest.approx(2 * np.mean([1, 3, 10, 10]))
+    assert metrics["train/zero_variance_share"] == 0.5
+    assert metrics["train/advantage_abs_mean"] == pytest.approx(2 / (1 + STD_EPS) / 6)
+    clipped, _ = epoch_advantages(
+        PerPromptStatTracker(global_std=False), ["a", "a"], np.array([0.0, 1.0]), {}, adv_clip_max=0.5
+    )
+    np.testing.assert_allclose(clipped, [-0.5, 0.5])
 
 
 def test_rolling_buffer_keeps_history_and_clear_drops_it():

@@ -9,6 +9,7 @@ import torch
 from flowgrpo_core.config import load_config
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
 from flowgrpo_core.trainer import FlowGRPOTrainer
+from flowgrpo_core.transitions import trained_steps
 
 FAST = [
     "train.checkpoint_every=0",
@@ -50,14 +51,14 @@ def test_updates_move_log_probs_along_the_advantages(tmp_path):
     epoch = trainer.sample_and_score(generator)
     samples = epoch.local
     advantages, _ = trainer.advantages(epoch.prompts, epoch.rewards)
-    steps = trainer.trained_steps(samples.sde_mask)
+    steps = trained_steps(samples.sde_mask, trainer.config.trained_steps_per_sample)
     index = torch.arange(len(samples))
 
     def log_probs():
         with torch.no_grad():
             return torch.stack(
                 [
-                    trainer.step_loss(samples, index, steps[:, k], advantages).ratio.log()
+                    trainer.transitions.loss(samples, index, steps[:, k], advantages).ratio.log()
                     for k in range(steps.shape[1])
                 ],
                 1,
@@ -85,7 +86,7 @@ def test_fast_window_trains_only_its_steps(tmp_path):
     trained = {int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("train/ratio_mean/step_")}
     assert trained and trained <= windows
     assert torch.equal(
-        trainer.trained_steps(samples.sde_mask),
+        trained_steps(samples.sde_mask, trainer.config.trained_steps_per_sample),
         torch.stack([torch.nonzero(m).flatten() for m in samples.sde_mask]),
     )
 
@@ -278,15 +279,19 @@ def test_reference_means_in_one_forward_equal_one_forward_per_step(tmp_path):
     advantages, _ = trainer.advantages(epoch.prompts, epoch.rewards)
     trainer.train_on(samples, advantages, generator)  # move the policy away from the reference
     index = torch.arange(4)
-    steps = trainer.trained_steps(samples.sde_mask)[index]
+    steps = trained_steps(samples.sde_mask, trainer.config.trained_steps_per_sample)[index]
     cond = samples.cond.select(index)
-    batched = trainer.reference_means(samples, index, steps, cond)
+    batched = trainer.transitions.reference_means(samples, index, steps, cond)
     for k in range(steps.shape[1]):
         with torch.no_grad():
-            alone = trainer._score_steps(samples, index, steps[:, k], cond, reference=True).prev_sample_mean
+            alone = trainer.transitions.score(
+                samples, index, steps[:, k], cond, reference=True
+            ).prev_sample_mean
         assert torch.equal(batched[:, k], alone)
-        with_batch = trainer.step_loss(samples, index, steps[:, k], advantages[index], cond, batched[:, k])
-        per_step = trainer.step_loss(samples, index, steps[:, k], advantages[index], cond)
+        with_batch = trainer.transitions.loss(
+            samples, index, steps[:, k], advantages[index], cond, batched[:, k]
+        )
+        per_step = trainer.transitions.loss(samples, index, steps[:, k], advantages[index], cond)
         assert with_batch.kl > 0 and torch.equal(with_batch.loss, per_step.loss)
 
 
