@@ -16,7 +16,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from pipelines.runner import PipelineArguments, run_local
+from flowgrpo_core.stages import PipelineContext
+from pipelines.runner import run_local
 
 
 def main() -> None:
@@ -32,9 +33,9 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     root = Path(tempfile.mkdtemp(prefix="flowgrpo-overhead-"))
-    pipeline_args = PipelineArguments(
+    pipeline_args = PipelineContext(
         preset=args.preset,
-        overrides=tuple(args.overrides),
+        overrides=list(args.overrides),
         tracking_uri=f"sqlite:///{root}/mlflow.db",
         workdir=str(root / "work"),
     )

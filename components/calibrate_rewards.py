@@ -24,16 +24,7 @@ def calibrate_rewards(
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.calibrate import calibrate_rewards as run
 
-    ctx = PipelineContext(
-        preset=preset,
-        overrides=list(overrides),
-        model_source=model_source,
-        model_revision=model_revision,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        workdir=workdir,
-        kfp_run_id=kfp_run_id,
-    )
+    ctx = PipelineContext.from_arguments(locals())
     result = run(ctx, model.path, endpoints.path, calibration.path)
     for name, stats in result["rewards"].items():
         for key in ("mean", "std", "within_group_std", "zero_variance_share", "trend"):

@@ -22,16 +22,7 @@ def download_model(
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.download import download_model as run
 
-    ctx = PipelineContext(
-        preset=preset,
-        overrides=list(overrides),
-        model_source=model_source,
-        model_revision=model_revision,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        workdir=workdir,
-        kfp_run_id=kfp_run_id,
-    )
+    ctx = PipelineContext.from_arguments(locals())
     meta = run(ctx, model.path)
     model.metadata.update(
         {

@@ -30,16 +30,7 @@ def evaluate(
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.evaluate import evaluate as run
 
-    ctx = PipelineContext(
-        preset=preset,
-        overrides=list(overrides),
-        model_source=model_source,
-        model_revision=model_revision,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        workdir=workdir,
-        kfp_run_id=kfp_run_id,
-    )
+    ctx = PipelineContext.from_arguments(locals())
     folder = os.path.join(os.path.dirname(evaluation.path), "evaluation_files")
     results = run(ctx, model.path, policy.path, endpoints.path, folder)
     shutil.copyfile(os.path.join(folder, "report.md"), report.path)

@@ -22,16 +22,7 @@ def launch_reward_servers(
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.servers import launch_reward_servers as run
 
-    ctx = PipelineContext(
-        preset=preset,
-        overrides=list(overrides),
-        model_source=model_source,
-        model_revision=model_revision,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        workdir=workdir,
-        kfp_run_id=kfp_run_id,
-    )
+    ctx = PipelineContext.from_arguments(locals())
     result = run(ctx, endpoints.path)
     endpoints.metadata["rewards"] = sorted(result)
 
@@ -51,14 +42,5 @@ def stop_reward_servers(
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.servers import stop_reward_servers as run
 
-    ctx = PipelineContext(
-        preset=preset,
-        overrides=list(overrides),
-        model_source=model_source,
-        model_revision=model_revision,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        workdir=workdir,
-        kfp_run_id=kfp_run_id,
-    )
+    ctx = PipelineContext.from_arguments(locals())
     print("stopped reward servers:", run(ctx))

@@ -27,16 +27,7 @@ def register_model(
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.register import register_model as run
 
-    ctx = PipelineContext(
-        preset=preset,
-        overrides=list(overrides),
-        model_source=model_source,
-        model_revision=model_revision,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        workdir=workdir,
-        kfp_run_id=kfp_run_id,
-    )
+    ctx = PipelineContext.from_arguments(locals())
     with open(evaluation.path) as f:
         eval_metrics = json.load(f)
     result = run(ctx, policy.path, family, eval_metrics)

@@ -31,16 +31,7 @@ def train_grpo(
         calibrated = json.load(f).get("ok")
     if not calibrated:
         raise RuntimeError(f"calibration {calibration.path} did not pass; refusing to train")
-    ctx = PipelineContext(
-        preset=preset,
-        overrides=list(overrides),
-        model_source=model_source,
-        model_revision=model_revision,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        workdir=workdir,
-        kfp_run_id=kfp_run_id,
-    )
+    ctx = PipelineContext.from_arguments(locals())
     final = run(ctx, model.path, endpoints.path, policy.path)
     policy.metadata.update({"epochs": int(final["epochs"]), "resumed": bool(final["resumed"])})
     for key, value in final.items():

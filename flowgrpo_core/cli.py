@@ -84,6 +84,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pipeline's parameters (``PipelineContext``'s fields) as options."""
+    from flowgrpo_core.stages.common import DEFAULT_WORKDIR
+
     add_config_arguments(parser)
     group = parser.add_argument_group("pipeline parameters")
     group.add_argument(
@@ -100,7 +103,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--experiment", default="", help="MLflow experiment (default: the preset name)")
     group.add_argument(
         "--workdir",
-        default="flowgrpo-runs/work",
+        default=DEFAULT_WORKDIR,
         help="folder for checkpoints and reward-server pid files (a PVC path on a cluster)",
     )
 
@@ -215,16 +218,16 @@ def _cluster_options(args: argparse.Namespace):
 
 
 def _pipeline_args(args: argparse.Namespace):
+    from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.tracking import DEFAULT_TRACKING_URI
-    from pipelines.runner import PipelineArguments
 
     if args.config:
         raise ValueError(
             "--config is not a pipeline parameter: pass the file's fields with --set (they travel with the run)"
         )
-    return PipelineArguments(
+    return PipelineContext(
         preset=args.preset,
-        overrides=tuple(args.overrides),
+        overrides=list(args.overrides),
         model_source=args.model_source,
         model_revision=args.model_revision,
         tracking_uri=args.tracking_uri or DEFAULT_TRACKING_URI,

@@ -23,7 +23,10 @@ from components import (
 )
 from components.images import TRAINER_IMAGE
 from flowgrpo_core.cluster.options import CLUSTER_ENV, ClusterOptions
-from flowgrpo_core.tracking import DEFAULT_TRACKING_URI
+from flowgrpo_core.stages.common import PIPELINE_PARAMETERS, PipelineContext
+
+# the pipeline's parameters and their defaults are PipelineContext's (KFP reads them from the signature)
+DEFAULTS = PipelineContext()
 
 # Training runs for hours: KFP's default retry window (3600 s) would forbid a late retry.
 TRAIN_RETRY = {
@@ -111,24 +114,17 @@ def build_pipeline(gpus: int = 0, cluster: ClusterOptions | None = None):
         description="Flow-GRPO: online RL for flow-matching text-to-image models, tracked in MLflow",
     )
     def flowgrpo(
-        preset: str = "tiny",
-        overrides: list = [],  # noqa: B006 (KFP reads the default from the signature)
-        model_source: str = "",
-        model_revision: str = "",
-        tracking_uri: str = DEFAULT_TRACKING_URI,
-        experiment: str = "",
-        workdir: str = "flowgrpo-runs/work",
+        preset: str = DEFAULTS.preset,
+        overrides: list = DEFAULTS.overrides,
+        model_source: str = DEFAULTS.model_source,
+        model_revision: str = DEFAULTS.model_revision,
+        tracking_uri: str = DEFAULTS.tracking_uri,
+        experiment: str = DEFAULTS.experiment,
+        workdir: str = DEFAULTS.workdir,
     ):
-        common = dict(
-            preset=preset,
-            overrides=overrides,
-            model_source=model_source,
-            model_revision=model_revision,
-            tracking_uri=tracking_uri,
-            experiment=experiment,
-            workdir=workdir,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )
+        # every component takes every pipeline parameter (PipelineContext), the run id from KFP
+        arguments = {**locals(), "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        common = {name: arguments[name] for name in PIPELINE_PARAMETERS}
         stop = _configure(stop_reward_servers(**common), "stop-reward-servers", gpus, cluster)
         with dsl.ExitHandler(stop, name="stop-reward-servers-on-exit"):
             model = _configure(download_model(**common), "download-model", gpus, cluster)

@@ -11,51 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowgrpo_core.cluster.options import ClusterOptions
-from flowgrpo_core.config import FlowGRPOConfig
-from flowgrpo_core.tracking import DEFAULT_TRACKING_URI
-
-
-@dataclass
-class PipelineArguments:
-    preset: str = "tiny"
-    overrides: tuple[str, ...] = ()
-    model_source: str = ""
-    model_revision: str = ""
-    tracking_uri: str = DEFAULT_TRACKING_URI
-    experiment: str = ""
-    workdir: str = "flowgrpo-runs/work"
-
-    def as_dict(self) -> dict:
-        return {
-            "preset": self.preset,
-            "overrides": list(self.overrides),
-            "model_source": self.model_source,
-            "model_revision": self.model_revision,
-            "tracking_uri": self.tracking_uri,
-            "experiment": self.experiment,
-            "workdir": self.workdir,
-        }
-
-    def validate(self, check_tracking: bool = True) -> FlowGRPOConfig:
-        """The resolved config; raises ConfigError / ModelSourceError / ConnectionError with a clear message."""
-        from flowgrpo_core.models.loading import parse_source
-        from flowgrpo_core.stages import PipelineContext
-        from flowgrpo_core.tracking import check_reachable
-
-        config = PipelineContext(
-            self.preset,
-            list(self.overrides),
-            model_source=self.model_source,
-            model_revision=self.model_revision,
-        ).config()
-        parse_source(config.model.source)
-        if not self.tracking_uri.startswith(("sqlite:///", "http://", "https://", "file:", "databricks")):
-            raise ValueError(
-                f"tracking URI {self.tracking_uri!r}: expected sqlite:///path.db, http(s)://host or file:/path"
-            )
-        if check_tracking and self.tracking_uri.startswith(("http://", "https://")):
-            check_reachable(self.tracking_uri)
-        return config
+from flowgrpo_core.stages.common import DEFAULT_WORKDIR, PipelineContext
 
 
 @dataclass
@@ -68,19 +24,19 @@ class LocalRun:
     gate: str | None = None  # why champion moved or not
 
 
-def run_local(args: PipelineArguments, pipeline_root: str = "flowgrpo-runs/kfp") -> LocalRun:
+def run_local(args: PipelineContext, pipeline_root: str = "flowgrpo-runs/kfp") -> LocalRun:
     """The whole DAG in this machine's processes (kfp.local.SubprocessRunner, no containers)."""
     from kfp import local
 
     from pipelines.flowgrpo_pipeline import flowgrpo_pipeline
 
     args.validate()
-    experiment = args.experiment or args.preset
+    experiment = args.experiment_name
     start = time.time()
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve())
     )
-    flowgrpo_pipeline(**args.as_dict())
+    flowgrpo_pipeline(**args.pipeline_arguments())
     parent = _latest_parent_run(args.tracking_uri, experiment, since=start)
     registered = gate = None
     if parent is not None:
@@ -127,12 +83,12 @@ def _stage_runs(parent) -> list:
     )
 
 
-def for_cluster(args: PipelineArguments, cluster: ClusterOptions) -> PipelineArguments:
+def for_cluster(args: PipelineContext, cluster: ClusterOptions) -> PipelineContext:
     """The arguments of a cluster run: with a PVC, the default work folder moves onto it (checkpoints must
     survive the step's pod for a retry to resume; training nodes share them)."""
     import dataclasses
 
-    if cluster.pvc and args.workdir == PipelineArguments.workdir:
+    if cluster.pvc and args.workdir == DEFAULT_WORKDIR:
         args = dataclasses.replace(args, workdir=cluster.mount_path.rstrip("/") + "/work")
     if cluster.distributed_training and not cluster.on_volume(args.workdir):
         raise ValueError(
@@ -142,7 +98,7 @@ def for_cluster(args: PipelineArguments, cluster: ClusterOptions) -> PipelineArg
 
 
 def compile_pipeline(
-    args: PipelineArguments, output: str | Path, gpus: int = 0, cluster: ClusterOptions | None = None
+    args: PipelineContext, output: str | Path, gpus: int = 0, cluster: ClusterOptions | None = None
 ) -> Path:
     """KFP IR YAML whose parameter defaults are these arguments (so the UI shows them pre-filled)."""
     from kfp import compiler
@@ -155,13 +111,13 @@ def compile_pipeline(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(
-        build_pipeline(cluster=cluster), str(output), pipeline_parameters=args.as_dict()
+        build_pipeline(cluster=cluster), str(output), pipeline_parameters=args.pipeline_arguments()
     )
     return output
 
 
 def submit(
-    args: PipelineArguments,
+    args: PipelineContext,
     host: str,
     run_name: str | None = None,
     kfp_experiment: str | None = None,
@@ -180,7 +136,7 @@ def submit(
     client = kfp.Client(host=host)
     run = client.create_run_from_pipeline_func(
         build_pipeline(cluster=cluster),
-        arguments=args.as_dict(),
+        arguments=args.pipeline_arguments(),
         run_name=run_name or f"flowgrpo-{args.preset}",
         experiment_name=kfp_experiment or f"flowgrpo-{args.preset}",
     )

@@ -597,12 +597,12 @@ def make_ctx(tmp_path, tracking_uri, request):
 
     def make(*overrides: str, workdir: Path | None = None) -> PipelineContext:
         return PipelineContext(
-            "tiny",
-            list(overrides),
-            RUN_ID,
-            tracking_uri,
-            request.node.name,
-            str(workdir or tmp_path / "work"),
+            preset="tiny",
+            overrides=list(overrides),
+            kfp_run_id=RUN_ID,
+            tracking_uri=tracking_uri,
+            experiment=request.node.name,
+            workdir=str(workdir or tmp_path / "work"),
         )
 
     return make
@@ -934,12 +934,12 @@ def test_several_gpus_on_one_node_train_as_one_process_per_gpu(tmp_path, monkeyp
     monkeypatch.setenv(CLUSTER_ENV, ClusterOptions(gpus=2).to_json())
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ctx = PipelineContext(
-        "tiny",
-        ["serving.mode=inline", "train.epochs=1"],
-        "two-procs",
-        f"sqlite:///{tmp_path}/mlflow.db",
-        "",
-        str(tmp_path / "work"),
+        preset="tiny",
+        overrides=["serving.mode=inline", "train.epochs=1"],
+        kfp_run_id="two-procs",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="",
+        workdir=str(tmp_path / "work"),
     )
     final = train_grpo(ctx, tmp_path / "model", None, tmp_path / "policy")
     assert final["epochs"] == 1.0 and (tmp_path / "policy" / "pytorch_lora_weights.safetensors").is_file()

@@ -20,7 +20,14 @@ from flowgrpo_core.stages.download import download_model
 def _ctx(tmp_path, source, revision=""):
     run_id = hashlib.sha1(f"{source}@{revision}".encode()).hexdigest()[:8]  # one pipeline run per source
     return PipelineContext(
-        "tiny", [], run_id, f"sqlite:///{tmp_path}/mlflow.db", "dl", str(tmp_path / "work"), source, revision
+        preset="tiny",
+        overrides=[],
+        kfp_run_id=run_id,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="dl",
+        workdir=str(tmp_path / "work"),
+        model_source=source,
+        model_revision=revision,
     )
 
 

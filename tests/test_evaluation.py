@@ -51,7 +51,12 @@ def test_evaluate_stage_writes_paired_and_per_task_metrics(tmp_path):
     trainer.save_policy(tmp_path / "policy")
 
     ctx = PipelineContext(
-        "tiny", overrides, "eval-run", f"sqlite:///{tmp_path}/mlflow.db", "", str(tmp_path / "work")
+        preset="tiny",
+        overrides=overrides,
+        kfp_run_id="eval-run",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="",
+        workdir=str(tmp_path / "work"),
     )
     metrics = evaluate(ctx, tmp_path / "model", tmp_path / "policy", None, tmp_path / "report")
     for side in ("base", "policy"):
@@ -110,7 +115,12 @@ def test_ocr_accuracy_through_a_real_ocr_server(tmp_path):
     trainer.train(epochs=1)
     trainer.save_policy(tmp_path / "policy")
     ctx = PipelineContext(
-        "tiny", overrides, "ocr-eval", f"sqlite:///{tmp_path}/mlflow.db", "", str(tmp_path / "work")
+        preset="tiny",
+        overrides=overrides,
+        kfp_run_id="ocr-eval",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="",
+        workdir=str(tmp_path / "work"),
     )
     try:
         endpoints = launch_reward_servers(ctx, tmp_path / "endpoints.json")

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from flowgrpo_core.cli import main
-from pipelines.runner import PipelineArguments, compile_pipeline, run_local
+from flowgrpo_core.stages import PipelineContext
+from pipelines.runner import compile_pipeline, run_local
 
 STAGES = [
     "download_model",
@@ -27,9 +28,9 @@ STAGES = [
 @pytest.fixture(scope="module")
 def dag_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dag")
-    args = PipelineArguments(
+    args = PipelineContext(
         preset="tiny",
-        overrides=("train.epochs=2", "calibration.epochs=1", "eval.num_prompts=4", "eval.num_steps=4"),
+        overrides=["train.epochs=2", "calibration.epochs=1", "eval.num_prompts=4", "eval.num_steps=4"],
         tracking_uri=f"sqlite:///{root}/mlflow.db",
         workdir=str(root / "work"),
         experiment="dag-test",
@@ -124,7 +125,12 @@ def test_registering_the_same_run_twice_keeps_one_version(dag_run):
     result, args, root = dag_run
     run_id = MlflowClient().get_run(result.parent_run_id).data.tags["kfp.run_id"]
     ctx = PipelineContext(
-        args.preset, list(args.overrides), run_id, args.tracking_uri, args.experiment, args.workdir
+        preset=args.preset,
+        overrides=list(args.overrides),
+        kfp_run_id=run_id,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        workdir=args.workdir,
     )
     evaluation = next((root / "kfp").rglob("evaluate/evaluation"))
     policy = next((root / "kfp").rglob("train-grpo/policy"))
@@ -133,9 +139,62 @@ def test_registering_the_same_run_twice_keeps_one_version(dag_run):
     assert len(MlflowClient().search_model_versions("name='flowgrpo-sd3'")) == 1
 
 
+def test_every_component_and_the_pipeline_take_exactly_the_context_parameters():
+    # KFP reads parameters from signatures, so each component lists PipelineContext's fields again: they must
+    # agree with the dataclass in names and types, and the pipeline's defaults must be the dataclass's.
+    import dataclasses
+    import inspect
+    import typing
+
+    import components
+    from flowgrpo_core.stages.common import PIPELINE_ARGUMENTS, PIPELINE_PARAMETERS
+    from pipelines.flowgrpo_pipeline import flowgrpo_pipeline
+
+    hints = typing.get_type_hints(PipelineContext)
+    expected = {name: typing.get_origin(hints[name]) or hints[name] for name in PIPELINE_PARAMETERS}
+    for name in components.__all__:
+        signature = inspect.signature(getattr(components, name).python_func)
+        plain = {
+            p.name: p.annotation
+            for p in signature.parameters.values()
+            if typing.get_origin(p.annotation) is not typing.Annotated  # artifacts are Input[...]/Output[...]
+        }
+        # first, in the dataclass's order; then any task outputs passed as parameters (register's family)
+        assert list(plain.items())[: len(expected)] == list(expected.items()), name
+    defaults = PipelineContext()
+    signature = inspect.signature(flowgrpo_pipeline.pipeline_func)
+    assert tuple(signature.parameters) == PIPELINE_ARGUMENTS
+    for p in signature.parameters.values():
+        assert p.annotation == expected[p.name] and p.default == getattr(defaults, p.name), p.name
+    assert "kfp_run_id" in PIPELINE_PARAMETERS and "_config" not in PIPELINE_PARAMETERS
+    assert set(PIPELINE_PARAMETERS) == {f.name for f in dataclasses.fields(PipelineContext) if f.init}
+
+
+def test_context_from_component_arguments_ignores_artifacts_and_copies_overrides():
+    overrides = ("train.epochs=1",)
+    arguments = {
+        "preset": "tiny",
+        "overrides": overrides,  # KFP may hand a list parameter over as any sequence
+        "model_source": "",
+        "model_revision": "",
+        "tracking_uri": "sqlite:///x.db",
+        "experiment": "e",
+        "workdir": "w",
+        "kfp_run_id": "run-1",
+        "model": object(),  # an artifact
+    }
+    ctx = PipelineContext.from_arguments(arguments)
+    assert ctx.overrides == ["train.epochs=1"] and ctx.kfp_run_id == "run-1" and ctx.experiment_name == "e"
+    assert ctx.pipeline_arguments() == {
+        k: v for k, v in arguments.items() if k not in ("model", "kfp_run_id")
+    } | {"overrides": ["train.epochs=1"]}
+    with pytest.raises(TypeError):
+        PipelineContext("tiny")  # by keyword only
+
+
 def test_compiled_yaml_has_the_dag_exit_handler_retries_and_resources(tmp_path):
     path = compile_pipeline(
-        PipelineArguments(preset="sd3-ocr", overrides=("train.beta=0.02",)), tmp_path / "p.yaml", gpus=2
+        PipelineContext(preset="sd3-ocr", overrides=["train.beta=0.02"]), tmp_path / "p.yaml", gpus=2
     )
     spec = yaml.safe_load(path.read_text())
     root_tasks = spec["root"]["dag"]["tasks"]
@@ -195,12 +254,12 @@ def test_a_constant_reward_fails_calibration_with_its_message(tmp_path):
 
     model = _broken_vae_model(tmp_path / "model")
     ctx = PipelineContext(
-        "tiny",
-        ["serving.mode=inline", "calibration.epochs=1", "sampling.num_steps=4"],
-        "cal-test",
-        f"sqlite:///{tmp_path}/mlflow.db",
-        "",
-        str(tmp_path / "work"),
+        preset="tiny",
+        overrides=["serving.mode=inline", "calibration.epochs=1", "sampling.num_steps=4"],
+        kfp_run_id="cal-test",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="",
+        workdir=str(tmp_path / "work"),
     )
     with pytest.raises(
         CalibrationError,
@@ -221,7 +280,7 @@ def test_a_killed_training_stage_resumes_from_its_checkpoint(tmp_path):
     overrides = ["serving.mode=inline", "train.epochs=6", "train.checkpoint_every=1"]
     code = (
         "import sys; from flowgrpo_core.stages import PipelineContext; from flowgrpo_core.stages.train import train_grpo;"
-        f"ctx = PipelineContext('tiny', {overrides!r}, 'retry-test', {uri!r}, 'retry', {str(tmp_path / 'work')!r});"
+        f"ctx = PipelineContext(preset='tiny', overrides={overrides!r}, kfp_run_id='retry-test', tracking_uri={uri!r}, experiment='retry', workdir={str(tmp_path / 'work')!r});"
         f"train_grpo(ctx, {str(tmp_path / 'model')!r}, None, {str(tmp_path / 'policy')!r})"
     )
     env = {**os.environ, "TQDM_DISABLE": "1"}

@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 from reward_fixtures import serving
 
+from flowgrpo_core.retrying_http import RewardServerError
 from flowgrpo_core.rewards import build_reward
 from flowgrpo_core.rewards.unifiedreward import PROMPT_TEMPLATE, UnifiedReward, parse_score
 from flowgrpo_core.serving.client import RemoteReward
-from flowgrpo_core.serving.retrying_http import RewardServerError
 
 
 class ChatEndpoint(BaseHTTPRequestHandler):

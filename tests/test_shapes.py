@@ -190,8 +190,8 @@ def test_renderer_is_deterministic_and_rejects_what_it_cannot_draw():
 def test_shapes_reward_behind_a_reward_server():
     from reward_fixtures import serving
 
+    from flowgrpo_core.retrying_http import RewardServerError
     from flowgrpo_core.serving.client import RemoteReward
-    from flowgrpo_core.serving.retrying_http import RewardServerError
 
     scenes = random_scenes(6, 64, seed=11)
     images, metadata = [im for _, im in scenes], [meta for meta, _ in scenes]

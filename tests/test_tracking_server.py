@@ -98,12 +98,12 @@ def test_stages_log_to_a_tracking_server_with_s3_artifacts(tmp_path, mlflow_serv
 
     tracking, s3_url = mlflow_server_on_s3
     ctx = PipelineContext(
-        "tiny",
-        ["serving.mode=inline", "train.epochs=1", "sampling.num_steps=4"],
-        "server-run",
-        tracking,
-        "",
-        str(tmp_path / "work"),
+        preset="tiny",
+        overrides=["serving.mode=inline", "train.epochs=1", "sampling.num_steps=4"],
+        kfp_run_id="server-run",
+        tracking_uri=tracking,
+        experiment="",
+        workdir=str(tmp_path / "work"),
     )
     download_model(ctx, tmp_path / "model")
     train_grpo(ctx, tmp_path / "model", None, tmp_path / "policy")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -14,9 +15,18 @@ import torch
 from flowgrpo_core.evaluation.geneval import GenEvalReport, summarize_verdicts
 from flowgrpo_core.models.base import FlowAdapter
 from flowgrpo_core.prompts import PromptSet
-from flowgrpo_core.rewards.base import Reward
 from flowgrpo_core.sampling import SamplingSpec, rollout, to_pil
 from flowgrpo_core.sde import SDEType
+
+
+class Metric(Protocol):
+    """What a comparison scores images with: any reward (``rewards.Reward``); evaluation sits below the
+    rewards, so it names only what it calls."""
+
+    name: str
+
+    def __call__(self, images: Sequence[Any], prompts: Sequence[str], metadata: Sequence[dict]) -> Any:
+        """An output with ``scores`` (B,) and ``details`` ({key: B values})."""
 
 
 @dataclass
@@ -80,7 +90,7 @@ def _expand(
 def geneval_accuracy(
     adapter: FlowAdapter,
     prompt_set: PromptSet,
-    reward: Reward,
+    reward: Metric,
     *,
     resolution: int,
     num_steps: int,
@@ -118,7 +128,7 @@ def geneval_accuracy(
 def compare(
     adapter: FlowAdapter,
     prompt_set: PromptSet,
-    metrics: Mapping[str, Reward],
+    metrics: Mapping[str, Metric],
     *,
     resolution: int,
     num_steps: int,

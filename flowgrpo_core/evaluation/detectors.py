@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flowgrpo_core.clip import CLIP_L14, ClipEmbedder
+from flowgrpo_core.devices import torch_device, torch_dtype
 from flowgrpo_core.evaluation.geneval import Detection, Detector, Thresholds
 from flowgrpo_core.prompts.vocabulary import COCO_CLASSES, COLORS
-from flowgrpo_core.rewards.device import torch_device, torch_dtype
 from flowgrpo_core.sources import resolve_folder
 
 MASK2FORMER_COCO = "facebook/mask2former-swin-small-coco-instance"
-CLIP_L14 = "openai/clip-vit-large-patch14"
 # COCO label spellings of other checkpoints -> GenEval's class names
 LABEL_ALIASES = {
     "mouse": "computer mouse",
@@ -225,7 +225,7 @@ class ClipColorClassifier:
     """GenEval's colour check: CLIP zero-shot over :data:`COLORS` on each object's crop.
 
     Args:
-        model, revision, processor, device, dtype: the CLIP model, loaded as the CLIP rewards load it.
+        model, revision, processor, device, dtype: the CLIP model (:class:`~flowgrpo_core.clip.ClipEmbedder`).
         background: what replaces the pixels outside an object's mask before cropping (GenEval: #999).
     """
 
@@ -238,10 +238,9 @@ class ClipColorClassifier:
         dtype: str = "float32",
         background: str = "#999",
     ) -> None:
-        from flowgrpo_core.rewards.clip_rewards import ClipScore
-
-        # ClipScore is used for its loading and embedding helpers only
-        self.clip = ClipScore(model=model, revision=revision, processor=processor, device=device, dtype=dtype)
+        self.clip = ClipEmbedder(
+            model=model, revision=revision, processor=processor, device=device, dtype=dtype
+        )
         self.background = background
         self._classifiers: dict[str, torch.Tensor] = {}
 

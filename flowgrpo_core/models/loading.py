@@ -12,9 +12,10 @@ from typing import Literal
 
 import torch
 
+from flowgrpo_core.devices import torch_dtype
+
 SourceKind = Literal["tiny", "packaged", "local", "s3", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Models trained by the project and shipped in the package (a few MB each): source -> folder under data/.
 # shapes:sd3 is the shapes-world base model (`flowgrpo pretrain-shapes`; data/shapes-sd3/PROVENANCE.md).
 PACKAGED_MODELS = {"shapes:sd3": "shapes-sd3"}
@@ -110,7 +111,7 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str | Mapping
 
     parsed = parse_source(source)
     names = {"default": dtype} if isinstance(dtype, str) else dict(dtype)
-    torch_dtypes = {name: DTYPES[value] for name, value in names.items()}
+    torch_dtypes = {name: torch_dtype(value) for name, value in names.items()}
     torch_dtypes.setdefault("default", torch.float32)
     if parsed.kind == "tiny":
         pipe = TINY_BUILDERS[parsed.location](seed=parsed.seed)

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flowgrpo_core.devices import torch_device, torch_dtype
 from flowgrpo_core.rewards.base import Reward, RewardOutput
 from flowgrpo_core.rewards.clip_rewards import AestheticHead
-from flowgrpo_core.rewards.device import torch_device, torch_dtype
 from flowgrpo_core.sources import WeightsSourceError, load_state_dict, resolve_file, resolve_folder
 
 # standardisation constants of the released model (ImageReward.py)

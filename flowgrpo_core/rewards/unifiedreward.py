@@ -77,7 +77,7 @@ class UnifiedReward(Reward):
         deadline_s: float = 600.0,
         max_tokens: int = 512,
     ) -> None:
-        from flowgrpo_core.serving.retrying_http import RetryPolicy, check_url
+        from flowgrpo_core.retrying_http import RetryPolicy, check_url
 
         check_url(url, self.name)
         self.url = url.rstrip("/")
@@ -111,7 +111,7 @@ class UnifiedReward(Reward):
 
     def judge(self, image: Image.Image, prompt: str) -> str:
         """The judge's answer text for one image."""
-        from flowgrpo_core.serving.retrying_http import RewardServerError, call
+        from flowgrpo_core.retrying_http import RewardServerError, call
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         body = json.dumps(self.request_body(image, prompt)).encode("utf-8")

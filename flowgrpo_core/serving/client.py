@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from flowgrpo_core.retrying_http import RetryPolicy, RewardServerError, call, check_url
 from flowgrpo_core.rewards.base import Reward, RewardOutput
 from flowgrpo_core.serving.batching import concat_outputs
 from flowgrpo_core.serving.protocol import decode_response, encode_request
-from flowgrpo_core.serving.retrying_http import RetryPolicy, RewardServerError, call, check_url
 
 TOKEN_ENV = "FLOWGRPO_REWARD_TOKEN"
 

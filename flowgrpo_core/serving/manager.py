@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowgrpo_core.retrying_http import RewardServerError
 from flowgrpo_core.serving.client import RewardClient
-from flowgrpo_core.serving.retrying_http import RewardServerError
 
 log = logging.getLogger(__name__)
 _MARKER = "flowgrpo_core.serving"

@@ -3,29 +3,67 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from flowgrpo_core.config import FlowGRPOConfig, load_config
-from flowgrpo_core.tracking import DEFAULT_TRACKING_URI, stage_run
+from flowgrpo_core.tracking import DEFAULT_TRACKING_URI, check_reachable, stage_run
+
+DEFAULT_WORKDIR = "flowgrpo-runs/work"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PipelineContext:
-    """The pipeline parameters every stage receives."""
+    """The pipeline's parameters, defined here once, and what a stage derives from them.
+
+    KFP reads a component's inputs from its Python signature, so the pipeline function and each component
+    list these names again; ``tests/test_pipeline.py`` checks every such list against these fields (names,
+    types, and the pipeline's defaults). Everything else builds the context by keyword: components with
+    :meth:`from_arguments`, the CLI and tests by name.
+    """
 
     preset: str = "tiny"
-    overrides: list[str] = field(default_factory=list)
-    kfp_run_id: str = "local"
+    overrides: list[str] = field(default_factory=list)  # dotted config overrides, key=value
+    model_source: str = ""  # overrides model.source when set
+    model_revision: str = ""
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str = ""  # default: the preset name
     # shared folder for checkpoints and reward-server pid files, keyed by run id (a PVC on a cluster)
-    workdir: str = "flowgrpo-runs/work"
-    model_source: str = ""  # overrides model.source when set
-    model_revision: str = ""
+    workdir: str = DEFAULT_WORKDIR
+    kfp_run_id: str = "local"  # set by KFP for every run; not a parameter a user passes
     _config: FlowGRPOConfig | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> PipelineContext:
+        """The context of a component's arguments (its ``locals()``): the fields by name; other names (the
+        component's artifacts) are not the context's."""
+        values = {f.name: arguments[f.name] for f in fields(cls) if f.init}
+        return cls(**{**values, "overrides": list(values["overrides"])})
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        """The arguments a pipeline run is given: every field but the run id, which KFP supplies."""
+        return {name: getattr(self, name) for name in PIPELINE_ARGUMENTS} | {
+            "overrides": list(self.overrides)
+        }
+
+    def validate(self, check_tracking: bool = True) -> FlowGRPOConfig:
+        """The resolved config, after checking the model source and the tracking URI (and, with
+        ``check_tracking``, that an HTTP tracking server answers); raises ConfigError / ModelSourceError /
+        ValueError / ConnectionError naming what is wrong."""
+        from flowgrpo_core.models.loading import parse_source  # imports diffusers: only when validating
+
+        config = self.config()
+        parse_source(config.model.source)
+        if not self.tracking_uri.startswith(("sqlite:///", "http://", "https://", "file:", "databricks")):
+            raise ValueError(
+                f"tracking URI {self.tracking_uri!r}: expected sqlite:///path.db, http(s)://host or file:/path"
+            )
+        if check_tracking and self.tracking_uri.startswith(("http://", "https://")):
+            check_reachable(self.tracking_uri)
+        return config
 
     def config(self) -> FlowGRPOConfig:
         """The resolved config (preset, overrides, model source), computed once per stage and shared."""
@@ -54,6 +92,11 @@ class PipelineContext:
             name, self.kfp_run_id, self.tracking_uri, self.experiment_name, config.tracking.run_name, tags
         ) as run:
             yield run
+
+
+# every parameter of the pipeline (and of each component); the pipeline's own arguments lack the run id
+PIPELINE_PARAMETERS = tuple(f.name for f in fields(PipelineContext) if f.init)
+PIPELINE_ARGUMENTS = tuple(name for name in PIPELINE_PARAMETERS if name != "kfp_run_id")
 
 
 def read_endpoints(path: str | Path | None) -> dict[str, str]:
