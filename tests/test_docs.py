@@ -29,7 +29,7 @@ def test_the_layers_contract_covers_every_library_module():
     library = next(line for line in text.splitlines() if '"flowgrpo_core.advantages :' in line)
     listed = {name.strip(' ",') for name in library.split(":")}
     modules = {"flowgrpo_core." + name.removesuffix(".py").removesuffix("/") for name in _top_level_names()}
-    modules -= {"flowgrpo_core.data"}  # data files, no code
+    modules -= {"flowgrpo_core.data", "flowgrpo_core.cli", "flowgrpo_core.stages"}  # data; the layers above
     assert not sorted(modules - listed), "add these to the layers contract in pyproject.toml"
 
 
