@@ -1,4 +1,6 @@
-"""Load a trained policy (as written by ``FlowGRPOTrainer.save_policy``) back onto its base model."""
+"""A trained policy's weights on disk: written by :func:`export_weights` (``FlowGRPOTrainer.save_policy``), put
+back onto their base model by :func:`attach_policy`. LoRA weights are diffusers' LoRA file; full weights a
+``transformer/`` folder."""
 
 from __future__ import annotations
 
@@ -7,6 +9,16 @@ from pathlib import Path
 from flowgrpo_core.models.base import FlowAdapter
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def export_weights(adapter: FlowAdapter, directory: str | Path) -> None:
+    """The adapter's trained weights into ``directory``: its LoRA in diffusers format, else the transformer."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if adapter.lora_adapter_name is not None:
+        adapter.save_lora(directory)
+    else:
+        adapter.transformer.save_pretrained(directory / "transformer")
 
 
 def policy_weights_dir(policy_dir: str | Path, ema: bool = True) -> Path:

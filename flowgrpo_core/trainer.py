@@ -45,6 +45,7 @@ from flowgrpo_core.ema import EMA
 from flowgrpo_core.loss import LossOutput, loss_statistics
 from flowgrpo_core.models import FlowAdapter, load_model
 from flowgrpo_core.optimization import build_backend
+from flowgrpo_core.policy import export_weights
 from flowgrpo_core.prompts import PromptSet, load_prompts, tag_groups
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
 from flowgrpo_core.rollouts import EpochSamples, plan_epoch, sample_and_score
@@ -437,10 +438,10 @@ class FlowGRPOTrainer:
         if not self.dist.is_main:
             return directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._export_weights(directory)
+        export_weights(self.adapter, directory)
         if self.ema is not None:
             with self.ema.swapped_in():
-                self._export_weights(directory / "ema")
+                export_weights(self.adapter, directory / "ema")
         (directory / "config.yaml").write_text(self.config.to_yaml())
         (directory / "metrics.json").write_text(json.dumps(self.history, indent=1))
         if self.last_samples is not None:
@@ -450,13 +451,6 @@ class FlowGRPOTrainer:
             grid = image_grid([images[i : i + 8] for i in range(0, len(images), 8)])
             grid.save(self.output_dir / "last_epoch.png")  # beside the checkpoints, outside the policy
         return directory
-
-    def _export_weights(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.adapter.lora_adapter_name is not None:
-            self.adapter.save_lora(directory)
-        else:
-            self.adapter.transformer.save_pretrained(directory / "transformer")
 
 
 def _split_evenly(items: list, parts: int) -> list[list]:
