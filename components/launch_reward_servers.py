@@ -15,6 +15,7 @@ def launch_reward_servers(
     tracking_uri: str,
     experiment: str,
     workdir: str,
+    run_id: str,
     kfp_run_id: str,
     endpoints: Output[Artifact],
 ):
@@ -36,6 +37,7 @@ def stop_reward_servers(
     tracking_uri: str,
     experiment: str,
     workdir: str,
+    run_id: str,
     kfp_run_id: str,
 ):
     """Exit handler: always stop this run's reward servers (and close a failed run's MLflow parent)."""

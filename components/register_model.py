@@ -15,6 +15,7 @@ def register_model(
     tracking_uri: str,
     experiment: str,
     workdir: str,
+    run_id: str,
     kfp_run_id: str,
     family: str,
     policy: Input[Model],

@@ -15,6 +15,7 @@ def train_grpo(
     tracking_uri: str,
     experiment: str,
     workdir: str,
+    run_id: str,
     kfp_run_id: str,
     model: Input[Model],
     endpoints: Input[Artifact],

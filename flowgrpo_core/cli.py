@@ -237,11 +237,26 @@ def _pipeline_args(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.runner import run_local
+    import dataclasses
+
+    from pipelines.runner import PipelineInterrupted, new_run_id, resolve_resume, run_local
 
     pipeline_args = _pipeline_args(args)
-    result = run_local(pipeline_args, pipeline_root=args.pipeline_root)
-    print(f"\n[flowgrpo] pipeline finished in {result.seconds:.0f}s")
+    if args.resume:
+        run_id = resolve_resume(pipeline_args, args.resume)
+        print(f"[flowgrpo] continuing run {run_id}")
+    else:
+        run_id = new_run_id()
+        print(f"[flowgrpo] run {run_id}")
+    pipeline_args = dataclasses.replace(pipeline_args, run_id=run_id)
+    try:
+        result = run_local(pipeline_args, pipeline_root=args.pipeline_root)
+    except PipelineInterrupted as interrupted:
+        print(f"\n[flowgrpo] {interrupted}", file=sys.stderr)
+        return 130
+    print(f"\n[flowgrpo] pipeline finished in {result.seconds:.0f}s (run {result.run_id})")
+    if result.resumed_from_epoch != "none":
+        print(f"[flowgrpo] training resumed from its checkpoint at epoch {result.resumed_from_epoch}")
     print(f"[flowgrpo] MLflow experiment {result.experiment!r}, parent run {result.parent_run_id}")
     print(f"[flowgrpo] registered model version: {result.registered or 'none'}")
     if result.gate:
@@ -311,11 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the whole pipeline locally (kfp.local, no containers) tracked in MLflow",
         description="Run download -> reward servers -> calibration -> training -> evaluation -> registration in this "
-        "machine's processes with kfp.local, log everything to MLflow and register the policy.",
+        "machine's processes with kfp.local, log everything to MLflow and register the policy. Ctrl-C (or SIGTERM) "
+        "stops the step running and the reward servers, marks the MLflow runs KILLED and prints how to continue: "
+        "the same command with --resume RUN_ID resumes training from its last checkpoint.",
     )
     add_pipeline_arguments(run)
     run.add_argument(
         "--pipeline-root", default="flowgrpo-runs/kfp", help="where kfp.local keeps each task's artifacts"
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue an interrupted run (its work folder and MLflow runs; training from its last checkpoint); "
+        "'last' continues the newest unfinished run of the experiment. The config must be the run's.",
     )
     run.set_defaults(func=_cmd_run)
 

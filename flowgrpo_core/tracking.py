@@ -144,6 +144,64 @@ def finish_parent(
     return runs[0].info.run_id
 
 
+def terminate_runs(tracking_uri: str, experiment: str, kfp_run_id: str, status: str = "KILLED") -> list[str]:
+    """Mark every still RUNNING MLflow run of pipeline run ``kfp_run_id`` (its parent and its stage runs)
+    ``status``; returns their run ids. For a pipeline that was stopped before its stages could close them."""
+    from mlflow.tracking import MlflowClient
+
+    configure(tracking_uri)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    marked = []
+    for run in find_runs(found.experiment_id, **{"kfp.run_id": kfp_run_id}):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status=status)
+            marked.append(run.info.run_id)
+    return marked
+
+
+def owner_tag() -> str:
+    """``host:pid:start time`` of this process, so a later process can tell whether it is still alive."""
+    import socket
+
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.3f}"
+
+
+def owner_alive(tag: str) -> bool | None:
+    """Whether the process an :func:`owner_tag` names still runs; None when it is another machine's."""
+    import socket
+
+    try:
+        host, pid, created = tag.rsplit(":", 2)
+        pid, created_s = int(pid), float(created)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        return abs(psutil.Process(pid).create_time() - created_s) < 0.01  # a reused pid is another process
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
+def orphaned_pipeline_runs(experiment: str) -> list:
+    """Parent runs of this machine's local pipelines that are RUNNING although the process that ran them
+    (tag ``flowgrpo.owner``) is gone: killed too hard to close its runs."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient().get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return [
+        run
+        for run in find_runs(found.experiment_id, **{"flowgrpo.role": "pipeline"})
+        if run.info.status == "RUNNING" and owner_alive(run.data.tags.get("flowgrpo.owner", "")) is False
+    ]
+
+
 def metric_key(name: str) -> str:
     return _METRIC_KEY.sub("_", name)
 

@@ -121,6 +121,7 @@ def build_pipeline(gpus: int = 0, cluster: ClusterOptions | None = None):
         tracking_uri: str = DEFAULTS.tracking_uri,
         experiment: str = DEFAULTS.experiment,
         workdir: str = DEFAULTS.workdir,
+        run_id: str = DEFAULTS.run_id,
     ):
         # every component takes every pipeline parameter (PipelineContext), the run id from KFP
         arguments = {**locals(), "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}

@@ -22,57 +22,160 @@ class LocalRun:
     tracking_uri: str
     seconds: float
     gate: str | None = None  # why champion moved or not
+    run_id: str = ""  # the run's identity (``--resume`` takes it)
+    resumed_from_epoch: str = "none"  # the epoch training continued from, when it did
 
 
-def run_local(args: PipelineContext, pipeline_root: str = "flowgrpo-runs/kfp") -> LocalRun:
-    """The whole DAG in this machine's processes (kfp.local.SubprocessRunner, no containers)."""
-    from kfp import local
-
-    from pipelines.flowgrpo_pipeline import flowgrpo_pipeline
-
-    args.validate()
-    experiment = args.experiment_name
-    start = time.time()
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve())
-    )
-    flowgrpo_pipeline(**args.pipeline_arguments())
-    parent = _latest_parent_run(args.tracking_uri, experiment, since=start)
-    registered = gate = None
-    if parent is not None:
-        tags = {r.data.tags.get("stage"): r.data.tags for r in _stage_runs(parent)}
-        register = tags.get("register_model", {})
-        if "registry.model" in register:
-            registered = f"{register['registry.model']}/{register['registry.version']}"
-            passed = "champion" if register.get("gate.passed") == "true" else "stays a candidate"
-            gate = f"{passed}: {register.get('gate.reason', '')}"
-    return LocalRun(
-        experiment,
-        parent.info.run_id if parent else None,
-        registered,
-        args.tracking_uri,
-        time.time() - start,
-        gate,
-    )
+class PipelineInterrupted(RuntimeError):
+    """``flowgrpo run`` got SIGINT or SIGTERM: its processes and reward servers are stopped and its MLflow runs
+    marked KILLED; the message says how to continue the run."""
 
 
-def _latest_parent_run(tracking_uri: str, experiment: str, since: float):
+def new_run_id() -> str:
+    """A local run's identity: sortable by time, unique across concurrent runs."""
+    import secrets
+
+    return time.strftime("local-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def resolve_resume(ctx: PipelineContext, resume: str) -> str:
+    """The run id ``flowgrpo run --resume`` continues: ``resume`` itself, or for ``last`` the newest pipeline
+    run of the experiment that did not finish. Refuses an id that left nothing to continue."""
     from mlflow.tracking import MlflowClient
 
     from flowgrpo_core.tracking import configure
 
-    configure(tracking_uri)
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id],
-        filter_string=f"tags.`flowgrpo.role` = 'pipeline' and attributes.start_time >= {int(since * 1000) - 1000}",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+    configure(ctx.tracking_uri)
+    found = MlflowClient().get_experiment_by_name(ctx.experiment_name)
+    runs = (
+        MlflowClient().search_runs(
+            [found.experiment_id],
+            filter_string="tags.`flowgrpo.role` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+        )
+        if found is not None
+        else []
     )
-    return runs[0] if runs else None
+    if resume == "last":
+        unfinished = [r for r in runs if r.info.status != "FINISHED"]
+        if not unfinished:
+            raise ValueError(
+                f"--resume last: experiment {ctx.experiment_name!r} has no unfinished pipeline run"
+            )
+        return unfinished[0].data.tags["kfp.run_id"]
+    known = {r.data.tags.get("kfp.run_id") for r in runs}
+    if resume not in known and not (Path(ctx.workdir) / resume).is_dir():
+        raise ValueError(
+            f"--resume {resume}: no such run in experiment {ctx.experiment_name!r} or under {ctx.workdir}"
+        )
+    return resume
+
+
+def run_local(args: PipelineContext, pipeline_root: str = "flowgrpo-runs/kfp") -> LocalRun:
+    """The whole DAG in this machine's processes (kfp.local.SubprocessRunner, no containers).
+
+    The run gets an identity (``args.run_id``, or a new one) that keys its work folder and MLflow runs, so
+    concurrent runs on one database stay apart and an interrupted run can be continued with the same id.
+    SIGINT/SIGTERM stop the step running, the reward servers and mark the MLflow runs KILLED, then raise
+    :class:`PipelineInterrupted`; reward servers also stop by themselves when this process dies harder
+    (they watch its pid), and a later run marks such a run's MLflow runs KILLED.
+    """
+    import dataclasses
+    import os
+
+    from kfp import local
+
+    from flowgrpo_core.processes import Interrupted, interrupt_on_signals
+    from flowgrpo_core.stages.servers import OWNER_PID_ENV
+    from pipelines.flowgrpo_pipeline import flowgrpo_pipeline
+
+    config = args.validate()
+    args = dataclasses.replace(args, run_id=args.run_id or new_run_id())
+    start = time.time()
+    _close_orphaned_runs(args)
+    parent = _open_parent_run(args, config)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve())
+    )
+    previous_owner = os.environ.get(OWNER_PID_ENV)
+    os.environ[OWNER_PID_ENV] = str(os.getpid())  # the steps' processes inherit it; reward servers watch it
+    try:
+        with interrupt_on_signals():
+            flowgrpo_pipeline(**args.pipeline_arguments())
+    except Interrupted as interrupt:
+        raise PipelineInterrupted(_stop_interrupted(args, interrupt.signal_name)) from None
+    finally:
+        if previous_owner is None:
+            os.environ.pop(OWNER_PID_ENV, None)
+        else:
+            os.environ[OWNER_PID_ENV] = previous_owner
+    registered = gate = None
+    tags = {r.data.tags.get("stage"): r.data.tags for r in _stage_runs(parent)}
+    register = tags.get("register_model", {})
+    if "registry.model" in register:
+        registered = f"{register['registry.model']}/{register['registry.version']}"
+        passed = "champion" if register.get("gate.passed") == "true" else "stays a candidate"
+        gate = f"{passed}: {register.get('gate.reason', '')}"
+    return LocalRun(
+        args.experiment_name,
+        parent.info.run_id,
+        registered,
+        args.tracking_uri,
+        time.time() - start,
+        gate,
+        args.run_id,
+        tags.get("train_grpo", {}).get("train.resumed_from_epoch", "none"),
+    )
+
+
+def _open_parent_run(ctx: PipelineContext, config):
+    """The run's parent MLflow run, created (or, for a continued run, reopened) before the first step, tagged
+    with this process as its owner."""
+    from mlflow.tracking import MlflowClient
+
+    from flowgrpo_core.tracking import configure, ensure_experiment, owner_tag, parent_run_id
+
+    configure(ctx.tracking_uri)
+    experiment_id = ensure_experiment(ctx.experiment_name, ctx.tracking_uri)
+    run_id = parent_run_id(experiment_id, ctx.identity, config.tracking.run_name, ctx.parent_tags())
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "flowgrpo.continued_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    client.set_tag(run_id, "flowgrpo.owner", owner_tag())
+    return client.get_run(run_id)
+
+
+def _close_orphaned_runs(ctx: PipelineContext) -> None:
+    """Mark KILLED the MLflow runs of earlier local pipelines whose process died without closing them."""
+    from flowgrpo_core.tracking import configure, orphaned_pipeline_runs, terminate_runs
+
+    configure(ctx.tracking_uri)
+    for run in orphaned_pipeline_runs(ctx.experiment_name):
+        identity = run.data.tags.get("kfp.run_id", "")
+        marked = terminate_runs(ctx.tracking_uri, ctx.experiment_name, identity)
+        print(
+            f"[flowgrpo] run {identity} was killed without closing its {len(marked)} MLflow runs: marked KILLED "
+            f"(continue it with --resume {identity})"
+        )
+
+
+def _stop_interrupted(ctx: PipelineContext, signal_name: str) -> str:
+    """Stop the step's processes and this run's reward servers, mark its MLflow runs KILLED; the message."""
+    from flowgrpo_core.processes import signals_ignored, stop_children
+    from flowgrpo_core.serving.manager import stop_servers
+    from flowgrpo_core.stages.servers import servers_dir
+    from flowgrpo_core.tracking import terminate_runs
+
+    with signals_ignored():
+        processes = stop_children()
+        servers = stop_servers(servers_dir(ctx)) if servers_dir(ctx).is_dir() else []
+        marked = terminate_runs(ctx.tracking_uri, ctx.experiment_name, ctx.identity)
+    return (
+        f"{signal_name}: stopped run {ctx.identity} ({len(processes)} processes, reward servers "
+        f"{servers or 'none'}; {len(marked)} MLflow runs marked KILLED). Continue it, from its last "
+        f"checkpoint, with the same command and --resume {ctx.identity}"
+    )
 
 
 def _stage_runs(parent) -> list:

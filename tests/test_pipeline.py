@@ -180,11 +180,13 @@ def test_context_from_component_arguments_ignores_artifacts_and_copies_overrides
         "tracking_uri": "sqlite:///x.db",
         "experiment": "e",
         "workdir": "w",
+        "run_id": "",
         "kfp_run_id": "run-1",
         "model": object(),  # an artifact
     }
     ctx = PipelineContext.from_arguments(arguments)
-    assert ctx.overrides == ["train.epochs=1"] and ctx.kfp_run_id == "run-1" and ctx.experiment_name == "e"
+    assert ctx.overrides == ["train.epochs=1"] and ctx.identity == "run-1" and ctx.experiment_name == "e"
+    assert PipelineContext.from_arguments({**arguments, "run_id": "earlier"}).run_dir == Path("w/earlier")
     assert ctx.pipeline_arguments() == {
         k: v for k, v in arguments.items() if k not in ("model", "kfp_run_id")
     } | {"overrides": ["train.epochs=1"]}

@@ -33,7 +33,10 @@ class PipelineContext:
     experiment: str = ""  # default: the preset name
     # shared folder for checkpoints and reward-server pid files, keyed by run id (a PVC on a cluster)
     workdir: str = DEFAULT_WORKDIR
-    kfp_run_id: str = "local"  # set by KFP for every run; not a parameter a user passes
+    # The run's identity (work folder, MLflow runs, cluster objects); empty: KFP's job id. An earlier run's id
+    # continues that run: its checkpoints, its MLflow runs (``flowgrpo run --resume``).
+    run_id: str = ""
+    kfp_run_id: str = "local"  # KFP's job id, set by KFP for every run; not a parameter a user passes
     _config: FlowGRPOConfig | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -81,15 +84,28 @@ class PipelineContext:
         return self.experiment or self.preset
 
     @property
+    def identity(self) -> str:
+        """The run's identity: ``run_id`` when given, else KFP's job id."""
+        return self.run_id or self.kfp_run_id
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.workdir) / self.kfp_run_id
+        return Path(self.workdir) / self.identity
+
+    def parent_tags(self) -> dict[str, str]:
+        """Tags of the run's parent MLflow run, whichever process creates it."""
+        return {"flowgrpo.preset": self.preset, "flowgrpo.model_source": self.config().model.source}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[object]:
         config = self.config()
-        tags = {"flowgrpo.preset": self.preset, "flowgrpo.model_source": config.model.source}
         with stage_run(
-            name, self.kfp_run_id, self.tracking_uri, self.experiment_name, config.tracking.run_name, tags
+            name,
+            self.identity,
+            self.tracking_uri,
+            self.experiment_name,
+            config.tracking.run_name,
+            self.parent_tags(),
         ) as run:
             yield run
 

@@ -28,7 +28,7 @@ def register_model(
             eval_metrics,
             config.tracking.gate_metric,
             config.tracking.gate_margin,
-            ctx.kfp_run_id,
+            ctx.identity,
             extra_tags={"flowgrpo.preset": ctx.preset},
             gate_standard_errors=config.tracking.gate_standard_errors,
         )
@@ -41,5 +41,5 @@ def register_model(
             }
         )
         mlflow.log_text(result.gate_reason, "gate.txt")
-    finish_parent(ctx.tracking_uri, ctx.experiment_name, ctx.kfp_run_id)
+    finish_parent(ctx.tracking_uri, ctx.experiment_name, ctx.identity)
     return asdict(result)

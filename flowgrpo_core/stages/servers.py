@@ -4,9 +4,13 @@ Service on a cluster), stopped by the exit handler."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from flowgrpo_core.stages.common import PipelineContext
+
+# Set by ``flowgrpo run`` to its own pid: local reward servers watch that process and stop when it dies.
+OWNER_PID_ENV = "FLOWGRPO_OWNER_PID"
 
 
 def reward_names(config) -> list[str]:
@@ -41,13 +45,14 @@ def launch_reward_servers(ctx: PipelineContext, endpoints_path: str | Path) -> d
                     servers_dir(ctx),
                     host=config.serving.host,
                     startup_timeout_s=config.serving.startup_timeout_s,
+                    watch_pid=int(os.environ[OWNER_PID_ENV]) if os.environ.get(OWNER_PID_ENV) else None,
                 )
                 urls = servers.start()
         elif backend == "kubernetes":  # a Deployment + Service per reward (flowgrpo_core/cluster)
             from flowgrpo_core.cluster import reward_servers
 
             with timed_work():
-                urls = reward_servers.launch(ctx.kfp_run_id, names, config.serving, cluster)
+                urls = reward_servers.launch(ctx.identity, names, config.serving, cluster)
         endpoints = {
             name: {"url": urls.get(name, ""), "weight": float(config.rewards.get(name, 0.0))}
             for name in names
@@ -75,13 +80,13 @@ def stop_reward_servers(ctx: PipelineContext) -> list[str]:
         if cluster is not None or mode == "kubernetes":
             from flowgrpo_core.cluster import reward_servers
 
-            stopped += reward_servers.stop(ctx.kfp_run_id, namespace)
+            stopped += reward_servers.stop(ctx.identity, namespace)
     finally:
         configure(ctx.tracking_uri)
         from mlflow.tracking import MlflowClient
 
         experiment_id = ensure_experiment(ctx.experiment_name, ctx.tracking_uri)
-        for run in find_runs(experiment_id, **{"kfp.run_id": ctx.kfp_run_id, "flowgrpo.role": "pipeline"}):
+        for run in find_runs(experiment_id, **{"kfp.run_id": ctx.identity, "flowgrpo.role": "pipeline"}):
             if run.info.status == "RUNNING":
                 MlflowClient().set_terminated(run.info.run_id, status="FAILED")
     return stopped

@@ -144,7 +144,7 @@ def train_on_pytorchjob(
         )
         check_command(command)
         kube = kube or connect()  # the PVC and secrets live in the pipeline's own namespace
-        job = render_pytorchjob(ctx.kfp_run_id, kube.namespace, cluster, cluster.trainer_image, command)
+        job = render_pytorchjob(ctx.identity, kube.namespace, cluster, cluster.trainer_image, command)
         mlflow.set_tags(
             {
                 "train.launcher": "pytorchjob",
