@@ -407,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as error:
+    # OSError: files and disks (a missing file, a full disk while checkpointing), connections
+    except (ConfigError, ValueError, OSError) as error:
         print(f"flowgrpo {args.command}: error: {error}", file=sys.stderr)
         return 2
 

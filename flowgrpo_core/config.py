@@ -25,7 +25,10 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float setting means anything at nan or +-inf (a learning rate of inf gives an
+    # all-NaN policy, a KL weight of inf skips every loss step, a reward weight of nan drops every reward;
+    # "no limit" is a large finite number), so they are refused wherever a float sits, in tuples and dicts too
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -415,10 +418,8 @@ def load_config(
     origin = f"preset {preset!r}" if preset else "config"
     if file is not None:
         path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(read_config_text(path)) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
         if not isinstance(loaded, dict):
@@ -431,6 +432,42 @@ def load_config(
     if overrides:
         origin = f"{origin} with overrides"
     return validate(data, origin)
+
+
+# a config file is a few KiB; anything far larger is a wrong file, and the pure-Python YAML parser would take
+# minutes over it
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_LINE_BYTES = 64 << 10
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a YAML config file, refused quickly, naming the file (and line), when it is missing, not
+    a regular file, over ``MAX_CONFIG_BYTES`` or ``MAX_CONFIG_LINE_BYTES`` a line, or not UTF-8."""
+    where = f"config file {str(path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a directory, expected a file")
+    if not path.exists():
+        raise ConfigError(f"{where} does not exist")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ConfigError(f"{where} is not a regular file")
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"{where} cannot be read: {error.strerror or error}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES} bytes; a config is a few KiB")
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if len(line) > MAX_CONFIG_LINE_BYTES:
+            raise ConfigError(f"{where}, line {number}: longer than {MAX_CONFIG_LINE_BYTES} bytes")
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark some editors write
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{where}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def _preset_data(name: str) -> dict[str, Any]:

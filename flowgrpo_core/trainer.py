@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections import defaultdict
@@ -32,14 +33,16 @@ from tqdm.auto import tqdm
 
 from flowgrpo_core.advantages import PerPromptStatTracker, epoch_advantages, samples_to_train
 from flowgrpo_core.checkpoint import (
+    CheckpointWriteError,
     check_resumable,
-    latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from flowgrpo_core.config import FlowGRPOConfig
+from flowgrpo_core.devices import require_device
 from flowgrpo_core.distributed import DistributedContext
 from flowgrpo_core.ema import EMA
 from flowgrpo_core.loss import LossOutput, loss_statistics
@@ -75,9 +78,9 @@ class _Accumulated:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``train.device`` as a torch device (``auto``: CUDA when there is one); a device this machine lacks
+    is refused with the ones it has."""
+    return require_device(name, "train.device")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -99,8 +102,9 @@ class FlowGRPOTrainer:
     ) -> None:
         self.config = config
         self.output_dir = Path(output_dir)
+        # checked before anything is loaded; under torchrun, again for this rank's own GPU
         self.dist = DistributedContext.from_env(resolve_device(config.train.device).type)
-        self.device = self.dist.device(config.train.device)
+        self.device = resolve_device(str(self.dist.device(config.train.device)))
         if config.batches_per_epoch % self.dist.world_size:
             raise ValueError(
                 f"{config.batches_per_epoch} sampling batches per epoch cannot be shared by {self.dist.world_size} "
@@ -367,10 +371,14 @@ class FlowGRPOTrainer:
 
     def save_checkpoint(self) -> Path | None:
         """Written by rank 0 (every rank holds the same state); the others wait until it is complete. With
-        DeepSpeed, every rank first writes its optimiser partition into the same staging folder."""
+        DeepSpeed, every rank first writes its optimiser partition into the same staging folder. A checkpoint
+        rank 0 cannot write (``CheckpointWriteError``: disk full, no permission) fails every rank alike, with
+        rank 0's message, instead of leaving the others waiting for it."""
         staged = self.backend.save_partitions(self.checkpoint_dir, self.epoch)
         if not self.dist.is_main:
-            self.dist.barrier()
+            failure = self.dist.all_gather_objects(None)[0]  # rank 0's outcome; waits until it is written
+            if failure is not None:
+                raise CheckpointWriteError(f"rank 0: {failure}")
             return None
         state = {
             "epoch": self.epoch,
@@ -384,25 +392,38 @@ class FlowGRPOTrainer:
             if self.ema
             else {},
         }
-        path = save_checkpoint(
-            self.checkpoint_dir,
-            self.epoch,
-            dict(self.trainable),
-            state,
-            self.config.to_yaml(),
-            ema=self.ema.shadow if self.ema else None,
-            keep=self.config.train.keep_checkpoints,
-            staged=staged,
-        )
-        self.dist.barrier()
+        try:
+            path = save_checkpoint(
+                self.checkpoint_dir,
+                self.epoch,
+                dict(self.trainable),
+                state,
+                self.config.to_yaml(),
+                ema=self.ema.shadow if self.ema else None,
+                keep=self.config.train.keep_checkpoints,
+                staged=staged,
+            )
+        except CheckpointWriteError as error:
+            self.dist.all_gather_objects(str(error))
+            raise
+        self.dist.all_gather_objects(None)
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Restore the latest (or the given) checkpoint; returns False when there is none."""
-        path = Path(path) if path is not None else latest_checkpoint(self.checkpoint_dir)
-        if path is None:
-            return False
-        ckpt = load_checkpoint(path)
+        """Restore the newest intact (or the given) checkpoint; returns False when there is none.
+
+        A corrupt newer checkpoint is skipped with a warning naming the file at fault; when none is intact,
+        or the given one is corrupt, a ``CorruptCheckpoint`` error names the folder or the file.
+        """
+        if path is not None:
+            path, ckpt = Path(path), load_checkpoint(path)
+        else:
+            # every rank verifies and picks the same checkpoint; rank 0 alone reports the corrupt ones
+            warn = logging.getLogger(__name__).warning if self.dist.is_main else (lambda _message: None)
+            found = load_latest_checkpoint(self.checkpoint_dir, warn=warn)
+            if found is None:
+                return False
+            path, ckpt = found
         check_resumable(ckpt["config_yaml"], self.config.flat(), path)
         missing = set(self.trainable) ^ set(ckpt["policy"])
         if missing:

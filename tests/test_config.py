@@ -1,8 +1,12 @@
 """Config loading: presets, YAML, overrides, and errors that name the field before any model loads."""
 
-import pytest
+import re
+from typing import get_args
 
-from flowgrpo_core.config import ConfigError, load_config, parse_override
+import pytest
+from pydantic import BaseModel
+
+from flowgrpo_core.config import ConfigError, FlowGRPOConfig, load_config, parse_override
 from flowgrpo_core.presets import PRESETS
 
 
@@ -207,6 +211,59 @@ def test_invalid_values_fail_at_load_time_naming_the_field(override, field, hint
     with pytest.raises(ConfigError) as info:
         load_config("tiny", overrides=[override])
     assert field in str(info.value) and hint in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.learning_rate=inf", "train.learning_rate"),  # YAML reads a string, pydantic a float
+        ("train.beta=.inf", "train.beta"),
+        ("rewards={jpeg_incompressibility: .nan}", "rewards.jpeg_incompressibility"),
+        ("train.adam_betas=[0.9, .nan]", "train.adam_betas.1"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}: Input should be a finite number"):
+        load_config("tiny", overrides=[override])
+
+
+def _float_fields(model: type[BaseModel] = FlowGRPOConfig, prefix: str = "") -> list[str]:
+    """Dotted paths of every field that holds floats, alone or inside a tuple or dict."""
+    out = []
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            out += _float_fields(info.annotation, f"{prefix}{name}.")
+        elif _holds_float(info.annotation):
+            out.append(prefix + name)
+    return out
+
+
+def _holds_float(annotation) -> bool:
+    return annotation is float or any(_holds_float(arg) for arg in get_args(annotation))
+
+
+def _with_bad_number(value, bad: str) -> str:
+    """``value`` (a field's current value) as YAML with ``bad`` in place of its (first) number."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join([bad, *map(str, value[1:])]) + "]"
+    if isinstance(value, dict):
+        return "{" + f"{next(iter(value))}: {bad}" + "}"
+    return bad
+
+
+def test_every_float_field_refuses_nan_and_infinities():
+    fields = _float_fields()
+    assert {"train.learning_rate", "train.adam_betas", "rewards", "serving.startup_timeout_s"} <= set(fields)
+    cfg = load_config("tiny")
+    for field in fields:
+        value = cfg
+        for part in field.split("."):
+            value = getattr(value, part)
+        for bad in (".nan", ".inf", "-.inf", "nan", "inf"):
+            with pytest.raises(
+                ConfigError, match=rf"{re.escape(field)}(\.\w+)?: Input should be a finite number"
+            ):
+                load_config("tiny", overrides=[f"{field}={_with_bad_number(value, bad)}"])
 
 
 @pytest.mark.parametrize("text", ["train.beta", "=3", "train..beta=1", "train.beta=[1"])

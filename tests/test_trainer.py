@@ -1,5 +1,6 @@
 """The training loop on the tiny SD3: on-policy ratio, KL, Fast windows, exact resume, NaN handling."""
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -304,3 +305,64 @@ def test_batched_reference_forwards_train_exactly_like_one_forward_per_step(tmp_
     assert histories[0][-1]["train/kl"] > 0
     assert [h["train/loss"] for h in histories[0]] == [h["train/loss"] for h in histories[1]]
     assert all(torch.equal(runs[0].trainable[k], runs[1].trainable[k]) for k in runs[0].trainable)
+
+
+_NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    ("device", "problem"),
+    [
+        pytest.param(
+            "cuda", "is not available", marks=pytest.mark.skipif(not _NO_CUDA, reason="CUDA is here")
+        ),
+        (f"cuda:{torch.cuda.device_count()}", "is not available"),  # cuda:0 on a machine without CUDA
+        pytest.param(
+            "mps",
+            "is not available",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="a Mac"),
+        ),
+        ("gpu0", "is not a usable device name"),
+        ("meta", "is not a usable device name"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(
+    tmp_path, monkeypatch, device, problem
+):
+    import flowgrpo_core.trainer as trainer_module
+    from flowgrpo_core.devices import available_devices
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load for an unavailable device")
+
+    monkeypatch.setattr(trainer_module, "load_model", no_model)
+    cfg = load_config("tiny", overrides=[*FAST, f"train.device={device}"])
+    with pytest.raises(ValueError, match=rf"train\.device: .*{device!r} {problem}") as caught:
+        FlowGRPOTrainer(cfg, tmp_path / "run", progress=False)
+    assert ", ".join(available_devices()) in str(caught.value) and "cpu" in str(caught.value)
+
+
+def test_cpu_and_auto_are_accepted(tmp_path):
+    from flowgrpo_core.devices import require_device
+
+    assert require_device("cpu") == torch.device("cpu")
+    assert require_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert _trainer(tmp_path, "train.device=cpu").device == torch.device("cpu")
+
+
+def test_a_gpu_index_beyond_the_machine_lists_the_gpus_there_are(monkeypatch):
+    from flowgrpo_core import devices
+
+    # a two-GPU machine, as torch would describe it (torch.device itself needs no GPU)
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(devices.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(devices.torch.backends.cuda, "is_built", lambda: True)
+    assert devices.require_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "train.device: device 'cuda:7' is not available (this machine has 2 CUDA GPU(s)); "
+            "available devices: cpu, cuda:0, cuda:1"
+        ),
+    ):
+        devices.require_device("cuda:7", "train.device")

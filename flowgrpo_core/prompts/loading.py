@@ -6,9 +6,10 @@ schema of :mod:`flowgrpo_core.prompts.parquet`). Errors name the spec, the file 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
-from flowgrpo_core.prompts.sets import PromptSet
+from flowgrpo_core.prompts.sets import MAX_PROMPT_CHARS, PromptSet, check_prompt_length
 
 ANIMALS = [
     "cat",
@@ -64,6 +65,9 @@ GENERATED_SETS: tuple[str, ...] = tuple(
     f"{family}_{split}" for family in GENERATED_FAMILIES for split in ("train", "test")
 )
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# longest line of a prompt file: a prompt at the length limit in 4-byte UTF-8, with room for a .jsonl line's
+# metadata (reward servers take up to 64 KiB of it)
+MAX_LINE_BYTES = 4 * MAX_PROMPT_CHARS + (64 << 10)
 
 
 def builtin_names() -> list[str]:
@@ -92,10 +96,9 @@ def load_prompts(spec: str) -> PromptSet:
         prompts = load_builtin(spec[len("builtin:") :])
     else:
         path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {spec!r} does not exist")
+        _check_file(path, spec)
         if path.suffix == ".txt":
-            prompts = PromptSet([line.strip() for line in path.read_text().splitlines() if line.strip()])
+            prompts = _read_txt(path)
         elif path.suffix == ".jsonl":
             prompts = _read_jsonl(path)
         elif path.suffix == ".parquet":
@@ -111,9 +114,58 @@ def load_prompts(spec: str) -> PromptSet:
     return prompts
 
 
+def _check_file(path: Path, spec: str) -> None:
+    """Refuse what is not a readable regular file before reading it (a FIFO or a device would block)."""
+    if path.is_dir():
+        raise ValueError(f"prompt file {spec!r} is a directory, expected a file")
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file {spec!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"prompt file {spec!r} is not a regular file")
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line of a UTF-8 text file, refused naming the file and line when a line
+    is over ``MAX_LINE_BYTES`` (read in bounded pieces: a huge line is refused before it is read whole) or
+    is not UTF-8."""
+    try:
+        stream = path.open("rb")
+    except OSError as error:
+        raise ValueError(f"prompt file {str(path)!r} cannot be read: {error.strerror or error}") from None
+    with stream:
+        number = 0
+        # + 2: room for a line of exactly the limit and its "\r\n"
+        while raw := stream.readline(MAX_LINE_BYTES + 2):
+            number += 1
+            if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
+                raise ValueError(
+                    f"{path}:{number}: line longer than {MAX_LINE_BYTES} bytes; is this a prompt file?"
+                )
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark some editors write
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
+
+
+def _read_txt(path: Path) -> PromptSet:
+    prompts = []
+    for number, line in _read_lines(path):
+        # splitlines: the other line breaks (\r, U+2028, ...) separate prompts too, as they always have
+        for prompt in (part.strip() for part in line.splitlines()):
+            if prompt:
+                check_prompt_length(prompt, f"{path}:{number}")
+                prompts.append(prompt)
+    return PromptSet(prompts)
+
+
 def _read_jsonl(path: Path) -> PromptSet:
     prompts, metadata = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in _read_lines(path):
         if not line.strip():
             continue
         try:
@@ -122,6 +174,7 @@ def _read_jsonl(path: Path) -> PromptSet:
             raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise ValueError(f"{path}:{number}: expected an object with a non-empty string 'prompt'")
+        check_prompt_length(row["prompt"], f"{path}:{number}")
         meta = row.get("metadata", {})
         if not isinstance(meta, dict):
             raise ValueError(f"{path}:{number}: 'metadata' must be an object")

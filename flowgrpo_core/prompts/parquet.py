@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flowgrpo_core.prompts.sets import PromptSet
+from flowgrpo_core.prompts.sets import PromptSet, check_prompt_length
 from flowgrpo_core.prompts.vocabulary import KNOWN_TAGS, TAGS, validate_metadata
 
 SCHEMA_VERSION = "1"
@@ -77,7 +77,8 @@ def read_prompt_parquet(path: str | Path) -> PromptSet:
     prompts, tags, raw = (table.column(name).to_pylist() for name in SCHEMA.names)
     metadata = []
     for index, (prompt, tag, text) in enumerate(zip(prompts, tags, raw)):
-        where = f"{path}: row {index}" + (f" ({prompt!r})" if isinstance(prompt, str) else "")
+        # the prompt's start only: a prompt over the length limit must not fill the message
+        where = f"{path}: row {index}" + (f" ({prompt[:80]!r})" if isinstance(prompt, str) else "")
         try:
             meta = json.loads(text) if isinstance(text, str) else None
         except json.JSONDecodeError as error:
@@ -90,6 +91,7 @@ def read_prompt_parquet(path: str | Path) -> PromptSet:
 def _validate_row(prompt: Any, tag: Any, meta: Any, where: str) -> None:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: column 'prompt' must be a non-empty string")
+    check_prompt_length(prompt, where)
     if tag not in KNOWN_TAGS:
         raise ValueError(f"{where}: unknown tag {tag!r}; known tags: {', '.join(KNOWN_TAGS)}")
     if not isinstance(meta, dict):

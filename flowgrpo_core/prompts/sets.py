@@ -8,6 +8,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+# the reward servers refuse longer prompts (serving.protocol's max_prompt_chars), and a tokenizer can take
+# minutes over a multi-megabyte one: prompt files are checked against it when read
+MAX_PROMPT_CHARS = 4096
+
+
+def check_prompt_length(prompt: str, where: str) -> None:
+    """Refuse a prompt over ``MAX_PROMPT_CHARS``; ``where`` names its file and line or row."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"{where}: the prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS} "
+            "(what the reward servers accept)"
+        )
+
 
 @dataclass
 class PromptSet:

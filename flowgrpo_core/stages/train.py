@@ -175,7 +175,7 @@ def _prepare(
     """The run's training folder, the processes' overrides (pointing at the base model), the endpoints file
     they read, and the epoch a checkpoint resumes from (None: a fresh start). Fails on a bad config before
     any process starts."""
-    from flowgrpo_core.checkpoint import checkpoint_epoch, latest_checkpoint
+    from flowgrpo_core.checkpoint import checkpoint_epoch, latest_intact_checkpoint
     from flowgrpo_core.config import load_config
 
     out = ctx.run_dir / "train"
@@ -187,7 +187,9 @@ def _prepare(
     if read_endpoints(endpoints_path):
         endpoints_file = str(out / "endpoints.json")
         shutil.copyfile(endpoints_path, endpoints_file)
-    latest = latest_checkpoint(out / "checkpoints")
+    latest = latest_intact_checkpoint(
+        out / "checkpoints"
+    )  # where the trainer will resume (it skips corrupt ones)
     return out, overrides, endpoints_file, checkpoint_epoch(latest) if latest is not None else None
 
 
