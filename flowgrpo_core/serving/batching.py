@@ -3,6 +3,11 @@
 One worker thread owns the model (no locking inside rewards, one model copy in memory). It takes the
 oldest request, waits up to ``max_wait_s`` for more, and scores up to ``max_batch`` images at once; a
 request larger than ``max_batch`` is scored alone, in chunks. Each caller gets its own slice back.
+
+Requests are independent, so one must not fail another: when the model raises on a merged batch (an
+input it cannot handle, e.g. RapidOCR on a legal 4096x1 PNG), each request of the batch is scored again
+on its own, and only those that fail alone get the error. The retry costs one more pass over the
+batch's other requests, and only when a call fails.
 """
 
 from __future__ import annotations
@@ -46,11 +51,15 @@ class _Job:
 
 @dataclass
 class BatchStats:
+    """Counters for ``/health``: requests submitted, images and batches scored, the largest batch,
+    requests that failed, and failed batches that were scored again request by request."""
+
     requests: int = 0
     images: int = 0
     batches: int = 0
     largest_batch: int = 0
     failures: int = 0
+    split_batches: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -129,38 +138,73 @@ class MicroBatcher:
             if batch is None:
                 break
             self._score(batch)
+            # not kept while waiting for the next request: the batch holds its decoded images
+            del batch
         self._fail_pending()
 
-    def _score(self, batch: list[_Job]) -> None:
-        images = [im for job in batch for im in job.images]
-        prompts = [p for job in batch for p in job.prompts]
-        metadata = [m for job in batch for m in job.metadata]
-        try:
-            outputs = [
-                self.score_fn(
-                    images[i : i + self.max_batch],
-                    prompts[i : i + self.max_batch],
-                    metadata[i : i + self.max_batch],
-                )
-                for i in range(0, len(images), self.max_batch)
-            ]
-            merged = concat_outputs(outputs)
-        except BaseException as error:  # every waiting caller must hear about it
+    def _call(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], metadata: Sequence[dict]
+    ) -> RewardOutput:
+        """The reward on any number of images, in model calls of at most ``max_batch``."""
+        outputs = []
+        for i in range(0, len(images), self.max_batch):
+            chunk = images[i : i + self.max_batch]
+            outputs.append(self.score_fn(chunk, prompts[i : i + len(chunk)], metadata[i : i + len(chunk)]))
             with self._lock:
-                self.stats.failures += 1
-                self._queued_images -= len(images)
-            for job in batch:
-                job.future.set_exception(error)
-            return
+                self.stats.largest_batch = max(self.stats.largest_batch, len(chunk))
+        return concat_outputs(outputs)
+
+    def _score(self, batch: list[_Job]) -> None:
+        size = sum(len(job) for job in batch)
+        try:
+            results = self._score_jobs(batch)
+        except BaseException as error:  # not an error of the model (KeyboardInterrupt...): fail them all
+            results = [error] * len(batch)
         with self._lock:
-            self.stats.batches += 1
-            self.stats.images += len(images)
-            self.stats.largest_batch = max(self.stats.largest_batch, min(len(images), self.max_batch))
-            self._queued_images -= len(images)
+            self._queued_images -= size
+            self.stats.failures += sum(isinstance(r, BaseException) for r in results)
+            scored = [len(job) for job, r in zip(batch, results) if not isinstance(r, BaseException)]
+            if scored:
+                self.stats.batches += 1
+                self.stats.images += sum(scored)
+        for job, result in zip(batch, results):
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+    def _score_jobs(self, batch: list[_Job]) -> list[RewardOutput | BaseException]:
+        """Each job's output, or the exception that job alone makes the reward raise."""
+        try:
+            merged = self._call(
+                [im for job in batch for im in job.images],
+                [p for job in batch for p in job.prompts],
+                [m for job in batch for m in job.metadata],
+            )
+        except Exception as error:
+            if len(batch) == 1:
+                return [error]
+            log.warning(
+                "reward failed on a batch of %d requests (%s: %s); scoring each request on its own",
+                len(batch),
+                type(error).__name__,
+                str(error)[:200],
+            )
+            with self._lock:
+                self.stats.split_batches += 1
+            return [self._score_alone(job) for job in batch]
+        results: list[RewardOutput | BaseException] = []
         start = 0
         for job in batch:
-            job.future.set_result(slice_output(merged, start, start + len(job)))
+            results.append(slice_output(merged, start, start + len(job)))
             start += len(job)
+        return results
+
+    def _score_alone(self, job: _Job) -> RewardOutput | BaseException:
+        try:
+            return self._call(job.images, job.prompts, job.metadata)
+        except Exception as error:
+            return error
 
     def _fail_pending(self) -> None:
         pending = [self._carry] if self._carry else []

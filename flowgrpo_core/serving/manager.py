@@ -47,6 +47,11 @@ class LocalRewardServers:
         host: interface the servers bind (127.0.0.1 unless they must be reached from elsewhere).
         startup_timeout_s: how long all servers together may take to load their models.
         env: environment of the servers (default: this process's; put tokens and S3 settings here).
+        watch_pid: a process the servers watch (``serve-reward --watch-pid``): each stops cleanly
+            within about a second once that process has ended. The servers run in their own session so
+            that they outlive the step that started them; give the pid of the process that owns the
+            whole run (the pipeline runner), so that they do not outlive it too when it is killed hard
+            (SIGKILL) and no exit handler runs. None: they run until stopped.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class LocalRewardServers:
         host: str = "127.0.0.1",
         startup_timeout_s: float = 600.0,
         env: Mapping[str, str] | None = None,
+        watch_pid: int | None = None,
     ) -> None:
         self.rewards = (
             {name: [] for name in rewards}
@@ -68,6 +74,7 @@ class LocalRewardServers:
         self.host = host
         self.startup_timeout_s = startup_timeout_s
         self.env = dict(env) if env is not None else None
+        self.watch_pid = watch_pid
         self.servers: dict[str, ServerProcess] = {}
 
     def start(self) -> dict[str, str]:
@@ -102,6 +109,7 @@ class LocalRewardServers:
             "0",
             "--ready-file",
             str(ready),
+            *(["--watch-pid", str(self.watch_pid)] if self.watch_pid is not None else []),
             *extra,
         ]
         with open(log_path, "ab") as log_file:
