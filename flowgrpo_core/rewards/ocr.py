@@ -14,6 +14,7 @@ Rules (``rule``):
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ import numpy as np
 from PIL import Image
 
 from flowgrpo_core.rewards.base import Reward, RewardOutput
+
+log = logging.getLogger(__name__)
 
 RULES = ("reference", "strict")
 # straight quotes, and the typographic pair that prompt writers paste in
@@ -113,10 +116,22 @@ class OcrReward(Reward):
         self.check_inputs(prompts, metadata)
         # RapidOCR runs one image at a time: batching the detector is slower on CPU (measured 2x), so the
         # gain from server batching here is fewer HTTP round trips, not a faster model call
-        texts = [self.read(image) for image in images]
+        texts, errors = [], []
+        for image in images:
+            try:
+                texts.append(self.read(image))
+                errors.append("")
+            except Exception as error:
+                # RapidOCR fails on some legal images (a 4096x1 strip cannot be resized for its detector).
+                # The reference scores an image it cannot read as reading nothing; so do we, and say why.
+                log.warning("OCR could not read a %dx%d image: %s", *image.size, error)
+                texts.append("")
+                errors.append(f"{type(error).__name__}: {error}")
         targets = [quoted_text(prompt) or "" for prompt in prompts]
         scores = np.array([ocr_score(text, target, self.rule) for text, target in zip(texts, targets)])
-        return RewardOutput(scores=scores, details={"ocr_text": texts, "target": targets})
+        return RewardOutput(
+            scores=scores, details={"ocr_text": texts, "target": targets, "ocr_error": errors}
+        )
 
 
 def _model_params(model: str, revision: str | None) -> dict:
