@@ -521,3 +521,9 @@ def test_servers_stop_when_the_process_they_watch_is_killed(tmp_path):
         owner.kill()
         owner.wait()
         servers.stop()
+
+
+def test_servers_accept_every_prompt_a_prompt_file_may_hold():
+    from flowgrpo_core.prompts.sets import MAX_PROMPT_CHARS
+
+    assert Limits().max_prompt_chars == MAX_PROMPT_CHARS

@@ -38,8 +38,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flowgrpo_core.prompts.sets import MAX_PROMPT_CHARS
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
 _DATA_URI_PREFIX = b"data:image/png;base64,"
@@ -73,7 +71,9 @@ class Limits:
     max_items: int = 64  # images per request
     max_image_pixels: int = 2048 * 2048
     max_image_side: int = 4096
-    max_prompt_chars: int = MAX_PROMPT_CHARS  # what a prompt file may hold, so every prompt can be scored
+    # what a prompt file may hold (prompts.sets.MAX_PROMPT_CHARS, pinned equal by a test; not imported: the
+    # prompts package needs torch, which the light reward images do not install)
+    max_prompt_chars: int = 4096
     max_metadata_bytes: int = 64 * 2**10  # JSON size of one image's metadata object
     max_request_pixels: int = 64 * 1024 * 1024  # width * height summed over the images of one request
 
