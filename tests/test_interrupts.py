@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 OVERRIDES = [
-    "train.epochs=6",
+    "train.epochs=4",
     "train.checkpoint_every=1",
     "calibration.epochs=1",
     "eval.num_prompts=4",
@@ -113,6 +113,7 @@ def test_ctrl_c_stops_everything_and_marks_the_runs_killed(tmp_path):
     assert parent.info.status == "KILLED" and parent.data.tags["kfp.run_id"] == run_dir.name
 
 
+@pytest.mark.timeout(1500)  # three pipelines, two of them at once on two cores: several minutes
 def test_a_hard_kill_leaves_no_server_and_the_resumed_run_continues_beside_another(tmp_path):
     first = _start(tmp_path)
     run_dir = _wait_for_checkpoint(tmp_path, first)
