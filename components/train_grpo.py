@@ -35,5 +35,7 @@ def train_grpo(
     ctx = PipelineContext.from_arguments(locals())
     final = run(ctx, model.path, endpoints.path, policy.path)
     policy.metadata.update({"epochs": int(final["epochs"]), "resumed": bool(final["resumed"])})
+    if "exported_epoch" in final:  # evaluated during training: keep-best or stop-on-hacking chose the epoch
+        policy.metadata.update({"exported_epoch": int(final["exported_epoch"]), "plot": "proxy_vs_gold.png"})
     for key, value in final.items():
         metrics.log_metric(key.replace("/", "."), float(value))

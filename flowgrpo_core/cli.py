@@ -45,10 +45,15 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         )
         print(
             f"    reward {rewards} | group {s.group_size} x {s.groups_per_epoch} prompts, batch {s.batch_size} | "
-            f"beta {t.beta:g} ({t.kl_form} KL), clip {t.clip_range:g}, lr {t.learning_rate:g}, "
+            f"beta {t.beta:g} ({t.kl_form} KL), clip {_clip_text(t.clip_bounds())}, lr {t.learning_rate:g}, "
             f"{'LoRA r' + str(t.lora_rank) + '/a' + format(t.lora_alpha, 'g') if t.lora else 'full fine-tuning'}"
         )
     return 0
+
+
+def _clip_text(bounds: tuple[float, float]) -> str:
+    low, high = bounds
+    return f"{low:g}" if low == high else f"-{low:g}/+{high:g}"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -65,14 +70,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{out} already holds checkpoints: pass --resume to continue that run, or choose another --out"
         )
-    reward = None
+    reward = gold = None
     if args.endpoints:
-        from flowgrpo_core.stages.common import build_training_reward, read_endpoints
+        from flowgrpo_core.stages.common import build_gold_metrics, build_training_reward, read_endpoints
 
         if not Path(args.endpoints).is_file():
             raise FileNotFoundError(f"endpoints file {args.endpoints!r} does not exist")
-        reward = build_training_reward(cfg, read_endpoints(args.endpoints))
-    trainer = FlowGRPOTrainer(cfg, out, reward=reward, progress=not args.no_progress)
+        endpoints = read_endpoints(args.endpoints)
+        reward = build_training_reward(cfg, endpoints)
+        gold = build_gold_metrics(cfg, endpoints) if cfg.eval.every_epochs else None
+    trainer = FlowGRPOTrainer(cfg, out, reward=reward, progress=not args.no_progress, gold=gold)
     if args.resume and not trainer.resume() and trainer.dist.is_main:
         print(f"[flowgrpo] no checkpoint in {out / 'checkpoints'}; starting from scratch", file=sys.stderr)
     history = trainer.train()
@@ -80,6 +87,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if history and trainer.dist.is_main:
         first, last = history[0]["reward/total"], history[-1]["reward/total"]
         print(f"[flowgrpo] reward {first:.4f} -> {last:.4f} over {len(history)} epochs; policy in {policy}")
+        if trainer.watch.records:
+            summary = trainer.watch.summary(trainer.epoch)
+            print(f"[flowgrpo] exported epoch {summary['exported_epoch']} ({summary['exported_because']})")
     return 0
 
 
@@ -92,7 +102,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model-source",
         default="",
-        help="base model (tiny:sd3, folder, s3://bucket/prefix, hub id); default: the config's",
+        help="base model (tiny:sd3|flux|qwenimage, folder, s3://bucket/prefix, hub id); default: the config's",
     )
     group.add_argument("--model-revision", default="", help="hub revision of --model-source")
     group.add_argument(

@@ -32,7 +32,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    # tiny:<sd3|flux>[@seed] (random weights, built locally), a diffusers folder, s3://bucket/prefix, or a hub id
+    # tiny:<sd3|flux|qwenimage>[@seed] (random weights, built locally), a diffusers folder, s3://bucket/prefix, or a hub id
     source: str = "tiny:sd3"
     # hub revision (branch, tag or commit); ignored for other sources
     revision: str | None = None
@@ -121,6 +121,13 @@ class TrainConfig(_Strict):
     num_inner_epochs: int = Field(1, ge=1)
     # eps of the PPO clip on the importance ratio (log-probs are element means, hence the tiny value)
     clip_range: float = Field(1e-4, gt=0)
+    # an asymmetric band: the ratio is clipped to [1 - clip_range_low, 1 + clip_range_high] (upstream's
+    # clip_range_lt / clip_range_gt, which only its BAGEL trainer reads); unset: clip_range on that side
+    clip_range_low: float | None = Field(None, gt=0)
+    clip_range_high: float | None = Field(None, gt=0)
+    # upstream's GRPO-Guard configs set `highclip_range` (equal to their clip_range), but no upstream script reads
+    # it; offered as the upper width under that name (what clip_range_high does), off by default and in the presets
+    highclip_range: float | None = Field(None, gt=0)
     adv_clip_max: float = Field(5.0, gt=0)
     # KL coefficient towards the base model (0 = no reference forward)
     beta: float = Field(0.04, ge=0)
@@ -168,6 +175,30 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
     device: str = "auto"
+    # stop training when the reward-hacking monitor raises an alarm (needs eval.every_epochs and eval.metrics);
+    # the exported policy is then the last one evaluated before the alarm
+    stop_on_hacking: bool = False
+    # export the policy of the evaluated epoch where this eval.metrics metric was best (its accuracy over tasks
+    # for GenEval-type metrics, else its mean; needs eval.every_epochs); empty: the policy of the last epoch
+    keep_best: str | None = None
+
+    @model_validator(mode="after")
+    def _one_upper_width(self) -> TrainConfig:
+        high, alias = self.clip_range_high, self.highclip_range
+        if high is not None and alias is not None and high != alias:
+            raise ValueError(
+                f"highclip_range: {alias:g} and clip_range_high: {high:g} both set the upper clip width; set one"
+            )
+        return self
+
+    def clip_bounds(self) -> tuple[float, float]:
+        """``(low, high)``: the ratio is clipped to ``[1 - low, 1 + high]``; ``(clip_range, clip_range)`` unless
+        an asymmetric width is set."""
+        low = self.clip_range if self.clip_range_low is None else self.clip_range_low
+        high = next(
+            (w for w in (self.clip_range_high, self.highclip_range) if w is not None), self.clip_range
+        )
+        return low, high
 
 
 class PromptsConfig(_Strict):
@@ -188,8 +219,29 @@ class EvalConfig(_Strict):
     min_images_per_tag: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     seed: int = 0
-    # rewards evaluated on base and policy images (default: the training rewards)
+    # rewards evaluated on base and policy images besides the training reward; during training, the gold
+    # metrics that the training reward (the proxy) is watched against
     metrics: list[str] = Field(default_factory=list)
+    # every N epochs, evaluate the policy on held-out prompts as this stage does (and once before training):
+    # the proxy and every gold metric with their standard errors, logged with step = epochs trained; 0 = never
+    every_epochs: int = Field(0, ge=0)
+    # those evaluations use the first N prompts of prompts.eval (empty: eval.num_prompts), with this section's
+    # images per prompt, steps, guidance and seed
+    during_training_prompts: int | None = Field(None, ge=1)
+    # the reward-hacking monitor: an alarm when, from the evaluation `hacking_window` evaluations back to the
+    # latest, the proxy rose while a gold metric fell by more than `hacking_standard_errors` standard errors
+    hacking_window: int = Field(2, ge=1)
+    hacking_standard_errors: float = Field(2.0, gt=0)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        from flowgrpo_core.rewards import REWARD_NAMES
+
+        for name in value:
+            if name not in REWARD_NAMES:
+                raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARD_NAMES))}")
+        return value
 
 
 class CalibrationConfig(_Strict):
@@ -297,8 +349,7 @@ class FlowGRPOConfig(_Strict):
             )
         if self.train.ratio_norm and self.sampling.sde_type != "sde":
             raise ConfigError("train.ratio_norm: GRPO-Guard's RatioNorm is defined for sde_type 'sde' only")
-        for metric in self.eval.metrics:
-            self._known_rewards({metric: 1.0})
+        self._check_watch()
         tr = self.tracking
         if tr.gate_standard_errors and not tr.gate_metric.endswith("/accuracy/overall"):
             raise ConfigError(
@@ -306,6 +357,33 @@ class FlowGRPOConfig(_Strict):
                 f"'eval/policy/<metric>/accuracy/overall' accuracy; got tracking.gate_metric={tr.gate_metric!r}"
             )
         return self
+
+    def _check_watch(self) -> None:
+        """Evaluation during training, the hacking monitor and keep-best refer to each other: refuse what
+        could never take effect, naming the field."""
+        e, t = self.eval, self.train
+        if e.every_epochs > t.epochs:
+            raise ConfigError(
+                f"eval.every_epochs: {e.every_epochs} is larger than the run (train.epochs={t.epochs}): the policy "
+                "would never be evaluated during training"
+            )
+        for field, wanted in (
+            ("train.keep_best", t.keep_best is not None),
+            ("train.stop_on_hacking", t.stop_on_hacking),
+        ):
+            if wanted and not e.every_epochs:
+                raise ConfigError(f"{field}: needs evaluations during training, eval.every_epochs > 0")
+        if t.keep_best is not None and t.keep_best not in e.metrics:
+            raise ConfigError(
+                f"train.keep_best: {t.keep_best!r} is not evaluated; it must be one of eval.metrics {e.metrics}"
+            )
+        if t.stop_on_hacking and not e.metrics:
+            raise ConfigError("train.stop_on_hacking: needs a gold metric to watch, in eval.metrics")
+        if t.stop_on_hacking and t.epochs // e.every_epochs < e.hacking_window:
+            raise ConfigError(
+                f"train.stop_on_hacking: {t.epochs // e.every_epochs} evaluations after the base's are fewer than "
+                f"eval.hacking_window={e.hacking_window}: the monitor could never raise an alarm"
+            )
 
     # ---- derived quantities (the batch arithmetic the trainer prints) ----
 

@@ -15,6 +15,20 @@ import torch
 import torch.distributed as dist
 
 
+def shard(count: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``count`` items; the first ``count % world_size`` ranks get one more."""
+    size, extra = divmod(count, world_size)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (1 if rank < extra else 0))
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """``items`` in ``min(parts, len(items))`` contiguous chunks whose sizes differ by at most one (none
+    when there are no items)."""
+    parts = max(1, min(parts, len(items)))
+    return [items[shard(len(items), p, parts)] for p in range(parts)] if items else []
+
+
 @dataclass(frozen=True)
 class DistributedContext:
     rank: int = 0

@@ -97,7 +97,7 @@ def grpo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
     advantages: torch.Tensor,
-    clip_range: float,
+    clip_range: float | tuple[float, float],
     beta: float = 0.0,
     kl: torch.Tensor | None = None,
     ratio_norm: bool = False,
@@ -111,16 +111,18 @@ def grpo_loss(
     """PPO-style clipped surrogate plus ``beta * KL``::
 
         ratio  = exp(logp_new - logp_old)
-        L_clip = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) * w )
+        L_clip = mean( max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)) * w )
         L      = L_clip + beta * mean(KL)
 
-    ``w`` is 1, or GRPO-Guard's gradient reweight ``1 / (-dt)`` of each sample's step.
+    ``w`` is 1, or GRPO-Guard's gradient reweight ``1 / (-dt)`` of each sample's step. With an asymmetric band,
+    ``eps_high`` bounds how far a step may raise the probability of a sample with A > 0, and ``eps_low`` how
+    far it may lower that of a sample with A < 0.
 
     Args:
         log_prob: (B,) step log-prob under the current policy (with graph).
         old_log_prob: (B,) the same step's log-prob recorded when sampling.
         advantages: (B,) clipped group-relative advantages.
-        clip_range: ``eps``.
+        clip_range: ``eps`` (the band ``[1 - eps, 1 + eps]``), or ``(eps_low, eps_high)``.
         beta: KL coefficient; ``kl`` (B,) must be given when ``beta > 0``.
         ratio_norm, mean, old_mean, std_t, sqrt_dt, ratio_norm_bias: see :func:`log_ratio`.
         step_weight: (B,) per-sample weight of the policy term, or None.
@@ -131,9 +133,10 @@ def grpo_loss(
         raise ValueError("beta > 0 needs the KL to the reference model")
     lr = log_ratio(log_prob, old_log_prob, ratio_norm, mean, old_mean, std_t, sqrt_dt, ratio_norm_bias)
     ratio = torch.exp(lr)
+    low, high = clip_range if isinstance(clip_range, tuple) else (clip_range, clip_range)
     advantages = advantages.float()
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     per_sample = torch.maximum(unclipped, clipped)
     if step_weight is not None:
         per_sample = per_sample * step_weight.float()
@@ -148,7 +151,7 @@ def grpo_loss(
             loss=loss,
             policy_loss=policy_loss.detach(),
             kl=kl_mean.detach(),
-            clipfrac=((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
+            clipfrac=((ratio.detach() - 1.0 > high) | (1.0 - ratio.detach() > low)).float().mean(),
             approx_kl=0.5 * (raw_delta**2).mean(),
             ratio_mean=ratio.detach().mean(),
             ratio_min=ratio.detach().min(),

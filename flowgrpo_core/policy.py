@@ -4,11 +4,17 @@ back onto their base model by :func:`attach_policy`. LoRA weights are diffusers'
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from flowgrpo_core.models.base import FlowAdapter
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# what a run that evaluated during training adds: its records and which epoch was exported
+# (``watch.ProxyGoldWatch.summary``), and their plot
+HELDOUT_FILE = "heldout.json"
+PROXY_GOLD_PLOT = "proxy_vs_gold.png"
 
 
 def export_weights(adapter: FlowAdapter, directory: str | Path) -> None:
@@ -47,3 +53,9 @@ def attach_policy(adapter: FlowAdapter, policy_dir: str | Path, ema: bool = True
     else:
         raise FileNotFoundError(f"{folder} holds no policy: expected {LORA_FILE} or a transformer/ folder")
     return folder
+
+
+def read_heldout(policy_dir: str | Path) -> dict[str, Any] | None:
+    """The policy's :data:`HELDOUT_FILE` (evaluations during training, the exported epoch), or None."""
+    path = Path(policy_dir) / HELDOUT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -21,6 +21,7 @@ from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS, JOINT_FEED_FO
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
+QWEN_IMAGE = "Qwen/Qwen-Image"
 
 
 def _merge(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
@@ -102,6 +103,40 @@ _FLUX_REFERENCE: dict[str, Any] = _merge(
     eval={"num_steps": 28, "guidance_scale": 3.5},
 )
 
+# ``pickscore_qwenimage`` (its train_qwenimage.py): true CFG 4 with the negative prompt " ", T = 10 at noise 1.2
+# with a 2-step SDE window in the first half (Flow-GRPO-Fast, plain `sde` steps), 16 images x 32 prompts in
+# batches of 4, no KL, no EMA, LoRA r64/alpha 128 on the family's targets (attention and both streams'
+# feed-forwards: ``train.lora_target_modules`` empty), activation checkpointing, bf16, every sample trained in
+# sampling order, prompts of up to 512 tokens, 50 evaluation steps in batches of 4. The frozen weights are
+# held in bfloat16 (upstream: float32 copies that FSDP casts to bf16 for compute; README "Differences").
+_QWEN_REFERENCE: dict[str, Any] = _merge(
+    _SD3_REFERENCE,
+    model={"source": QWEN_IMAGE, "dtype": "bfloat16", "text_encoder_dtype": "bfloat16"},
+    sampling={
+        "guidance_scale": 4.0,
+        "negative_prompt": " ",
+        "noise_level": 1.2,
+        "sde_window_size": 2,
+        "sde_window_range": [0.0, 0.5],
+        "group_size": 16,
+        "groups_per_epoch": 32,
+        "batch_size": 4,
+        "max_sequence_length": 512,
+    },
+    train={
+        "beta": 0.0,
+        "timestep_fraction": 1.0,  # upstream's default; a Fast window trains its steps whatever the fraction
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "ema": False,
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "zero_advantage": "keep",
+        "shuffle_samples": False,
+    },
+    eval={"num_steps": 50, "guidance_scale": 4.0, "batch_size": 4},
+)
+
 _PICKSCORE = {
     "rewards": {"pickscore": 1.0},
     "prompts": {"train": "builtin:general_train", "eval": "builtin:general_test"},
@@ -111,6 +146,26 @@ _GENEVAL = {
     "prompts": {"train": "builtin:geneval_train", "eval": "builtin:geneval_test"},
 }
 _OCR = {"rewards": {"ocr": 1.0}, "prompts": {"train": "builtin:ocr_train", "eval": "builtin:ocr_test"}}
+
+# GRPO-Guard as upstream runs it (``config/grpo_guard.py``, its train_sd3_GRPO_Guard.py): the SD3.5-M reference
+# with RatioNorm (the shift per micro-batch) and the 1/(-dt) gradient reweight, lr 1e-4, beta 0, the group's std,
+# evaluation and checkpoints every 30 epochs on the whole test set. Upstream's `highclip_range` (equal to the clip
+# range) is read by no script: train.highclip_range stays unset. The clip range and the reward mix differ per task;
+# a 0-weighted pickscore is scored on every image as upstream logs it, and is the gold metric during training.
+_SD3_GUARD: dict[str, Any] = _merge(
+    _SD3_REFERENCE,
+    train={
+        "learning_rate": 1e-4,
+        "beta": 0.0,
+        "global_std": False,
+        "ratio_norm": True,
+        "ratio_norm_bias": "batch",
+        "grad_reweight": True,
+        "checkpoint_every": 30,
+    },
+    eval={"every_epochs": 30, "batch_size": 16},
+)
+
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": (
@@ -264,6 +319,44 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                 train={"clip_range": 1e-5, "global_std": False, "shuffle_samples": False},
             ),
             **_PICKSCORE,
+        },
+    ),
+    "qwenimage-pickscore": (
+        "Qwen-Image, PickScore, true CFG 4, T=10 at noise 1.2 with a 2-step window in the first half, beta 0, "
+        "LoRA r64 on attention + both streams' FF, 16 x 32 (upstream pickscore_qwenimage)",
+        {**_QWEN_REFERENCE, **_PICKSCORE},
+    ),
+    "qwenimage-ocr": (
+        "our variant, not an upstream config: qwenimage-pickscore's settings with the OCR reward and prompts",
+        {**_QWEN_REFERENCE, **_OCR},
+    ),
+    "qwenimage-geneval": (
+        "our variant, not an upstream config: qwenimage-pickscore's settings with the GenEval reward and prompts",
+        {**_QWEN_REFERENCE, **_GENEVAL},
+    ),
+    "sd3-ocr-guard": (
+        "SD3.5-M, OCR, GRPO-Guard: RatioNorm + gradient reweight, lr 1e-4, clip 2e-6, beta 0; PickScore (weight 0) "
+        "as gold every 30 epochs (upstream general_ocr_sd3_rationorm)",
+        {
+            **_merge(_SD3_GUARD, train={"clip_range": 2e-6}, eval={"metrics": ["pickscore"]}),
+            **_OCR,
+            "rewards": {"ocr": 1.0, "pickscore": 0.0},
+        },
+    ),
+    "sd3-pickscore-guard": (
+        "SD3.5-M, PickScore, GRPO-Guard: RatioNorm + gradient reweight, lr 1e-4, clip 4e-6, beta 0 (upstream "
+        "pickscore_hps_sd3_ratio_norm)",
+        {**_merge(_SD3_GUARD, train={"clip_range": 4e-6}), **_PICKSCORE},
+    ),
+    "sd3-geneval-guard": (
+        "SD3.5-M, GenEval, GRPO-Guard: RatioNorm + gradient reweight, lr 1e-4, clip 2e-6, beta 0; PickScore "
+        "(weight 0) as gold every 30 epochs (upstream geneval_sd3_rationorm)",
+        {
+            **_merge(
+                _SD3_GUARD, train={"clip_range": 2e-6}, eval={"metrics": ["pickscore"], "batch_size": 14}
+            ),
+            **_GENEVAL,
+            "rewards": {"geneval": 1.0, "pickscore": 0.0},
         },
     ),
 }

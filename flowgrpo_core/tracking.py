@@ -273,3 +273,40 @@ def reward_curve(history: Sequence[dict[str, float]], path: str | os.PathLike) -
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def proxy_gold_curve(
+    epochs: Sequence[int],
+    proxy: dict[str, Sequence[tuple[float, float]]],
+    gold: dict[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    alarm_epochs: Sequence[int] = (),
+    exported_epoch: int | None = None,
+) -> Path:
+    """PNG of the held-out evaluations during training: the proxy (left) and the gold metrics (right), each
+    ``(value, standard error)`` per evaluation as a point with a ±1 standard-error bar, over epochs trained;
+    a red dashed line at each hacking alarm, a grey dotted line at the exported epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharex=True)
+    for ax, curves, title in ((axes[0], proxy, "proxy"), (axes[1], gold, "gold")):
+        for name, points in curves.items():
+            values = [v for v, _ in points]
+            errors = [0.0 if se != se else se for _, se in points]  # nan: no bar
+            ax.errorbar(epochs, values, yerr=errors, marker="o", capsize=3, label=name)
+        for i, epoch in enumerate(alarm_epochs):
+            label = "hacking alarm" if i == 0 else None
+            ax.axvline(epoch, color="tab:red", linestyle="--", linewidth=1, label=label)
+        if exported_epoch is not None:
+            ax.axvline(exported_epoch, color="grey", linestyle=":", linewidth=1.5, label="exported epoch")
+        ax.set(xlabel="epochs trained", title=f"{title} on held-out prompts (± 1 s.e.)")
+        if curves:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from flowgrpo_core.checkpoint import (
 )
 from flowgrpo_core.config import FlowGRPOConfig
 from flowgrpo_core.devices import require_device
-from flowgrpo_core.distributed import DistributedContext
+from flowgrpo_core.distributed import DistributedContext, split_evenly
 from flowgrpo_core.ema import EMA
 from flowgrpo_core.loss import LossOutput, loss_statistics
 from flowgrpo_core.models import FlowAdapter, load_model
@@ -54,6 +54,7 @@ from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
 from flowgrpo_core.rollouts import EpochSamples, plan_epoch, sample_and_score
 from flowgrpo_core.sampling import Trajectories, to_pil
 from flowgrpo_core.transitions import TransitionScorer, trained_steps
+from flowgrpo_core.watch import ProxyGoldWatch
 
 EpochCallback = Callable[["FlowGRPOTrainer", dict[str, float]], None]
 _AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -99,6 +100,7 @@ class FlowGRPOTrainer:
         prompts: PromptSet | None = None,
         callbacks: Sequence[EpochCallback] = (),
         progress: bool = True,
+        gold: Mapping[str, Reward] | None = None,
     ) -> None:
         self.config = config
         self.output_dir = Path(output_dir)
@@ -145,6 +147,9 @@ class FlowGRPOTrainer:
         self.last_samples: Trajectories | None = None  # this rank's roll-outs of the last epoch
         self.last_prompts: list[str] = []  # the last epoch's prompts, all ranks
         self.last_rewards: RewardOutput | None = None  # the last epoch's scores, all ranks, every component
+        # held-out evaluations during training (eval.every_epochs), the hacking monitor, keep-best; gold: the
+        # eval.metrics as the evaluate stage builds them (reward servers' clients), else built in-process
+        self.watch = ProxyGoldWatch(config, self.reward, gold, self.dist, self.output_dir, self._log)
 
     def _setup_policy(self) -> dict[str, torch.nn.Parameter]:
         t = self.config.train
@@ -169,13 +174,18 @@ class FlowGRPOTrainer:
     # ---- the loop ----
 
     def train(self, epochs: int | None = None) -> list[dict[str, float]]:
-        """Run until ``epochs`` epochs are done in total (default: config.train.epochs)."""
+        """Run until ``epochs`` epochs are done in total (default: config.train.epochs), or until the hacking
+        monitor stops the run (``train.stop_on_hacking``)."""
         target = self.config.train.epochs if epochs is None else epochs
         every = self.config.train.checkpoint_every
         self._log(
             f"[flowgrpo] {self.config.describe()}"
             + (f"; {self.dist.world_size} processes" if self.dist.enabled else "")
         )
+        if self.watch.stopped_at is not None:  # resumed after the hacking monitor stopped the run
+            return self.history
+        if self.watch.due(self.epoch) and self.epoch < target:  # the policy before the first epoch it trains
+            self.watch.evaluate(self)
         for epoch in tqdm(
             range(self.epoch, target),
             desc="epochs",
@@ -190,13 +200,18 @@ class FlowGRPOTrainer:
                 f"[flowgrpo] epoch {epoch}: reward {metrics['reward/total']:.4f} ± {metrics['reward/total/std']:.4f}  "
                 f"kl {metrics['train/kl']:.3g}  clipfrac {metrics['train/clipfrac']:.3f}  {metrics['time/epoch_s']:.1f}s"
             )
+            if self.watch.due(self.epoch):  # before the checkpoint, which keeps the monitor's state
+                self.watch.evaluate(self)
+            stop = self.watch.stopped_at is not None
             # Checkpoint before the callbacks: a kill in between loses a log line, which the resume can
             # replay from the checkpoint's history, never an epoch of training.
-            if (every and self.epoch % every == 0) or self.epoch == target:
+            if (every and self.epoch % every == 0) or self.epoch == target or stop:
                 self.save_checkpoint()
             if self.dist.is_main:
                 for callback in self.callbacks:
                     callback(self, metrics)
+            if stop:
+                break
         return self.history
 
     def _log(self, line: str) -> None:
@@ -274,7 +289,7 @@ class FlowGRPOTrainer:
         for _ in range(t.num_inner_epochs):
             # the same order on every rank; unshuffled, the optimiser steps take the samples in sampling order
             order = keep[torch.randperm(len(keep), generator=generator)] if t.shuffle_samples else keep
-            for window in _split_evenly(order.tolist(), t.optimizer_steps_per_epoch):
+            for window in split_evenly(order.tolist(), t.optimizer_steps_per_epoch):
                 mine = torch.tensor(
                     [local_position[g] for g in window if g in local_position], dtype=torch.long
                 )
@@ -387,6 +402,7 @@ class FlowGRPOTrainer:
             "tracker": self.tracker.state_dict(),
             "rng": rng_state(),
             "history": self.history,
+            "watch": self.watch.state_dict(),
             "counters": dict(self.counters),
             "ema_counters": {"optimizer_steps": self.ema.optimizer_steps, "updates": self.ema.updates}
             if self.ema
@@ -407,6 +423,7 @@ class FlowGRPOTrainer:
             self.dist.all_gather_objects(str(error))
             raise
         self.dist.all_gather_objects(None)
+        self.watch.prune()  # the kept weights this checkpoint no longer needs
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
@@ -443,6 +460,7 @@ class FlowGRPOTrainer:
         set_rng_state(state["rng"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = [dict(h) for h in state["history"]]
+        self.watch.load_state_dict(state.get("watch"))
         self.counters.update({k: int(v) for k, v in state["counters"].items()})
         self._log(f"[flowgrpo] resumed from {path} at epoch {self.epoch}")
         return True
@@ -453,16 +471,20 @@ class FlowGRPOTrainer:
 
     def save_policy(self, directory: str | Path) -> Path:
         """The trained policy: LoRA weights in diffusers format (or the full transformer), the EMA version
-        in ``ema/``, the resolved config and the metric history; and the last epoch's images (this rank's,
-        up to 16) as ``last_epoch.png`` in the run folder. Written by rank 0 only."""
+        in ``ema/``, the resolved config and the metric history; with evaluations during training, the
+        weights of the epoch keep-best or stop-on-hacking chose, ``heldout.json`` and the proxy-vs-gold plot;
+        and the last epoch's images (this rank's, up to 16) as ``last_epoch.png`` in the run folder. Written
+        by rank 0 only."""
         directory = Path(directory)
         if not self.dist.is_main:
             return directory
         directory.mkdir(parents=True, exist_ok=True)
-        export_weights(self.adapter, directory)
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                export_weights(self.adapter, directory / "ema")
+        with self.watch.exported_weights(self.trainable, self.ema):  # keep-best's or the last good epoch's
+            export_weights(self.adapter, directory)
+            if self.ema is not None:
+                with self.ema.swapped_in():
+                    export_weights(self.adapter, directory / "ema")
+        self.watch.write(directory, self.epoch)
         (directory / "config.yaml").write_text(self.config.to_yaml())
         (directory / "metrics.json").write_text(json.dumps(self.history, indent=1))
         if self.last_samples is not None:
@@ -472,15 +494,3 @@ class FlowGRPOTrainer:
             grid = image_grid([images[i : i + 8] for i in range(0, len(images), 8)])
             grid.save(self.output_dir / "last_epoch.png")  # beside the checkpoints, outside the policy
         return directory
-
-
-def _split_evenly(items: list, parts: int) -> list[list]:
-    """Split into ``min(parts, len)`` contiguous chunks whose sizes differ by at most one."""
-    parts = max(1, min(parts, len(items)))
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for p in range(parts):
-        end = start + size + (1 if p < extra else 0)
-        out.append(items[start:end])
-        start = end
-    return [chunk for chunk in out if chunk]

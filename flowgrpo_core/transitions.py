@@ -131,7 +131,7 @@ class TransitionScorer:
             current.log_prob,
             samples.log_probs[i, j],
             advantages.to(dev),
-            t.clip_range,
+            t.clip_bounds(),
             beta=t.beta,
             kl=kl,
             ratio_norm=t.ratio_norm,

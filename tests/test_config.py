@@ -107,6 +107,51 @@ _FLUX = _SD3 | {
         "ff_context.net.2",
     ],
 }
+# pickscore_qwenimage (its train_qwenimage.py): upstream keeps float32 copies of the transformer and the text
+# encoder that FSDP casts to bf16 for every forward; ours are stored in bf16 (README "Differences from
+# flow_grpo"), so model.dtype and model.text_encoder_dtype are not in the row. LoRA targets: the family's (empty
+# list), pinned against upstream's list in tests/test_qwenimage.py.
+_QWEN = {k: v for k, v in _SD3.items() if k not in ("model.dtype", "model.text_encoder_dtype")} | {
+    "model.source": "Qwen/Qwen-Image",
+    "sampling.guidance_scale": 4.0,
+    "sampling.negative_prompt": " ",
+    "sampling.noise_level": 1.2,
+    "sampling.sde_window_size": 2,
+    "sampling.sde_window_range": [0.0, 0.5],
+    "sampling.group_size": 16,
+    "sampling.groups_per_epoch": 32,
+    "sampling.batch_size": 4,
+    "sampling.max_sequence_length": 512,
+    "train.beta": 0.0,
+    "train.timestep_fraction": 1.0,
+    "train.lora_rank": 64,
+    "train.lora_alpha": 128.0,
+    "train.ema": False,
+    "train.mixed_precision": "bf16",
+    "train.gradient_checkpointing": True,
+    "train.zero_advantage": "keep",
+    "train.shuffle_samples": False,
+    "eval.num_steps": 50,
+    "eval.guidance_scale": 4.0,
+    "eval.batch_size": 4,
+}
+# config/grpo_guard.py (its train_sd3_GRPO_Guard.py): the SD3 reference with RatioNorm (`rationorm`, the batch
+# shift) and the gradient reweight it applies with it, lr 1e-4, beta 0, the group's std, eval_freq = save_freq =
+# 30. `highclip_range` is set upstream (equal to clip_range) but read by no script: ours stays unset.
+_GUARD = _SD3 | {
+    "train.learning_rate": 1e-4,
+    "train.beta": 0.0,
+    "train.global_std": False,
+    "train.ratio_norm": True,
+    "train.ratio_norm_bias": "batch",
+    "train.grad_reweight": True,
+    "train.clip_range_low": None,
+    "train.clip_range_high": None,
+    "train.highclip_range": None,
+    "train.checkpoint_every": 30,
+    "eval.every_epochs": 30,
+    "eval.batch_size": 16,
+}
 UPSTREAM = {
     "sd3-geneval": _SD3 | {"train.beta": 0.04, "rewards.geneval": 1.0},  # geneval_sd3
     "sd3-ocr": _SD3 | {"train.beta": 0.04, "rewards.ocr": 1.0},  # general_ocr_sd3
@@ -126,6 +171,24 @@ UPSTREAM = {
         "train.global_std": False,
         "train.shuffle_samples": False,
         "rewards.pickscore": 1.0,
+    },
+    "qwenimage-pickscore": _QWEN | {"rewards.pickscore": 1.0},  # pickscore_qwenimage
+    # our variants: pickscore_qwenimage's fields with another reward (upstream has no such Qwen-Image config)
+    "qwenimage-ocr": _QWEN | {"rewards.ocr": 1.0},
+    "qwenimage-geneval": _QWEN | {"rewards.geneval": 1.0},
+    # general_ocr_sd3_rationorm: reward_fn {ocr: 1, pickscore: 0}, the 0-weighted pickscore our gold metric
+    "sd3-ocr-guard": _GUARD
+    | {"train.clip_range": 2e-6, "rewards.ocr": 1.0, "rewards.pickscore": 0.0, "eval.metrics": ["pickscore"]},
+    # pickscore_hps_sd3_ratio_norm: reward_fn {pickscore: 1}
+    "sd3-pickscore-guard": _GUARD | {"train.clip_range": 4e-6, "rewards.pickscore": 1.0, "eval.metrics": []},
+    # geneval_sd3_rationorm: reward_fn {geneval: 1, pickscore: 0}, test batch 14
+    "sd3-geneval-guard": _GUARD
+    | {
+        "train.clip_range": 2e-6,
+        "rewards.geneval": 1.0,
+        "rewards.pickscore": 0.0,
+        "eval.metrics": ["pickscore"],
+        "eval.batch_size": 14,
     },
 }
 
@@ -283,3 +346,32 @@ def test_flat_params_for_mlflow():
     flat = load_config("tiny").flat()
     assert flat["train.beta"] == 0.01 and flat["rewards.jpeg_incompressibility"] == 1.0
     assert flat["model.source"] == "tiny:sd3"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "hint"),
+    [
+        (["eval.metrics=[bogus]"], "eval.metrics", "unknown reward 'bogus'"),
+        (["eval.every_epochs=11"], "eval.every_epochs", "larger than the run (train.epochs=10)"),
+        (["train.keep_best=brightness"], "train.keep_best", "needs evaluations during training"),
+        (
+            ["eval.every_epochs=2", "eval.metrics=[brightness]", "train.keep_best=ocr"],
+            "train.keep_best",
+            "'ocr' is not evaluated",
+        ),
+        (
+            ["eval.every_epochs=2", "train.stop_on_hacking=true"],
+            "train.stop_on_hacking",
+            "needs a gold metric",
+        ),
+        (
+            ["eval.every_epochs=6", "eval.metrics=[brightness]", "train.stop_on_hacking=true"],
+            "train.stop_on_hacking",
+            "1 evaluations after the base's are fewer than eval.hacking_window=2",
+        ),
+    ],
+)
+def test_evaluation_during_training_refuses_what_could_never_take_effect(overrides, field, hint):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides=overrides)
+    assert f"{field}: " in str(info.value) and hint in str(info.value)

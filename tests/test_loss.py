@@ -182,3 +182,54 @@ def test_loss_statistics_weigh_every_sample_of_every_rank_alike():
         "train/ratio_mean/step_3"
     ] == pytest.approx(1.0)
     assert loss_statistics([({}, 0, {})])["train/loss"] == 0.0  # an idle epoch
+
+
+@pytest.mark.parametrize(
+    ("ratio", "advantage", "clipped"),
+    [
+        (1.0 + 1.5e-3, 1.0, False),  # above 1 + low but inside 1 + high: the wider upper side lets it through
+        (1.0 + 2.5e-3, 1.0, True),  # above 1 + high with A > 0: clipped
+        (1.0 - 0.5e-3, -1.0, False),  # inside 1 - low
+        (1.0 - 1.5e-3, -1.0, True),  # below 1 - low with A < 0: clipped, though inside the upper width
+        (1.0 - 2.5e-3, 1.0, False),  # below the band with A > 0: the unclipped term is the max
+        (1.0 + 2.5e-3, -1.0, False),  # above the band with A < 0: unclipped
+    ],
+)
+def test_asymmetric_clip_band_is_one_minus_low_to_one_plus_high(ratio, advantage, clipped):
+    low, high = 1e-3, 2e-3
+    new = torch.tensor([0.0], requires_grad=True)
+    old = -torch.log(torch.tensor([ratio]))
+    out = grpo_loss(new, old, torch.tensor([advantage]), clip_range=(low, high))
+    (grad,) = torch.autograd.grad(out.loss, new)
+    assert (grad.abs().item() == 0.0) is clipped
+    if not clipped:
+        assert grad.item() == pytest.approx(-advantage * ratio, rel=1e-5)
+    expected = max(-advantage * ratio, -advantage * min(max(ratio, 1 - low), 1 + high))
+    assert out.policy_loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.clipfrac.item() == float(ratio - 1 > high or 1 - ratio > low)
+
+
+def test_an_equal_band_is_the_symmetric_clip_to_the_bit():
+    g = torch.Generator().manual_seed(0)
+    new, old = 1e-3 * torch.randn(64, generator=g), 1e-3 * torch.randn(64, generator=g)
+    advantages = torch.randn(64, generator=g)
+    a = grpo_loss(new, old, advantages, 1e-3)
+    b = grpo_loss(new, old, advantages, (1e-3, 1e-3))
+    assert 0 < a.clipfrac.item() < 1  # some ratios clipped, some not
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.clipfrac, b.clipfrac)
+
+
+def test_the_config_gives_the_band_and_refuses_two_upper_widths():
+    from flowgrpo_core.config import ConfigError, load_config
+
+    def bounds(*overrides):
+        return load_config("tiny", overrides=["train.clip_range=0.01", *overrides]).train.clip_bounds()
+
+    assert bounds() == (0.01, 0.01)
+    assert bounds("train.clip_range_low=0.002") == (0.002, 0.01)
+    assert bounds("train.clip_range_high=0.03") == (0.01, 0.03)
+    assert bounds("train.highclip_range=0.03") == bounds(
+        "train.clip_range_high=0.03", "train.highclip_range=0.03"
+    )
+    with pytest.raises(ConfigError, match=r"highclip_range: 0\.04 and clip_range_high: 0\.03"):
+        bounds("train.clip_range_high=0.03", "train.highclip_range=0.04")

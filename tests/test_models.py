@@ -1,7 +1,5 @@
 """Model adapters against the diffusers pipelines, and every way of loading a base model."""
 
-import shutil
-
 import pytest
 import torch
 
@@ -112,15 +110,8 @@ def test_local_folder_round_trip(tiny_sd3_folder):
     _assert_same_model(load_model(str(tiny_sd3_folder)), load_model("tiny:sd3"))
 
 
-def test_hub_id_loads_from_the_cache_when_offline(tiny_sd3_folder, tmp_path, monkeypatch):
-    # Lay the folder out exactly as huggingface_hub caches a download: models--org--name/snapshots/<commit>.
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "models--flowgrpo--tiny-sd3"
-    shutil.copytree(tiny_sd3_folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_hub_id_loads_from_the_cache_when_offline(tiny_sd3_folder, hub_cache):
+    hub_cache(tiny_sd3_folder, "flowgrpo/tiny-sd3")
     assert parse_source("flowgrpo/tiny-sd3").kind == "hub"
     _assert_same_model(load_model("flowgrpo/tiny-sd3"), load_model("tiny:sd3"))
     with pytest.raises(

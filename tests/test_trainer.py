@@ -103,9 +103,22 @@ def _state(trainer):
     return {name: p.detach().clone() for name, p in trainer.trainable.items()}
 
 
+_WATCHED = [
+    "eval.every_epochs=1",
+    "eval.metrics=[brightness]",
+    "eval.during_training_prompts=4",
+    "eval.num_steps=4",
+]
+
+
 @pytest.mark.parametrize(
     "variant",
-    [[], ["train.lora=false", "train.beta=0.05"], ["train.ratio_norm=true", "train.grad_reweight=true"]],
+    [
+        [],
+        ["train.lora=false", "train.beta=0.05"],
+        ["train.ratio_norm=true", "train.grad_reweight=true"],
+        [*_WATCHED, "train.keep_best=brightness"],
+    ],
 )
 def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, variant):
     opts = ["train.checkpoint_every=1", "train.ema_update_interval=1", "train.stat_buffer_size=8", *variant]
@@ -125,9 +138,35 @@ def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, var
     assert straight.tracker.state_dict() == second.tracker.state_dict()
     drop_time = lambda h: [{k: v for k, v in m.items() if not k.startswith("time/")} for m in h]  # noqa: E731
     assert drop_time(straight.history) == drop_time(second.history)
+    assert drop_time(straight.watch.records) == drop_time(second.watch.records)
+    assert straight.watch.best == second.watch.best
     assert any(
         not torch.equal(a[k], _state(_trainer(tmp_path, *opts, name="fresh"))[k]) for k in a
     )  # it did train
+
+
+def test_evaluation_during_training_leaves_the_trajectory_bit_identical(tmp_path):
+    # evaluations after every epoch (EMA weights swapped in, ODE sampling, rewards) against none at all
+    off = _trainer(tmp_path, "train.beta=0.05", name="off")
+    on = _trainer(tmp_path, "train.beta=0.05", *_WATCHED, "train.keep_best=brightness", name="on")
+    off.train(epochs=2)
+    on.train(epochs=2)
+    assert [int(r["epoch"]) for r in on.watch.records] == [0, 1, 2] and not off.watch.records
+    assert all(torch.equal(off.trainable[k], on.trainable[k]) for k in off.trainable)
+    assert all(torch.equal(off.ema.shadow[k], on.ema.shadow[k]) for k in off.trainable)
+    assert [h["train/loss"] for h in off.history] == [h["train/loss"] for h in on.history]
+    # the model is left as training needs it: eval mode, the LoRA adapter active, the trained weights in place
+    assert not on.adapter.transformer.training and on.adapter.lora_adapter_name is not None
+    assert torch.equal(_images(on), _images(off))
+
+
+def _images(trainer):
+    from flowgrpo_core.sampling import SamplingSpec, rollout, sde_window_mask
+
+    spec = SamplingSpec(64, 4, 4.5, max_sequence_length=32)
+    return rollout(
+        trainer.adapter, ["a photo of a cat"], [0], spec, sde_window_mask(1, 4, 1, 0) & False
+    ).images
 
 
 def test_resume_refuses_a_changed_config(tmp_path):

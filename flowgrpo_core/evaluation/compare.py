@@ -76,7 +76,7 @@ def images_per_prompt_plan(
     return [max(images_per_prompt, -(-min_images_per_tag // counts[tag])) for tag in tags]
 
 
-def _expand(
+def expand_prompts(
     prompt_set: PromptSet, images_per_prompt: int, min_images_per_tag: int
 ) -> tuple[list[str], list[dict]]:
     """Prompts and metadata repeated as :func:`images_per_prompt_plan` says, prompt by prompt."""
@@ -104,7 +104,7 @@ def geneval_accuracy(
     """GenEval accuracy of one model's ODE samples, per task and overall (the mean over tasks), from the
     per-image verdicts (``details["correct"]``) of a GenEval-type ``reward``. Seeds and images per prompt as
     in :func:`compare`."""
-    prompts, metadata = _expand(prompt_set, images_per_prompt, min_images_per_tag)
+    prompts, metadata = expand_prompts(prompt_set, images_per_prompt, min_images_per_tag)
     images = generate(
         adapter,
         prompts,
@@ -144,7 +144,8 @@ def compare(
 ) -> Comparison:
     """Score base (``adapter.reference_model()``) and policy images of the same prompts and seeds.
 
-    Metric keys: ``eval/base/<m>_mean``, ``eval/policy/<m>_mean``, ``eval/delta/<m>`` (policy - base),
+    Metric keys (:func:`side_metrics` for each side): ``eval/base/<m>_mean``, ``eval/policy/<m>_mean`` with
+    their standard errors ``..._mean_se``, ``eval/delta/<m>`` (policy - base),
     ``eval/win_rate/<m>`` (share of images where the policy scores higher), and per task tag (metadata
     ``tag``) ``eval/base/<m>/<tag>`` and ``eval/policy/<m>/<tag>``. A metric that reports per-image verdicts
     (``details["correct"]``, as GenEval does) also gets its accuracy the way the benchmark reports it:
@@ -155,7 +156,7 @@ def compare(
     """
     from flowgrpo_core.tracking import image_grid
 
-    prompts, metadata = _expand(prompt_set, images_per_prompt, min_images_per_tag)
+    prompts, metadata = expand_prompts(prompt_set, images_per_prompt, min_images_per_tag)
     seeds = [seed + i for i in range(len(prompts))]
     kwargs = dict(
         resolution=resolution,
@@ -183,26 +184,17 @@ def compare(
         )
         base, policy = base_out.scores, policy_out.scores
         for side, result in (("base", base_out), ("policy", policy_out)):
-            for key, report in _verdict_reports(result.details, tags, prompts).items():
-                label = name if key == "correct" else f"{name}/{key.removesuffix('/correct')}"
-                out |= report.metrics(prefix=f"eval/{side}/{label}/accuracy")
-                summaries[f"{label}_{side}"] = report.to_text()
+            side_out, side_summaries = side_metrics(
+                name, result.scores, result.details, tags, prompts, f"eval/{side}"
+            )
+            out |= side_out
+            summaries |= {f"{label}_{side}": text for label, text in side_summaries.items()}
         for row, b, p in zip(rows, base, policy):
             row[f"base/{name}"], row[f"policy/{name}"] = float(b), float(p)
+        out[f"eval/delta/{name}"] = float(np.mean(policy - base))
+        out[f"eval/win_rate/{name}"] = float(np.mean(policy > base))
         for tag, idx in groups.items():
             b, p = base[idx], policy[idx]
-            if tag == "all":
-                out[f"eval/base/{name}_mean"], out[f"eval/policy/{name}_mean"] = (
-                    float(np.mean(b)),
-                    float(np.mean(p)),
-                )
-                out[f"eval/delta/{name}"] = float(np.mean(p - b))
-                out[f"eval/win_rate/{name}"] = float(np.mean(p > b))
-            else:
-                out[f"eval/base/{name}/{tag}"], out[f"eval/policy/{name}/{tag}"] = (
-                    float(np.mean(b)),
-                    float(np.mean(p)),
-                )
             table.append(
                 f"| {name} | {tag} | {np.mean(b):.4f} | {np.mean(p):.4f} | {np.mean(p - b):+.4f} | {np.mean(p > b):.0%} |"
             )
@@ -221,6 +213,45 @@ def compare(
             f"| {key.removeprefix('eval/policy/')} | | {out[base_key]:.4f} | {out[key]:.4f} | {out[key] - out[base_key]:+.4f} | |"
         )
     return Comparison(metrics=out, table="\n".join(table) + "\n", grids=grids, rows=rows, summaries=summaries)
+
+
+def side_metrics(
+    name: str,
+    scores: np.ndarray,
+    details: Mapping[str, list],
+    tags: Sequence[str],
+    prompts: Sequence[str],
+    prefix: str,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """One model's images scored by one metric, as metrics under ``prefix`` (``eval/policy`` in the evaluate
+    stage, ``heldout`` during training): ``<name>_mean`` and its standard error ``<name>_mean_se``, the mean
+    per task tag ``<name>/<tag>``, and for per-image verdicts (``details["correct"]``, as GenEval gives) the
+    accuracy ``<label>/accuracy/<tag>``, ``.../overall`` (the mean over tasks) and ``.../overall_se``. Also
+    GenEval's text summary per verdict label.
+
+    Args:
+        scores: (N,) the metric's scores; details: its per-image details (N values each); tags, prompts: N.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    out = {
+        f"{prefix}/{name}_mean": float(np.mean(scores)),
+        f"{prefix}/{name}_mean_se": mean_standard_error(scores),
+    }
+    for tag, idx in _by_tag(tags).items():
+        out[f"{prefix}/{name}/{tag}"] = float(np.mean(scores[idx]))
+    summaries = {}
+    for key, report in _verdict_reports(details, tags, prompts).items():
+        label = name if key == "correct" else f"{name}/{key.removesuffix('/correct')}"
+        out |= report.metrics(prefix=f"{prefix}/{label}/accuracy")
+        summaries[label] = report.to_text()
+    return out, summaries
+
+
+def mean_standard_error(values: np.ndarray) -> float:
+    """The standard error of the mean of (N,) ``values``, ``std / sqrt(N)`` with the unbiased std; nan for N < 2."""
+    if len(values) < 2:
+        return float("nan")
+    return float(np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
 def _verdict_reports(details: Mapping[str, list], tags: Sequence[str], prompts: Sequence[str]) -> dict:

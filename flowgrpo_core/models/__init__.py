@@ -7,9 +7,15 @@ from collections.abc import Mapping
 from flowgrpo_core.models.base import Conditioning, FlowAdapter
 from flowgrpo_core.models.flux import FluxAdapter
 from flowgrpo_core.models.loading import ModelSourceError, load_pipeline, parse_source
+from flowgrpo_core.models.qwenimage import QwenImageAdapter
 from flowgrpo_core.models.sd3 import SD3Adapter
 
-ADAPTERS: dict[str, type[FlowAdapter]] = {"StableDiffusion3Pipeline": SD3Adapter, "FluxPipeline": FluxAdapter}
+# diffusers pipeline class -> its family's adapter
+ADAPTERS: dict[str, type[FlowAdapter]] = {
+    "StableDiffusion3Pipeline": SD3Adapter,
+    "FluxPipeline": FluxAdapter,
+    "QwenImagePipeline": QwenImageAdapter,
+}
 FAMILIES = {cls.family: cls for cls in ADAPTERS.values()}
 
 
@@ -26,8 +32,9 @@ def load_model(
     source: str, revision: str | None = None, dtype: str | Mapping[str, str] = "float32", device: str = "cpu"
 ) -> FlowAdapter:
     """Load a base model and wrap it in its family's adapter, on ``device``; ``dtype`` as in
-    :func:`load_pipeline` (one dtype, or one per component)."""
-    adapter = adapter_for(load_pipeline(source, revision, dtype), source, revision)
+    :func:`load_pipeline` (one dtype, or one per component). A folder of an unsupported pipeline class fails
+    before any weights load."""
+    adapter = adapter_for(load_pipeline(source, revision, dtype, supported=ADAPTERS), source, revision)
     return adapter.to(device)
 
 
@@ -38,6 +45,7 @@ __all__ = [
     "FlowAdapter",
     "FluxAdapter",
     "ModelSourceError",
+    "QwenImageAdapter",
     "SD3Adapter",
     "adapter_for",
     "load_model",

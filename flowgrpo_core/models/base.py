@@ -6,8 +6,8 @@ call :meth:`FlowAdapter.predict_velocity`, so the log-probs recorded during roll
 recomputed during training come from the same computation (docs/algorithm.md sect. 4: any difference in the
 forward path makes the first importance ratio drift from 1).
 
-Latents live in the adapter's own layout (SD3: (B, C, h, w); FLUX: packed (B, h*w/4, 4C)); the sampler
-never looks inside them.
+Latents live in the adapter's own layout (SD3: (B, C, h, w); FLUX, Qwen-Image: packed (B, h*w/4, 4C)); the
+sampler never looks inside them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ from torch import nn
 class Conditioning:
     """Text conditioning of B prompts: named tensors whose first dimension is the batch.
 
-    The keys are the adapter's business (SD3: ``embeds, pooled, neg_embeds, neg_pooled``).
+    The keys are the adapter's business (SD3: ``embeds, pooled, neg_embeds, neg_pooled``; Qwen-Image:
+    ``embeds, mask, neg_embeds, neg_mask``). The second dimension of a tensor of rank >= 2 is its token axis.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -42,8 +44,25 @@ class Conditioning:
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
-        keys = items[0].tensors.keys()
-        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+        """The batches one after the other. Token axes of different lengths (prompts encoded in different
+        batches of a variable-length text encoder) are zero-padded to the longest: embeddings with zeros,
+        masks with 0 (padding), as the pipelines pad a batch. Fixed-length families never differ: plain cat."""
+        out = {}
+        for key in items[0].tensors:
+            parts = [c.tensors[key] for c in items]
+            if parts[0].ndim >= 2:
+                length = max(p.shape[1] for p in parts)
+                parts = [pad_tokens(p, length) for p in parts]
+            out[key] = torch.cat(parts)
+        return Conditioning(out)
+
+
+def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L, ...) -> (B, length, ...) with zeros after the L tokens (``x`` itself when L == length)."""
+    missing = length - x.shape[1]
+    if missing == 0:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], missing, *x.shape[2:])], dim=1)
 
 
 # The joint-attention projections of MMDiT blocks (image stream, then text stream) that receive LoRA
@@ -67,8 +86,11 @@ class FlowAdapter(ABC):
     """A flow-matching text-to-image model: ``v = model(x_sigma, sigma, text)``, ``x_sigma = (1-sigma) x0 + sigma noise``."""
 
     family: str = ""
-    #: attention projections that receive LoRA (docs/algorithm.md sect. 4)
+    #: the modules that receive LoRA when a config names none (the reference's choice for the family)
     lora_target_modules: tuple[str, ...] = ()
+    #: LoRA target names are written in SD3/FLUX's MMDiT vocabulary (``ff.net.2``, ``ff_context.net.2``); a
+    #: family that names the same layers otherwise maps them here, so a preset's targets fit every family
+    lora_target_aliases: ClassVar[dict[str, str]] = {}
 
     def __init__(self, pipeline, source: str = "", revision: str | None = None) -> None:
         self.pipeline = pipeline
@@ -114,12 +136,12 @@ class FlowAdapter(ABC):
             sigma: (B,) per-sample noise levels in [0, 1].
             cond: conditioning of the same B samples.
         Returns:
-            (B, *latent_shape) in the model's dtype.
+            (B, *latent_shape) in the model's dtype (or float32, where the guidance is combined in float32).
         """
 
     @abstractmethod
     def _vae_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Latents in the adapter layout -> (B, C, h, w) for the VAE."""
+        """Latents in the adapter layout -> the VAE's layout ((B, C, h, w); Qwen-Image: (B, C, 1, h, w))."""
 
     @abstractmethod
     def _schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:
@@ -173,25 +195,32 @@ class FlowAdapter(ABC):
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(B, *latent_shape) -> (B, 3, H, W) float32 images in [0, 1]."""
         vae = self.pipeline.vae
-        x = self._vae_latents(latents, height, width).to(vae.dtype)
-        x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(x, return_dict=False)[0]
+        images = self._vae_decode(self._vae_latents(latents, height, width).to(vae.dtype))
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _vae_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """VAE latents (as :meth:`_vae_latents` lays them out) -> (B, 3, H, W) images in [-1, 1]; a KL VAE's
+        latents are scaled by ``scaling_factor`` and shifted by ``shift_factor``."""
+        vae = self.pipeline.vae
+        x = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(x, return_dict=False)[0]
 
     # ---- LoRA and the reference model ----
 
     def add_lora(
         self, rank: int, alpha: float, init: str = "gaussian", target_modules: Sequence[str] | None = None
     ) -> None:
-        """Freeze the transformer and attach a trainable LoRA adapter named 'grpo'."""
+        """Freeze the transformer and attach a trainable LoRA adapter named 'grpo' to ``target_modules``
+        (peft suffixes, translated by :attr:`lora_target_aliases`; default: the family's)."""
         from peft import LoraConfig
 
         self.transformer.requires_grad_(False)
+        targets = [self.lora_target_aliases.get(t, t) for t in target_modules or self.lora_target_modules]
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
             init_lora_weights=init,
-            target_modules=list(target_modules or self.lora_target_modules),
+            target_modules=list(dict.fromkeys(targets)),
         )
         self.transformer.add_adapter(config, adapter_name="grpo")
         self.lora_adapter_name = "grpo"

@@ -8,21 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS, Conditioning, FlowAdapter
-from flowgrpo_core.models.sd3 import NUM_TRAIN_TIMESTEPS, _resolution_shift
+from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS, Conditioning
+from flowgrpo_core.models.packed import PackedLatentAdapter
+from flowgrpo_core.models.sd3 import NUM_TRAIN_TIMESTEPS
 
 
-class FluxAdapter(FlowAdapter):
+class FluxAdapter(PackedLatentAdapter):
     family = "flux"
     lora_target_modules = JOINT_ATTENTION_PROJECTIONS
-
-    @property
-    def resolution_factor(self) -> int:
-        # packing groups 2x2 latent pixels into one token
-        return self.pipeline.vae_scale_factor * 2
 
     @torch.no_grad()
     def encode_prompts(
@@ -33,16 +28,6 @@ class FluxAdapter(FlowAdapter):
         )
         # the text encoders' dtype may differ from the transformer's (see SD3Adapter.encode_prompts)
         return Conditioning({"embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)})
-
-    def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
-        scale = self.pipeline.vae_scale_factor
-        return 2 * (height // (scale * 2)), 2 * (width // (scale * 2))
-
-    def initial_noise(self, generators: Sequence[torch.Generator], height: int, width: int) -> torch.Tensor:
-        h, w = self._latent_hw(height, width)
-        channels = self.transformer.config.in_channels // 4
-        noise = torch.stack([torch.randn((channels, h, w), generator=g, device=g.device) for g in generators])
-        return self.pipeline._pack_latents(noise, len(generators), channels, h, w).to(self.device)
 
     def predict_velocity(
         self,
@@ -74,15 +59,3 @@ class FluxAdapter(FlowAdapter):
             img_ids=image_ids,
             return_dict=False,
         )[0]
-
-    def _vae_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
-
-    def _schedule(self, num_steps: int, height: int, width: int) -> torch.Tensor:
-        scheduler = type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
-        h, w = self._latent_hw(height, width)
-        base = np.linspace(1.0, 1 / num_steps, num_steps)
-        scheduler.set_timesteps(
-            sigmas=base, device="cpu", mu=_resolution_shift((h // 2) * (w // 2), scheduler.config)
-        )
-        return scheduler.sigmas.float().clone()

@@ -3,9 +3,10 @@ local diffusers folder, ``s3://``, or a hub id."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -99,11 +100,17 @@ def resolve_folder(source: str, revision: str | None = None) -> Path | None:
     return folder
 
 
-def load_pipeline(source: str, revision: str | None = None, dtype: str | Mapping[str, str] = "float32"):
+def load_pipeline(
+    source: str,
+    revision: str | None = None,
+    dtype: str | Mapping[str, str] = "float32",
+    supported: Collection[str] | None = None,
+):
     """A diffusers pipeline from any supported source (see module docstring).
 
     ``dtype`` is one dtype for every component, or ``{component: dtype, "default": dtype}`` (e.g. the
-    reference's float32 transformer and VAE with float16 text encoders).
+    reference's float32 transformer and VAE with float16 text encoders). With ``supported`` (pipeline class
+    names), a folder is checked by :func:`check_pipeline_folder` before any weights load.
     """
     from diffusers import DiffusionPipeline
 
@@ -116,26 +123,76 @@ def load_pipeline(source: str, revision: str | None = None, dtype: str | Mapping
     if parsed.kind == "tiny":
         pipe = TINY_BUILDERS[parsed.location](seed=parsed.seed)
         for name, component in pipe.components.items():
-            if isinstance(component, torch.nn.Module):
-                component.to(dtype=torch_dtypes.get(name, torch_dtypes["default"]))
+            wanted = torch_dtypes.get(name, torch_dtypes["default"])
+            # cast only what differs: diffusers warns on every dtype cast of some models (Qwen-Image's)
+            if isinstance(component, torch.nn.Module) and any(
+                p.dtype != wanted for p in component.parameters()
+            ):
+                component.to(dtype=wanted)
         return pipe
     folder = resolve_folder(source, revision)
+    if supported is not None:
+        check_pipeline_folder(folder, source, supported)
     try:
         return DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtypes, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load model {source!r} from {folder}: {error}") from error
 
 
-# VAE downsampling x patch size of every supported family (SD3, FLUX: 8 x 2).
+# The files a tokenizer folder can hold its vocabulary in, one set per format: a fast tokenizer's
+# tokenizer.json, a byte-level BPE's vocab.json + merges.txt (CLIP, Qwen), a SentencePiece model (T5),
+# a WordPiece vocab.txt
+TOKENIZER_VOCABULARIES = (
+    ("tokenizer.json",),
+    ("vocab.json", "merges.txt"),
+    ("spiece.model",),
+    ("vocab.txt",),
+)
+
+
+def check_pipeline_folder(folder: Path, source: str, supported: Collection[str]) -> None:
+    """Refuse a diffusers folder that cannot load, naming the problem, before any weights are read: a pipeline
+    class outside ``supported``, a component folder that is missing, a tokenizer without its vocabulary."""
+    index = json.loads((folder / "model_index.json").read_text())
+    name = index.get("_class_name", "")
+    if name not in supported:
+        raise ModelSourceError(
+            f"{source}: pipeline class {name or '(none)'} is not supported; supported: {sorted(supported)}"
+        )
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue  # metadata, or an optional component the pipeline goes without
+        path = folder / component
+        if not path.is_dir():
+            raise ModelSourceError(f"{source}: component folder {component}/ ({spec[1]}) is missing")
+        if spec[1].endswith(("Tokenizer", "TokenizerFast")) and not any(
+            all((path / f).is_file() for f in files) for files in TOKENIZER_VOCABULARIES
+        ):
+            expected = " or ".join(" + ".join(files) for files in TOKENIZER_VOCABULARIES)
+            raise ModelSourceError(
+                f"{source}: tokenizer folder {component}/ has no vocabulary file (expected {expected}); "
+                f"it holds {sorted(p.name for p in path.iterdir()) or 'nothing'}"
+            )
+
+
+# VAE downsampling x patch size of every supported family (SD3, FLUX, Qwen-Image: 8 x 2).
 DEFAULT_RESOLUTION_FACTOR = 16
+# transformers fed latents packed 2x2 per token by their pipeline (their patch_size is not a patchifier)
+PACKED_TRANSFORMERS = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
+
+
+def vae_spatial_compression(vae_config: Mapping) -> int:
+    """Pixels per latent pixel along a side, from a VAE's config: the Qwen-Image (Wan-style) VAE halves the
+    sides once per entry of ``temperal_downsample``; a KL VAE once per block after the first."""
+    if "temperal_downsample" in vae_config:
+        return 2 ** len(vae_config["temperal_downsample"])
+    return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
 
 
 def resolution_factor(source: str) -> int:
     """Image sides must be multiples of this, known without loading weights (read from a local folder's
     configs when there is one; the families' common value otherwise). Unparseable sources get the
     default here and fail with their own message when loaded."""
-    import json
-
     try:
         parsed = parse_source(source)
     except ModelSourceError:
@@ -148,7 +205,5 @@ def resolution_factor(source: str) -> int:
         transformer = json.loads((folder / "transformer" / "config.json").read_text())
     except (OSError, ValueError):
         return DEFAULT_RESOLUTION_FACTOR
-    vae_factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    # FLUX packs 2x2 latent pixels per token on top of patch_size 1
-    patch = 2 if "Flux" in transformer.get("_class_name", "") else transformer.get("patch_size", 2)
-    return vae_factor * patch
+    packed = transformer.get("_class_name", "") in PACKED_TRANSFORMERS
+    return vae_spatial_compression(vae) * (2 if packed else transformer.get("patch_size", 2))

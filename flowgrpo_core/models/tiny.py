@@ -1,8 +1,8 @@
-"""Tiny SD3 and FLUX pipelines with random weights, built offline and deterministically from a seed.
+"""Tiny SD3, FLUX and Qwen-Image pipelines with random weights, built offline and deterministically from a seed.
 
-They have the real architectures (MMDiT, CLIP + T5 text encoders, KL VAE) at a few hundred thousand
-parameters, so every code path of the project runs on a CPU in seconds and no test needs the hub.
-Tokenizers are built in memory (byte-level BPE for CLIP, a character Unigram for T5).
+They have the real architectures (MMDiT, CLIP + T5 or Qwen2.5-VL text encoders, KL or Wan-style 3-D VAE) at a
+few hundred thousand parameters, so every code path of the project runs on a CPU in seconds and no test needs
+the hub. Tokenizers are built in memory (byte-level BPE for CLIP and Qwen, a character Unigram for T5).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 
-def bytes_to_unicode() -> list[str]:
-    """The 256 printable stand-ins for bytes that byte-level BPE vocabularies use (GPT-2 / CLIP)."""
+def byte_level_alphabet() -> dict[int, str]:
+    """byte -> its printable stand-in in byte-level BPE vocabularies (GPT-2, CLIP, Qwen), printable bytes first."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
         + list(range(ord("¡"), ord("¬") + 1))
@@ -26,7 +26,12 @@ def bytes_to_unicode() -> list[str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return [chr(c) for c in codes]
+    return {byte: chr(code) for byte, code in zip(printable, codes)}
+
+
+def bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins for bytes that byte-level BPE vocabularies use (GPT-2 / CLIP)."""
+    return list(byte_level_alphabet().values())
 
 
 # A few frequent English merges so that prompts tokenize into more than single characters.
@@ -283,4 +288,150 @@ def _eval_mode(pipe):
     return pipe
 
 
-TINY_BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}
+# Qwen-Image's chat template, whose first 34 tokens (the system turn and the user turn's header) the pipeline
+# drops from the text encoder's output (``prompt_template_encode_start_idx``)
+QWEN_TEMPLATE_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# Qwen/Qwen-Image's scheduler config: resolution-dependent exponential time shift, stretched to end at 0.02
+QWEN_IMAGE_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}
+
+
+def tiny_qwen_tokenizer(template: str):
+    """A byte-level BPE ``Qwen2Tokenizer`` with Qwen's special tokens whose merges spell every word of
+    ``template`` (the pipeline's chat template) as one token, as the real vocabulary does: the template's
+    system turn then tokenizes to as many tokens as the pipeline drops, and prompts to a few bytes each."""
+    import re
+
+    from transformers import Qwen2Tokenizer
+
+    alphabet = byte_level_alphabet()
+    vocab = {char: i for i, char in enumerate(alphabet.values())}
+    merges: list[tuple[str, str]] = []
+    plain = re.sub("|".join(re.escape(t) for t in QWEN_TEMPLATE_SPECIAL_TOKENS), "", template)
+    for word in dict.fromkeys(re.findall(r" ?[A-Za-z]+", plain)):
+        pieces = [alphabet[b] for b in word.encode()]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if (merged, piece) not in merges:
+                merges.append((merged, piece))
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)  # adds <|endoftext|> (end of text, padding)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TEMPLATE_SPECIAL_TOKENS)})
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TinyQwenImageSpec:
+    """Sizes of a random Qwen-Image; the defaults give a 0.05M-parameter transformer and 64 px images in
+    milliseconds. The latent factor is 2 ** vae_downsamples (8, as the real VAE) x 2 for the 2x2 packing."""
+
+    num_layers: int = 2
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    # MSRoPE's (frame, height, width) split of a head's dimensions; sums to attention_head_dim
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+    text_hidden: int = 32
+    text_heads: int = 4
+    text_layers: int = 2
+    latent_channels: int = 4  # z_dim (Qwen-Image: 16)
+    vae_base_dim: int = 8
+    vae_downsamples: int = 3
+
+
+def build_tiny_qwenimage(seed: int = 0, spec: TinyQwenImageSpec = TinyQwenImageSpec()):
+    """A ``QwenImagePipeline`` with random weights: Qwen2.5-VL text encoder, MMDiT with MSRoPE, causal 3-D VAE."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4 * spec.latent_channels,  # 2x2 packing
+            out_channels=spec.latent_channels,
+            num_layers=spec.num_layers,
+            attention_head_dim=spec.attention_head_dim,
+            num_attention_heads=spec.num_attention_heads,
+            joint_attention_dim=spec.text_hidden,
+            axes_dims_rope=spec.axes_dims_rope,
+        )
+        vae = AutoencoderKLQwenImage(
+            base_dim=spec.vae_base_dim,
+            z_dim=spec.latent_channels,
+            dim_mult=[1] + [2] * spec.vae_downsamples,
+            num_res_blocks=1,
+            # the real VAE's pattern: no time downsampling in the first stage (an image is one frame anyway)
+            temperal_downsample=[False] + [True] * (spec.vae_downsamples - 1),
+            latents_mean=torch.linspace(-0.5, 0.5, spec.latent_channels).tolist(),
+            latents_std=torch.linspace(1.5, 2.5, spec.latent_channels).tolist(),
+        )
+        pipe = QwenImagePipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            transformer=transformer,
+        )
+        # the tokenizer is made for the chat template the pipeline formats prompts with
+        tokenizer = tiny_qwen_tokenizer(pipe.prompt_template_encode)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(qwen_vl_config(tokenizer, spec))
+    pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+    return _eval_mode(pipe)
+
+
+def qwen_vl_config(tokenizer, spec: TinyQwenImageSpec):
+    """A small ``Qwen2_5_VLConfig`` for ``tokenizer``: ``spec.text_layers`` decoder layers and a one-block vision
+    tower (the pipeline encodes text only). The multimodal RoPE splits each head's half-dimension like the
+    7B model's (16, 24, 24) of 64."""
+    from transformers import Qwen2_5_VLConfig
+
+    half = spec.text_hidden // spec.text_heads // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokens = {
+        "bos_token_id": end_of_text,
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": end_of_text,
+    }
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": spec.text_hidden,
+            "intermediate_size": 2 * spec.text_hidden,
+            "num_hidden_layers": spec.text_layers,
+            "num_attention_heads": spec.text_heads,
+            "num_key_value_heads": spec.text_heads // 2,
+            "max_position_embeddings": 2048,
+            "rope_scaling": {"type": "mrope", "mrope_section": [temporal, height, half - temporal - height]},
+            **tokens,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": spec.text_hidden,
+            "fullatt_block_indexes": [0],
+        },
+        **tokens,
+    )
+
+
+TINY_BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "qwenimage": build_tiny_qwenimage}

@@ -131,6 +131,12 @@ def build_training_reward(config: FlowGRPOConfig, endpoints: dict[str, str]):
     return build_rewards(config.rewards, endpoints, RemoteReward)
 
 
+def build_gold_metrics(config: FlowGRPOConfig, endpoints: dict[str, str]) -> dict:
+    """``{name: reward}`` for ``eval.metrics``, each behind its server when one was launched: what the
+    evaluate stage and the evaluations during training score with besides the training reward."""
+    return {name: build_metric(name, endpoints) for name in config.eval.metrics}
+
+
 def build_metric(name: str, endpoints: dict[str, str]):
     from flowgrpo_core.rewards import build_reward
     from flowgrpo_core.serving.client import RemoteReward

@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flowgrpo_core.stages.common import PipelineContext, build_metric, build_training_reward, read_endpoints
+from flowgrpo_core.stages.common import (
+    PipelineContext,
+    build_gold_metrics,
+    build_training_reward,
+    read_endpoints,
+)
 
 
 def evaluate(
@@ -19,19 +24,16 @@ def evaluate(
     import mlflow
 
     from flowgrpo_core.evaluation.compare import compare
+    from flowgrpo_core.heldout import PROXY, evaluation_prompts, sampling_settings
     from flowgrpo_core.models import load_model
-    from flowgrpo_core.policy import attach_policy
-    from flowgrpo_core.prompts import load_prompts
+    from flowgrpo_core.policy import PROXY_GOLD_PLOT, attach_policy, read_heldout
     from flowgrpo_core.tracking import log_metrics, timed_work
 
     config = ctx.config()
-    e, s = config.eval, config.sampling
-    prompts = load_prompts(config.prompts.eval)
-    prompts = prompts.take(list(range(min(e.num_prompts, len(prompts)))))
+    e = config.eval
+    prompts = evaluation_prompts(config, e.num_prompts)
     endpoints = read_endpoints(endpoints_path)
-    metrics = {"reward": build_training_reward(config, endpoints)} | {
-        m: build_metric(m, endpoints) for m in e.metrics
-    }
+    metrics = {PROXY: build_training_reward(config, endpoints)} | build_gold_metrics(config, endpoints)
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     with ctx.stage("evaluate"):
@@ -42,20 +44,19 @@ def evaluate(
                 adapter,
                 prompts,
                 metrics,
-                resolution=s.resolution,
-                num_steps=e.num_steps,
-                guidance_scale=e.guidance_scale,
-                batch_size=e.batch_size,
                 seed=e.seed,
                 images_per_prompt=e.images_per_prompt,
                 min_images_per_tag=e.min_images_per_tag,
-                negative_prompt=s.negative_prompt,
-                max_sequence_length=s.max_sequence_length,
-                sde_type=s.sde_type,
+                **sampling_settings(config),
             )
         mlflow.set_tag("eval.weights", "ema" if weights.name == "ema" else "final")
+        heldout = read_heldout(policy_dir)
+        # the policy may be an earlier epoch than the last (keep-best, stop-on-hacking)
+        if heldout is not None:
+            mlflow.set_tag("eval.policy_epoch", str(heldout["exported_epoch"]))
         header = f"# Evaluation: base vs policy\n\n{len(result.rows)} images, {e.num_steps} ODE steps, CFG {e.guidance_scale}, seed {e.seed}\n\n"
-        (out / "report.md").write_text(header + result.table)
+        during = proxy_gold_section(heldout, Path(policy_dir), out) if heldout is not None else ""
+        (out / "report.md").write_text(header + result.table + during)
         (out / "samples.json").write_text(json.dumps(result.rows, indent=1))
         for name, text in result.summaries.items():
             (out / f"summary_{name.replace('/', '_')}.txt").write_text(text)
@@ -66,4 +67,50 @@ def evaluate(
         log_metrics(result.metrics)
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifact(str(out / "samples.json"))
+        if (out / PROXY_GOLD_PLOT).is_file():
+            mlflow.log_artifact(str(out / PROXY_GOLD_PLOT))
     return result.metrics
+
+
+def proxy_gold_section(heldout: dict, policy_dir: Path, out: Path) -> str:
+    """The report's account of the evaluations during training (``heldout.json`` of the policy): which
+    epoch the evaluated policy is, the alarms, a table of proxy and gold per evaluation, and the plot,
+    copied beside the report and embedded in it (the KFP Markdown output is a single file)."""
+    import base64
+    import shutil
+
+    from flowgrpo_core.heldout import headline
+    from flowgrpo_core.policy import PROXY_GOLD_PLOT
+
+    names = [heldout["proxy"], *heldout["gold"]]
+    lines = [
+        "\n## Proxy vs gold during training\n",
+        f"The policy evaluated above is the one after epoch {heldout['exported_epoch']} of "
+        f"{heldout['final_epoch']} ({heldout['exported_because']}).",
+    ]
+    lines += [f"- alarm: {_alarm_text(alarm)}" for alarm in heldout["alarms"]]
+    lines += [
+        "",
+        f"| epochs trained | {heldout['proxy']} (proxy) | " + " | ".join(heldout["gold"]) + " | seconds |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for record in heldout["records"]:
+        # value ± standard error
+        cells = ["{:.4f} ± {:.4f}".format(*headline(record, name)) for name in names]
+        lines.append(f"| {int(record['epoch'])} | " + " | ".join(cells) + f" | {record['time/eval_s']:.1f} |")
+    plot = policy_dir / PROXY_GOLD_PLOT
+    if plot.is_file():
+        shutil.copyfile(plot, out / PROXY_GOLD_PLOT)
+        data = base64.b64encode(plot.read_bytes()).decode()
+        lines += [
+            "",
+            f"![proxy vs gold](data:image/png;base64,{data})",
+            f"({PROXY_GOLD_PLOT} beside this report)",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _alarm_text(alarm: dict) -> str:
+    from flowgrpo_core.monitoring import Alarm
+
+    return Alarm(**alarm).describe()

@@ -14,11 +14,16 @@ def register_model(
 ) -> dict:
     import mlflow
 
+    from flowgrpo_core.policy import read_heldout
     from flowgrpo_core.registry import register_policy
     from flowgrpo_core.tracking import finish_parent
 
     config = ctx.config()
     name = config.tracking.registered_model or f"flowgrpo-{family}"
+    tags = {"flowgrpo.preset": ctx.preset}
+    heldout = read_heldout(policy_dir)
+    if heldout is not None:  # keep-best or stop-on-hacking may have exported an earlier epoch than the last
+        tags["train.exported_epoch"] = str(heldout["exported_epoch"])
     with ctx.stage("register_model"):
         result = register_policy(
             policy_dir,
@@ -29,7 +34,7 @@ def register_model(
             config.tracking.gate_metric,
             config.tracking.gate_margin,
             ctx.identity,
-            extra_tags={"flowgrpo.preset": ctx.preset},
+            extra_tags=tags,
             gate_standard_errors=config.tracking.gate_standard_errors,
         )
         mlflow.set_tags(

@@ -13,7 +13,12 @@ import shutil
 import time
 from pathlib import Path
 
-from flowgrpo_core.stages.common import PipelineContext, build_training_reward, read_endpoints
+from flowgrpo_core.stages.common import (
+    PipelineContext,
+    build_gold_metrics,
+    build_training_reward,
+    read_endpoints,
+)
 
 # the last epoch's images, written by the training process beside its checkpoints
 LAST_GRID = "last_epoch.png"
@@ -46,19 +51,24 @@ def train_in_process(
     config = ctx.config()
     with ctx.stage("train_grpo"):
         mlflow.log_text(config.to_yaml(), "config.yaml")
-        logging_s = 0.0
+        logging_s, evaluated = 0.0, _logged_evaluations()  # a retried stage logged some already
 
         def log_epoch(trainer: FlowGRPOTrainer, metrics: dict[str, float]) -> None:
             nonlocal logging_s
             started = time.perf_counter()
             log_metrics(metrics, step=int(metrics["epoch"]))
+            _log_evaluations(trainer.watch.records, evaluated)  # as they happen, not only at the end
             logging_s += time.perf_counter() - started
 
         work_started = time.perf_counter()
         out = ctx.run_dir / "train"
         adapter = load_model(str(model_dir), dtype=config.model.component_dtypes())
-        reward = build_training_reward(config, read_endpoints(endpoints_path))
-        trainer = FlowGRPOTrainer(config, out, adapter=adapter, reward=reward, callbacks=[log_epoch])
+        endpoints = read_endpoints(endpoints_path)
+        reward = build_training_reward(config, endpoints)
+        gold = build_gold_metrics(config, endpoints) if config.eval.every_epochs else None
+        trainer = FlowGRPOTrainer(
+            config, out, adapter=adapter, reward=reward, callbacks=[log_epoch], gold=gold
+        )
         resumed_from = trainer.epoch if trainer.resume() else None
         trainer.train()
         trainer.save_policy(policy_dir)  # straight into the stage's output: full weights can be large
@@ -196,12 +206,14 @@ def _prepare(
 def _finish(out: Path, policy: Path, policy_dir: str | Path, resumed_from: int | None, work_s: float) -> dict:
     """Inside the stage's MLflow run, whichever process trained: copy the policy the processes wrote
     (``policy``) into the stage's output unless it is there already, log the epochs not logged yet (a retried
-    step, or processes that do not log), the reward curve and the last epoch's images (``out``); return the
+    step, or processes that do not log), the evaluations during training with the monitor's and keep-best's
+    tags and the proxy-vs-gold plot, the reward curve and the last epoch's images (``out``); return the
     final metrics."""
     import tempfile
 
     import mlflow
 
+    from flowgrpo_core.policy import PROXY_GOLD_PLOT, read_heldout
     from flowgrpo_core.tracking import log_metrics, reward_curve
 
     history = json.loads((policy / "metrics.json").read_text())
@@ -220,11 +232,59 @@ def _finish(out: Path, policy: Path, policy_dir: str | Path, resumed_from: int |
     if (out / LAST_GRID).is_file():
         mlflow.log_artifact(str(out / LAST_GRID), "samples")
     mlflow.set_tag("train.resumed_from_epoch", str(resumed_from) if resumed_from is not None else "none")
+    heldout = read_heldout(policy_dir)
+    if heldout is not None:
+        _log_evaluations(heldout["records"], _logged_evaluations())
+        mlflow.set_tags(_heldout_tags(heldout))
+        if (Path(policy_dir) / PROXY_GOLD_PLOT).is_file():
+            mlflow.log_artifact(str(Path(policy_dir) / PROXY_GOLD_PLOT))
     final = {
         k: v
         for k, v in (history[-1] if history else {}).items()
         if not k.startswith("train/ratio_mean/step_")
     }
+    if heldout is not None:
+        final["exported_epoch"] = float(heldout["exported_epoch"])
     final["resumed"] = float(resumed_from is not None)
     final["epochs"] = float(int(history[-1]["epoch"]) + 1 if history else 0)
     return final
+
+
+def _logged_evaluations() -> set[int]:
+    """Steps (epochs trained) of the held-out evaluations the active run has logged."""
+    import mlflow
+
+    from flowgrpo_core.heldout import PREFIX, PROXY
+
+    history = mlflow.tracking.MlflowClient().get_metric_history(
+        mlflow.active_run().info.run_id, f"{PREFIX}/{PROXY}_mean"
+    )
+    return {m.step for m in history}
+
+
+def _log_evaluations(records: list[dict[str, float]], logged: set[int]) -> None:
+    """Log the held-out evaluations not in ``logged`` (steps), each with step = epochs trained, and add
+    them to ``logged``."""
+    from flowgrpo_core.tracking import log_metrics
+
+    for record in records:
+        step = int(record["epoch"])
+        if step not in logged:
+            log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=step)
+            logged.add(step)
+
+
+def _heldout_tags(heldout: dict) -> dict[str, str]:
+    """Which epoch the policy is and why, the keep-best epoch, and the monitor's verdict."""
+    from flowgrpo_core.monitoring import Alarm
+
+    alarms = [Alarm(**a) for a in heldout["alarms"]]
+    tags = {
+        "train.exported_epoch": str(heldout["exported_epoch"]),
+        "train.exported_because": heldout["exported_because"],
+        "monitor.hacking": "; ".join(a.describe() for a in alarms)[:5000] if alarms else "none",
+        "train.stopped_on_hacking": str(heldout["stopped_at"]) if heldout["stopped_at"] is not None else "no",
+    }
+    if heldout["keep_best"] is not None:
+        tags["train.best_epoch"] = str(heldout["best_epoch"])
+    return tags
