@@ -161,7 +161,7 @@ class FlowGRPOTrainer:
         else:
             if t.beta > 0:
                 self.adapter.keep_reference_copy()
-            transformer.requires_grad_(True)
+            self.adapter.unfreeze()
         if t.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         # Eval mode in training too: sampling ran in eval mode, and the ratio must start at exactly 1.

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from flowgrpo_core.models.bagel import BagelAdapter
 from flowgrpo_core.models.base import Conditioning, FlowAdapter
 from flowgrpo_core.models.flux import FluxAdapter
 from flowgrpo_core.models.loading import ModelSourceError, load_pipeline, parse_source
 from flowgrpo_core.models.qwenimage import QwenImageAdapter
 from flowgrpo_core.models.sd3 import SD3Adapter
 
-# diffusers pipeline class -> its family's adapter
+# pipeline class -> its family's adapter (diffusers' pipelines; BagelPipeline is our container of Bagel's parts)
 ADAPTERS: dict[str, type[FlowAdapter]] = {
     "StableDiffusion3Pipeline": SD3Adapter,
     "FluxPipeline": FluxAdapter,
     "QwenImagePipeline": QwenImageAdapter,
+    "BagelPipeline": BagelAdapter,
 }
 FAMILIES = {cls.family: cls for cls in ADAPTERS.values()}
 
@@ -41,6 +43,7 @@ def load_model(
 __all__ = [
     "ADAPTERS",
     "FAMILIES",
+    "BagelAdapter",
     "Conditioning",
     "FlowAdapter",
     "FluxAdapter",

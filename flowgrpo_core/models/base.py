@@ -23,6 +23,10 @@ import torch
 from torch import nn
 
 
+class ModelSourceError(ValueError):
+    """A model source that cannot be resolved or loaded; the message names the source."""
+
+
 @dataclass
 class Conditioning:
     """Text conditioning of B prompts: named tensors whose first dimension is the batch.
@@ -89,8 +93,9 @@ class FlowAdapter(ABC):
     #: the modules that receive LoRA when a config names none (the reference's choice for the family)
     lora_target_modules: tuple[str, ...] = ()
     #: LoRA target names are written in SD3/FLUX's MMDiT vocabulary (``ff.net.2``, ``ff_context.net.2``); a
-    #: family that names the same layers otherwise maps them here, so a preset's targets fit every family
-    lora_target_aliases: ClassVar[dict[str, str]] = {}
+    #: family that names the same layers otherwise maps them here, so a preset's targets fit every family (to
+    #: several names, or to none where the family has no such layer to train)
+    lora_target_aliases: ClassVar[dict[str, str | tuple[str, ...]]] = {}
 
     def __init__(self, pipeline, source: str = "", revision: str | None = None) -> None:
         self.pipeline = pipeline
@@ -215,7 +220,12 @@ class FlowAdapter(ABC):
         from peft import LoraConfig
 
         self.transformer.requires_grad_(False)
-        targets = [self.lora_target_aliases.get(t, t) for t in target_modules or self.lora_target_modules]
+        targets = []
+        for name in target_modules or self.lora_target_modules:
+            alias = self.lora_target_aliases.get(name, name)
+            targets += [alias] if isinstance(alias, str) else alias
+        if not targets:
+            raise ValueError(f"LoRA targets {list(target_modules or [])} select no {self.family} module")
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
@@ -225,6 +235,10 @@ class FlowAdapter(ABC):
         self.transformer.add_adapter(config, adapter_name="grpo")
         self.lora_adapter_name = "grpo"
         self._lora_layer_cache = None
+
+    def unfreeze(self) -> None:
+        """Full fine-tuning: make the weights the family trains trainable (all of the transformer's)."""
+        self.transformer.requires_grad_(True)
 
     def keep_reference_copy(self) -> None:
         """For full fine-tuning with a KL term: freeze a copy of the base transformer before training."""

@@ -1,5 +1,5 @@
 """Where a base model comes from: ``tiny:<family>[@seed]``, a model packaged with flowgrpo (``shapes:sd3``), a
-local diffusers folder, ``s3://``, or a hub id."""
+local diffusers folder (or Bagel checkpoint folder), ``s3://``, or a hub id."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from flowgrpo_core.devices import torch_dtype
+from flowgrpo_core.models.base import ModelSourceError
 
 SourceKind = Literal["tiny", "packaged", "local", "s3", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -21,10 +22,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # shapes:sd3 is the shapes-world base model (`flowgrpo pretrain-shapes`; data/shapes-sd3/PROVENANCE.md).
 PACKAGED_MODELS = {"shapes:sd3": "shapes-sd3"}
 PACKAGED_DIR = Path(__file__).resolve().parent.parent / "data"
-
-
-class ModelSourceError(ValueError):
-    """A model source that cannot be resolved or loaded; the message names the source."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +64,10 @@ def parse_source(source: str) -> ModelSource:
         path = Path(source).expanduser()
         if not path.is_dir():
             raise ModelSourceError(f"model folder {source!r} does not exist")
-        if not (path / "model_index.json").is_file():
+        if pipeline_class(path) is None:
             raise ModelSourceError(
-                f"model folder {source!r} has no model_index.json (expected a diffusers pipeline folder)"
+                f"model folder {source!r} has no model_index.json (expected a diffusers pipeline folder, or a "
+                f"Bagel checkpoint folder with {BAGEL_MARKER})"
             )
         return ModelSource("local", str(path.resolve()))
     if _HUB_ID.match(source):
@@ -95,9 +93,28 @@ def resolve_folder(source: str, revision: str | None = None) -> Path | None:
     except WeightsSourceError as error:
         rev = f" at revision {revision!r}" if revision else ""
         raise ModelSourceError(f"cannot download model {source!r}{rev}: {error}") from error
-    if not (folder / "model_index.json").is_file():
-        raise ModelSourceError(f"{source} holds no model_index.json (expected a diffusers pipeline folder)")
+    if pipeline_class(folder) is None:
+        raise ModelSourceError(
+            f"{source} holds no model_index.json (expected a diffusers pipeline folder, or a Bagel checkpoint "
+            f"folder with {BAGEL_MARKER})"
+        )
     return folder
+
+
+# Bagel's official checkpoint is no diffusers folder: it is recognised by its language model's config
+BAGEL_PIPELINE = "BagelPipeline"
+BAGEL_MARKER = "llm_config.json"
+
+
+def pipeline_class(folder: Path) -> str | None:
+    """The pipeline class a folder holds: ``model_index.json``'s, or ``BagelPipeline`` for a folder in Bagel's
+    official layout; None for neither."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    if (folder / BAGEL_MARKER).is_file():
+        return BAGEL_PIPELINE
+    return None
 
 
 def load_pipeline(
@@ -131,12 +148,24 @@ def load_pipeline(
                 component.to(dtype=wanted)
         return pipe
     folder = resolve_folder(source, revision)
+    if pipeline_class(folder) == BAGEL_PIPELINE:
+        from flowgrpo_core.models.bagel import BagelPipeline
+
+        _check_supported(BAGEL_PIPELINE, source, supported)
+        return BagelPipeline.from_folder(folder, torch_dtypes, source)
     if supported is not None:
         check_pipeline_folder(folder, source, supported)
     try:
         return DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtypes, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load model {source!r} from {folder}: {error}") from error
+
+
+def _check_supported(name: str, source: str, supported: Collection[str] | None) -> None:
+    if supported is not None and name not in supported:
+        raise ModelSourceError(
+            f"{source}: pipeline class {name or '(none)'} is not supported; supported: {sorted(supported)}"
+        )
 
 
 # The files a tokenizer folder can hold its vocabulary in, one set per format: a fast tokenizer's
@@ -154,11 +183,7 @@ def check_pipeline_folder(folder: Path, source: str, supported: Collection[str])
     """Refuse a diffusers folder that cannot load, naming the problem, before any weights are read: a pipeline
     class outside ``supported``, a component folder that is missing, a tokenizer without its vocabulary."""
     index = json.loads((folder / "model_index.json").read_text())
-    name = index.get("_class_name", "")
-    if name not in supported:
-        raise ModelSourceError(
-            f"{source}: pipeline class {name or '(none)'} is not supported; supported: {sorted(supported)}"
-        )
+    _check_supported(index.get("_class_name", ""), source, supported)
     for component, spec in index.items():
         if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue  # metadata, or an optional component the pipeline goes without

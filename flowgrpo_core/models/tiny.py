@@ -1,4 +1,4 @@
-"""Tiny SD3, FLUX and Qwen-Image pipelines with random weights, built offline and deterministically from a seed.
+"""Tiny SD3, FLUX, Qwen-Image and Bagel pipelines with random weights, built offline and deterministically from a seed.
 
 They have the real architectures (MMDiT, CLIP + T5 or Qwen2.5-VL text encoders, KL or Wan-style 3-D VAE) at a
 few hundred thousand parameters, so every code path of the project runs on a CPU in seconds and no test needs
@@ -306,8 +306,8 @@ QWEN_IMAGE_SCHEDULER = {
 }
 
 
-def tiny_qwen_tokenizer(template: str):
-    """A byte-level BPE ``Qwen2Tokenizer`` with Qwen's special tokens whose merges spell every word of
+def tiny_qwen_tokenizer(template: str, special_tokens: Sequence[str] = QWEN_TEMPLATE_SPECIAL_TOKENS):
+    """A byte-level BPE ``Qwen2Tokenizer`` with Qwen's ``special_tokens`` whose merges spell every word of
     ``template`` (the pipeline's chat template) as one token, as the real vocabulary does: the template's
     system turn then tokenizes to as many tokens as the pipeline drops, and prompts to a few bytes each."""
     import re
@@ -317,7 +317,7 @@ def tiny_qwen_tokenizer(template: str):
     alphabet = byte_level_alphabet()
     vocab = {char: i for i, char in enumerate(alphabet.values())}
     merges: list[tuple[str, str]] = []
-    plain = re.sub("|".join(re.escape(t) for t in QWEN_TEMPLATE_SPECIAL_TOKENS), "", template)
+    plain = re.sub("|".join(re.escape(t) for t in special_tokens), "", template)
     for word in dict.fromkeys(re.findall(r" ?[A-Za-z]+", plain)):
         pieces = [alphabet[b] for b in word.encode()]
         merged = pieces[0]
@@ -327,7 +327,7 @@ def tiny_qwen_tokenizer(template: str):
             merged += piece
             vocab.setdefault(merged, len(vocab))
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)  # adds <|endoftext|> (end of text, padding)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TEMPLATE_SPECIAL_TOKENS)})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return tokenizer
 
 
@@ -434,4 +434,67 @@ def qwen_vl_config(tokenizer, spec: TinyQwenImageSpec):
     )
 
 
-TINY_BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "qwenimage": build_tiny_qwenimage}
+@dataclass(frozen=True)
+class TinyBagelSpec:
+    """Sizes of a random Bagel: a 2-layer MoT of width 32 (0.06M parameters) and a FLUX-style VAE of width 32
+    (its GroupNorm has FLUX's fixed 32 groups); 64 px images are 4 x 4 patches of 2 x 2 latent pixels."""
+
+    num_layers: int = 2
+    hidden: int = 32
+    heads: int = 4
+    kv_heads: int = 2
+    latent_channels: int = 4  # z_channels (FLUX: 16)
+    vae_width: int = 32
+    vae_levels: int = 4  # 3 halvings: 8 pixels per latent pixel, as FLUX
+    max_latent_size: int = 16  # patches per side (the real model: 64)
+
+
+# words the tiny Bagel tokenizer spells as one token each (the rest of a prompt goes byte by byte)
+_BAGEL_WORDS = "a photo of the cat dog in with and"
+
+
+def build_tiny_bagel(seed: int = 0, spec: TinyBagelSpec = TinyBagelSpec()):
+    """A ``BagelPipeline`` with random weights, written in the official folder layout and read back through the
+    loader of real checkpoints (in a temporary folder), identical for equal seeds."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    from flowgrpo_core.models.bagel import BagelPipeline, BagelTransformer
+    from flowgrpo_core.models.bagel.layout import SPECIAL_TOKENS
+    from flowgrpo_core.models.bagel.vae import autoencoder_config
+
+    tokenizer = tiny_qwen_tokenizer(_BAGEL_WORDS, special_tokens=SPECIAL_TOKENS)
+    llm_config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "hidden_size": spec.hidden,
+        "intermediate_size": 2 * spec.hidden,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "vocab_size": len(tokenizer),
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # llm2vae is random: the reference zero-initialises it before training from scratch, which here would
+        # make every velocity 0
+        transformer = BagelTransformer(llm_config, spec.latent_channels, 2, spec.max_latent_size)
+        vae = AutoencoderKL(**autoencoder_config([spec.vae_width] * spec.vae_levels, 1, spec.latent_channels))
+    vit = {"hidden_size": 16, "num_hidden_layers": 1, "patch_size": 14, "image_size": 224}
+    with tempfile.TemporaryDirectory() as folder:
+        BagelPipeline(transformer, vae, tokenizer, vit_config=vit).save_pretrained(folder)
+        return BagelPipeline.from_folder(folder)
+
+
+TINY_BUILDERS = {
+    "sd3": build_tiny_sd3,
+    "flux": build_tiny_flux,
+    "qwenimage": build_tiny_qwenimage,
+    "bagel": build_tiny_bagel,
+}

@@ -28,9 +28,9 @@ def sha256_manifest(folder: Path) -> dict[str, dict]:
 
 def model_family(folder: Path) -> str:
     from flowgrpo_core.models import ADAPTERS
+    from flowgrpo_core.models.loading import pipeline_class
 
-    index = json.loads((folder / "model_index.json").read_text())
-    name = index.get("_class_name", "")
+    name = pipeline_class(folder) or ""
     if name not in ADAPTERS:
         raise ValueError(f"{folder}: pipeline class {name!r} is not supported; supported: {sorted(ADAPTERS)}")
     return ADAPTERS[name].family
