@@ -22,6 +22,7 @@ from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS, JOINT_FEED_FO
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
 QWEN_IMAGE = "Qwen/Qwen-Image"
+BAGEL_7B = "ByteDance-Seed/BAGEL-7B-MoT"
 
 
 def _merge(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +136,44 @@ _QWEN_REFERENCE: dict[str, Any] = _merge(
         "shuffle_samples": False,
     },
     eval={"num_steps": 50, "guidance_scale": 4.0, "batch_size": 4},
+)
+
+# ``pickscore_bagel_lora`` (its train_bagel.py): text CFG 4 with the global renorm, 15 timesteps = T 14 at noise
+# 1.3 with a 2-step SDE window in the first half (Flow-GRPO-Fast, plain `sde` steps), 16 images x 48 prompts in
+# batches of 6, per-prompt std, clip 1e-5, lr 1e-4, no KL, no EMA, LoRA r64/alpha 128 on the generation
+# expert (``train.lora_target_modules`` empty: the family's), activation checkpointing, bf16, every sample
+# trained in sampling order, 50 evaluation timesteps (T 49) on the first 512 test prompts. The schedule's shift 3
+# and the renorm are the adapter's (models/bagel). ``pickscore_bagel`` (full fine-tuning of the generation
+# expert) differs in its 3-step window.
+_BAGEL_REFERENCE: dict[str, Any] = _merge(
+    _SD3_REFERENCE,
+    model={"source": BAGEL_7B, "dtype": "bfloat16", "vae_dtype": "bfloat16"},
+    sampling={
+        "num_steps": 14,
+        "guidance_scale": 4.0,
+        "noise_level": 1.3,
+        "sde_window_size": 2,
+        "sde_window_range": [0.0, 0.5],
+        "group_size": 16,
+        "groups_per_epoch": 48,
+        "batch_size": 6,
+        "max_sequence_length": 512,  # upstream does not truncate prompts
+    },
+    train={
+        "learning_rate": 1e-4,
+        "clip_range": 1e-5,
+        "beta": 0.0,
+        "global_std": False,
+        "timestep_fraction": 1.0,
+        "lora_rank": 64,
+        "lora_alpha": 128.0,
+        "ema": False,
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "zero_advantage": "keep",
+        "shuffle_samples": False,
+    },
+    eval={"num_steps": 49, "guidance_scale": 4.0, "batch_size": 4, "num_prompts": 512},
 )
 
 _PICKSCORE = {
@@ -333,6 +372,16 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwenimage-geneval": (
         "our variant, not an upstream config: qwenimage-pickscore's settings with the GenEval reward and prompts",
         {**_QWEN_REFERENCE, **_GENEVAL},
+    ),
+    "bagel-pickscore-lora": (
+        "Bagel-7B, PickScore, text CFG 4 with renorm, T=14 at noise 1.3 with a 2-step window in the first half, "
+        "beta 0, clip 1e-5, LoRA r64 on the generation expert, 16 x 48 (upstream pickscore_bagel_lora)",
+        {**_BAGEL_REFERENCE, **_PICKSCORE},
+    ),
+    "bagel-pickscore": (
+        "Bagel-7B, PickScore, full fine-tuning of the generation expert, a 3-step window; otherwise as "
+        "bagel-pickscore-lora (upstream pickscore_bagel)",
+        {**_merge(_BAGEL_REFERENCE, sampling={"sde_window_size": 3}, train={"lora": False}), **_PICKSCORE},
     ),
     "sd3-ocr-guard": (
         "SD3.5-M, OCR, GRPO-Guard: RatioNorm + gradient reweight, lr 1e-4, clip 2e-6, beta 0; PickScore (weight 0) "

@@ -543,3 +543,49 @@ def test_train_command_follows_the_model_family(tmp_path):
     )
     assert any(".mlp_moe_gen.up_proj.lora_A" in k for k in keys)
     assert not any(".self_attn.q_proj.lora" in k or ".mlp.gate_proj" in k for k in keys)
+
+
+@pytest.mark.parametrize("name", ["bagel-pickscore-lora", "bagel-pickscore"])
+def test_presets_train_the_generation_expert_on_upstreams_window(name):
+    cfg = load_config(name)
+    assert cfg.model.source == "ByteDance-Seed/BAGEL-7B-MoT" and cfg.train.lora_target_modules == []
+    assert cfg.sampling.window_bounds() == (0, 7)  # upstream: randint(0, 15 // 2 - size) over its 14 steps
+    assert cfg.trained_steps_per_sample == cfg.sampling.sde_window_size
+    assert cfg.sampling.guidance_scale == cfg.eval.guidance_scale == 4.0
+    assert cfg.train.lora == (name == "bagel-pickscore-lora")
+
+
+# ---- the whole DAG ----
+
+
+def test_flowgrpo_run_registers_a_bagel_pyfunc_that_generates_images(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flowgrpo_core.stages import PipelineContext
+    from pipelines.runner import run_local
+
+    args = PipelineContext(
+        preset="tiny",
+        overrides=["train.epochs=1", "calibration.epochs=1", "eval.num_prompts=2", "eval.num_steps=3"],
+        model_source="tiny:bagel",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        workdir=str(tmp_path / "work"),
+        experiment="bagel-dag",
+    )
+    result = run_local(args, pipeline_root=str(tmp_path / "kfp"))
+    assert result.registered == "flowgrpo-bagel/1"
+    client = MlflowClient()
+    runs = client.search_runs(
+        [client.get_run(result.parent_run_id).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    )
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert all(r.info.status == "FINISHED" for r in runs) and len(by_stage) == 6
+    assert by_stage["download_model"].data.params["model.family"] == "bagel"
+    assert "eval/policy/reward_mean" in by_stage["evaluate"].data.metrics
+    version = client.get_model_version_by_alias("flowgrpo-bagel", "candidate")
+    assert version.tags["base.source"] == "tiny:bagel"
+    model = mlflow.pyfunc.load_model("models:/flowgrpo-bagel@candidate")
+    images = model.predict(["a photo of a cat", "a red fox in the snow"])
+    assert len(images) == 2 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)

@@ -135,6 +135,39 @@ _QWEN = {k: v for k, v in _SD3.items() if k not in ("model.dtype", "model.text_e
     "eval.guidance_scale": 4.0,
     "eval.batch_size": 4,
 }
+# pickscore_bagel_lora (its train_bagel.py): everything in bf16 as upstream loads it (no text encoder: Bagel's is
+# the transformer); upstream's num_steps / eval_num_steps count timesteps including the final 0, so its 15 and 50
+# are our T = 14 and 49; prompts are not truncated upstream (ours: 512 tokens); evaluation on the first 512 test
+# prompts. LoRA targets: the family's (empty list), pinned against upstream's list in tests/test_bagel.py.
+_BAGEL = {k: v for k, v in _SD3.items() if k != "model.text_encoder_dtype"} | {
+    "model.source": "ByteDance-Seed/BAGEL-7B-MoT",
+    "model.dtype": "bfloat16",
+    "model.vae_dtype": "bfloat16",
+    "sampling.num_steps": 14,
+    "sampling.guidance_scale": 4.0,
+    "sampling.noise_level": 1.3,
+    "sampling.sde_window_size": 2,
+    "sampling.sde_window_range": [0.0, 0.5],
+    "sampling.group_size": 16,
+    "sampling.groups_per_epoch": 48,
+    "sampling.batch_size": 6,
+    "sampling.max_sequence_length": 512,
+    "train.learning_rate": 1e-4,
+    "train.clip_range": 1e-5,
+    "train.beta": 0.0,
+    "train.global_std": False,
+    "train.timestep_fraction": 1.0,
+    "train.lora_rank": 64,
+    "train.lora_alpha": 128.0,
+    "train.ema": False,
+    "train.mixed_precision": "bf16",
+    "train.gradient_checkpointing": True,
+    "train.zero_advantage": "keep",
+    "train.shuffle_samples": False,
+    "eval.num_steps": 49,
+    "eval.guidance_scale": 4.0,
+    "eval.num_prompts": 512,
+}
 # config/grpo_guard.py (its train_sd3_GRPO_Guard.py): the SD3 reference with RatioNorm (`rationorm`, the batch
 # shift) and the gradient reweight it applies with it, lr 1e-4, beta 0, the group's std, eval_freq = save_freq =
 # 30. `highclip_range` is set upstream (equal to clip_range) but read by no script: ours stays unset.
@@ -176,6 +209,10 @@ UPSTREAM = {
     # our variants: pickscore_qwenimage's fields with another reward (upstream has no such Qwen-Image config)
     "qwenimage-ocr": _QWEN | {"rewards.ocr": 1.0},
     "qwenimage-geneval": _QWEN | {"rewards.geneval": 1.0},
+    "bagel-pickscore-lora": _BAGEL | {"rewards.pickscore": 1.0},  # pickscore_bagel_lora
+    # pickscore_bagel: full fine-tuning (of the generation expert), a 3-step window
+    "bagel-pickscore": _BAGEL
+    | {"train.lora": False, "sampling.sde_window_size": 3, "rewards.pickscore": 1.0},
     # general_ocr_sd3_rationorm: reward_fn {ocr: 1, pickscore: 0}, the 0-weighted pickscore our gold metric
     "sd3-ocr-guard": _GUARD
     | {"train.clip_range": 2e-6, "rewards.ocr": 1.0, "rewards.pickscore": 0.0, "eval.metrics": ["pickscore"]},
