@@ -16,6 +16,7 @@ from flowgrpo_core.models.bagel.adapter import renormalised_cfg
 from flowgrpo_core.models.bagel.embeddings import sincos_table
 from flowgrpo_core.models.bagel.layout import EMA_FILE
 from flowgrpo_core.models.bagel.vae import AE_FILE, from_original, to_original
+from flowgrpo_core.models.loading import resolution_factor
 from flowgrpo_core.models.tiny import build_tiny_bagel
 from flowgrpo_core.sampling import SamplingSpec, rollout, sde_window_mask
 from flowgrpo_core.trainer import FlowGRPOTrainer
@@ -295,6 +296,24 @@ def test_one_optimiser_step_is_exactly_on_policy(tmp_path, batching):
     assert any(p.abs().sum() > 0 for n, p in trainer.trainable.items() if "lora_B" in n)
 
 
+def test_a_bfloat16_model_trains_under_bf16_autocast_with_checkpointing(tmp_path):
+    # the presets' set-up: bf16 weights, float32 LoRA, bf16 autocast, activation checkpointing
+    trainer = _trainer(
+        tmp_path,
+        "model.dtype=bfloat16",
+        "train.mixed_precision=bf16",
+        "train.gradient_checkpointing=true",
+        "sampling.batch_size=8",
+        "train.optimizer_steps_per_epoch=1",
+    )
+    assert trainer.adapter.transformer.language_model.model.gradient_checkpointing
+    (metrics,) = trainer.train(epochs=1)
+    assert torch.isfinite(trainer.last_samples.log_probs).all()
+    assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.trainable.values())
+    assert any(p.abs().sum() > 0 for n, p in trainer.trainable.items() if "lora_B" in n)
+
+
 def test_full_fine_tuning_trains_the_generation_expert_only(tmp_path):
     from flowgrpo_core.policy import attach_policy
 
@@ -396,6 +415,8 @@ def test_folder_round_trip(bagel_folder, adapter):
     assert _equal_states(loaded.pipeline.vae, adapter.pipeline.vae)
     assert torch.equal(_ode(loaded).images, _ode(adapter).images)
     assert json.loads((bagel_folder / "llm_config.json").read_text())["num_hidden_layers"] == 2
+    # known before any weight loads, from ae.safetensors' header and config.json
+    assert resolution_factor(str(bagel_folder)) == 16
 
 
 def test_vae_file_uses_the_original_names_and_diffusers_reads_it_back(adapter):

@@ -225,6 +225,13 @@ def resolution_factor(source: str) -> int:
     if parsed.kind not in ("local", "packaged"):
         return DEFAULT_RESOLUTION_FACTOR
     folder = Path(parsed.location)
+    if pipeline_class(folder) == BAGEL_PIPELINE:
+        from flowgrpo_core.models.bagel.layout import resolution_factor as bagel_factor
+
+        try:
+            return bagel_factor(folder)
+        except (OSError, ValueError):
+            return DEFAULT_RESOLUTION_FACTOR  # the loader names what is wrong with the folder
     try:
         vae = json.loads((folder / "vae" / "config.json").read_text())
         transformer = json.loads((folder / "transformer" / "config.json").read_text())

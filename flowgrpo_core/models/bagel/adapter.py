@@ -115,7 +115,8 @@ class BagelAdapter(FlowAdapter):
             x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
             ids, mask = torch.cat([ids, ids]), torch.cat([mask, torch.zeros_like(mask)])
         markers = (self.pipeline.token_id("<|vision_start|>"), self.pipeline.token_id("<|vision_end|>"))
-        velocity = self.denoiser(x, sigma.to(x.dtype), ids, mask, self._grid(height, width), markers)
+        # sigma stays float32: the reference embeds its float32 timestep, whatever the model's dtype
+        velocity = self.denoiser(x, sigma.float(), ids, mask, self._grid(height, width), markers)
         if do_cfg:
             text, uncond = velocity.chunk(2)
             velocity = renormalised_cfg(text, uncond, guidance_scale, self.pipeline.cfg_renorm_min)

@@ -57,6 +57,7 @@ class BagelLayout:
     folder: Path
     transformer_config: dict
     vae_config: dict
+    vit_config: dict  # kept to be written again, never used
 
 
 def _json(folder: Path, name: str) -> dict:
@@ -152,7 +153,15 @@ def check_folder(folder: Path, source: str = "") -> BagelLayout:
     compare_shapes(
         folder / EMA_FILE, _header_shapes(folder / EMA_FILE), expected, UNDERSTANDING_ONLY_PREFIXES
     )
-    return BagelLayout(folder, config, vae)
+    vit = _json(folder, VIT_CONFIG) if (folder / VIT_CONFIG).is_file() else {}
+    return BagelLayout(folder, config, vae, vit)
+
+
+def resolution_factor(folder: Path) -> int:
+    """Image sides must be multiples of this: the VAE's downsampling (from ``ae.safetensors``' header) times
+    the patch size."""
+    levels = len(vae_config(_header_shapes(folder / AE_FILE))["block_out_channels"])
+    return 2 ** (levels - 1) * transformer_config(folder)["latent_patch_size"]
 
 
 def _read(path: Path, keys, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -80,12 +80,11 @@ class BagelPipeline:
         dtypes = dict(dtypes or {})
         default = dtypes.get("default", torch.float32)
         layout = check_folder(Path(folder), source)
-        vit = Path(folder) / "vit_config.json"
         return cls(
             read_transformer(layout, dtypes.get("transformer", default)),
             read_vae(layout, dtypes.get("vae", default)),
             read_tokenizer(Path(folder)),
-            vit_config=layout_json(vit),
+            vit_config=layout.vit_config,
         )
 
     def save_pretrained(self, folder: str | os.PathLike, **_) -> None:
@@ -116,9 +115,3 @@ class BagelPipeline:
         self.transformer.load_lora_adapter(
             str(folder), prefix="transformer", weight_name=weight_name, adapter_name=adapter_name
         )
-
-
-def layout_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text()) if path.is_file() else {}
