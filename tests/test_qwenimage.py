@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from family_checks import assert_dag_registers_a_pyfunc, assert_resume_is_exact
 
 from flowgrpo_core.config import ConfigError, load_config
 from flowgrpo_core.models import Conditioning, ModelSourceError, QwenImageAdapter, adapter_for, load_model
@@ -311,21 +312,7 @@ def test_fast_window_trains_only_its_steps(tmp_path):
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path):
-    opts = ["train.checkpoint_every=1", "train.ema_update_interval=1", "sampling.batch_size=4"]
-    straight = _trainer(tmp_path, *opts, name="straight")
-    straight.train(epochs=3)
-    first = _trainer(tmp_path, *opts, name="resumed")
-    first.train(epochs=2)
-    torch.manual_seed(999)  # a fresh process would start with other global RNG state
-    second = _trainer(tmp_path, *opts, name="resumed")
-    assert second.resume() and second.epoch == 2
-    second.train(epochs=3)
-    a, b = straight.trainable, second.trainable
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(p.abs().sum() > 0 for n, p in a.items() if "lora_B" in n)  # it did train
-    assert all(torch.equal(straight.ema.shadow[k], second.ema.shadow[k]) for k in a)
-    drop_time = lambda h: [{k: v for k, v in m.items() if not k.startswith("time/")} for m in h]  # noqa: E731
-    assert drop_time(straight.history) == drop_time(second.history)
+    assert_resume_is_exact(lambda *overrides, name: _trainer(tmp_path, *overrides, name=name))
 
 
 # ---- loading and bad input ----
@@ -448,33 +435,4 @@ def test_train_command_follows_the_model_family(tmp_path):
 
 
 def test_flowgrpo_run_registers_a_qwenimage_pyfunc_that_generates_images(tmp_path):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from flowgrpo_core.stages import PipelineContext
-    from pipelines.runner import run_local
-
-    args = PipelineContext(
-        preset="tiny",
-        overrides=["train.epochs=1", "calibration.epochs=1", "eval.num_prompts=2", "eval.num_steps=3"],
-        model_source="tiny:qwenimage",
-        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-        workdir=str(tmp_path / "work"),
-        experiment="qwen-dag",
-    )
-    result = run_local(args, pipeline_root=str(tmp_path / "kfp"))
-    assert result.registered == "flowgrpo-qwenimage/1"
-    client = MlflowClient()
-    runs = client.search_runs(
-        [client.get_run(result.parent_run_id).info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
-    )
-    by_stage = {r.data.tags["stage"]: r for r in runs}
-    assert all(r.info.status == "FINISHED" for r in runs) and len(by_stage) == 6
-    assert by_stage["download_model"].data.params["model.family"] == "qwenimage"
-    assert "eval/policy/reward_mean" in by_stage["evaluate"].data.metrics
-    version = client.get_model_version_by_alias("flowgrpo-qwenimage", "candidate")
-    assert version.tags["base.source"] == "tiny:qwenimage"
-    model = mlflow.pyfunc.load_model("models:/flowgrpo-qwenimage@candidate")
-    images = model.predict(["a photo of a cat", "a red fox in the snow"])
-    assert len(images) == 2 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
+    assert_dag_registers_a_pyfunc(tmp_path, "tiny:qwenimage", "qwenimage")

@@ -69,6 +69,22 @@ def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], missing, *x.shape[2:])], dim=1)
 
 
+def valid_length(mask: torch.Tensor) -> int:
+    """1 + the last token column valid in some row of ``mask`` (B, L) bool (L when none is): the length a batch
+    of right-padded sequences can be trimmed to, whatever longer batches it was padded with."""
+    used = mask.any(dim=0).nonzero()
+    return int(used[-1]) + 1 if len(used) else mask.shape[1]
+
+
+def per_image_noise(
+    generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """(B, *shape) float32 standard normal noise, each image's drawn from its own generator."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, device=g.device) for g in generators]).to(
+        device
+    )
+
+
 # The joint-attention projections of MMDiT blocks (image stream, then text stream) that receive LoRA
 # (docs/algorithm.md sect. 4); SD3 and FLUX name them alike. Qualified by ``attn.`` as the reference names
 # them: SD3.5-Medium's second image attention (``attn2``) gets no LoRA.

@@ -29,6 +29,7 @@ from flowgrpo_core.models.base import (
     JOINT_FEED_FORWARDS,
     Conditioning,
     pad_tokens,
+    valid_length,
 )
 from flowgrpo_core.models.packed import PackedLatentAdapter
 from flowgrpo_core.models.sd3 import NUM_TRAIN_TIMESTEPS
@@ -131,8 +132,7 @@ def text_batch(cond: Conditioning, with_negative: bool) -> tuple[torch.Tensor, t
         length = max(embeds.shape[1], neg_embeds.shape[1])
         embeds = torch.cat([pad_tokens(embeds, length), pad_tokens(neg_embeds, length)])
         mask = torch.cat([pad_tokens(mask, length), pad_tokens(neg_mask, length)])
-    used = mask.any(dim=0).nonzero()
-    valid = int(used[-1]) + 1 if len(used) else mask.shape[1]
+    valid = valid_length(mask)
     embeds, mask = embeds[:, :valid], mask[:, :valid]
     return embeds, None if bool(mask.all()) else mask
 

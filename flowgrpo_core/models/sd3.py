@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS, Conditioning, FlowAdapter
+from flowgrpo_core.models.base import JOINT_ATTENTION_PROJECTIONS, Conditioning, FlowAdapter, per_image_noise
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -58,10 +58,7 @@ class SD3Adapter(FlowAdapter):
         return (self.transformer.config.in_channels, height // scale, width // scale)
 
     def initial_noise(self, generators: Sequence[torch.Generator], height: int, width: int) -> torch.Tensor:
-        shape = self.latent_shape(height, width)
-        return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(
-            self.device
-        )
+        return per_image_noise(generators, self.latent_shape(height, width), self.device)
 
     def predict_velocity(
         self,

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from flowgrpo_core.models.base import Conditioning, FlowAdapter
+from flowgrpo_core.models.base import Conditioning, FlowAdapter, per_image_noise, valid_length
 
 # the reference's LoRA targets (train_bagel.py): the generation expert's attention and feed-forward
 BAGEL_LORA_TARGETS = (
@@ -94,10 +94,7 @@ class BagelAdapter(FlowAdapter):
     def initial_noise(self, generators: Sequence[torch.Generator], height: int, width: int) -> torch.Tensor:
         """(B, N, 4C) standard normal patches, drawn per image as (N, 4C)."""
         h, w = self._grid(height, width)
-        shape = (h * w, self.transformer.patch_dim)
-        return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(
-            self.device
-        )
+        return per_image_noise(generators, (h * w, self.transformer.patch_dim), self.device)
 
     def predict_velocity(
         self,
@@ -109,7 +106,9 @@ class BagelAdapter(FlowAdapter):
         width: int,
     ) -> torch.Tensor:
         x = latents.to(self.dtype)
-        ids, mask = trimmed(cond.tensors["ids"], cond.tensors["mask"])
+        # the batch's own padding only, whatever longer batches it was concatenated with
+        length = valid_length(cond.tensors["mask"])
+        ids, mask = cond.tensors["ids"][:, :length], cond.tensors["mask"][:, :length]
         do_cfg = guidance_scale > 1
         if do_cfg:  # [cond; uncond]: the unconditional rows have no valid prompt token
             x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
@@ -139,14 +138,6 @@ class BagelAdapter(FlowAdapter):
         """Full fine-tuning trains the generation expert only (the reference's ``*moe_gen*`` parameters)."""
         for name, param in self.transformer.named_parameters():
             param.requires_grad_("moe_gen" in name)
-
-
-def trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids``, ``mask`` (B, L) cut after the last column with a valid token in some row: the batch's own
-    padding, whatever longer batches it was concatenated with."""
-    used = mask.any(dim=0).nonzero()
-    length = int(used[-1]) + 1 if len(used) else 0
-    return ids[:, :length], mask[:, :length]
 
 
 def renormalised_cfg(
