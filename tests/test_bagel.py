@@ -408,6 +408,12 @@ def test_folder_round_trip(bagel_folder, adapter):
     assert resolution_factor(str(bagel_folder)) == 16
 
 
+def test_hub_id_loads_the_official_layout_from_the_cache_when_offline(bagel_folder, hub_cache, adapter):
+    source = hub_cache(bagel_folder, "flowgrpo/tiny-bagel")
+    loaded = load_model(source)
+    assert isinstance(loaded, BagelAdapter) and _equal_states(loaded.transformer, adapter.transformer)
+
+
 def test_vae_file_uses_the_original_names_and_diffusers_reads_it_back(adapter):
     vae = adapter.pipeline.vae
     original = to_original(vae.state_dict(), len(vae.config.block_out_channels))
