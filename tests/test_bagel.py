@@ -22,6 +22,7 @@ from flowgrpo_core.models.tiny import build_tiny_bagel
 from flowgrpo_core.sampling import SamplingSpec, rollout, sde_window_mask
 from flowgrpo_core.trainer import FlowGRPOTrainer
 
+LAYER = "language_model.model.layers.0."
 PROMPTS = ["a photo of a cat", "a dog in the snow, with a much longer prompt than the others", "x"]
 FAST = [
     "model.source=tiny:bagel",
@@ -491,8 +492,15 @@ def test_understanding_weights_on_disk_are_skipped(bagel_folder, tmp_path):
             r"1 unexpected tensors: language_model\.model\.extra\.weight",
         ),
         (
+            lambda f: _rewrite(
+                f / EMA_FILE,
+                lambda t: t.update({f"{LAYER}self_attn.q_proj_moe_gen.weight": torch.ones(16, 32)}),
+            ),
+            r"q_proj_moe_gen\.weight \[16, 32\] \(expected \[32, 32\]\)",
+        ),
+        (
             lambda f: _rewrite(f / EMA_FILE, lambda t: t.update({"vae2llm.weight": torch.ones(32, 8)})),
-            r"vae2llm\.weight \[32, 8\] \(expected \[32, 16\]\)",
+            r"vae2llm\.weight \[32, 8\] takes no square patch of 4-channel latents",
         ),
         (
             lambda f: _rewrite(f / AE_FILE, lambda t: t.pop("decoder.up.2.block.0.conv1.bias")),

@@ -2,9 +2,9 @@
 
 - ``llm_config.json``: the Qwen2 config of the language model (the official loader then sets ``qk_norm``,
   untied embeddings and the MoT layer; so do we);
-- ``config.json``: read for Bagel's own fields when present (``latent_patch_size``, ``max_latent_size``;
-  otherwise the values the official loader passes: 2 and 64); ``vit_config.json``: the ViT's, written for
-  completeness and not read (text-to-image skips the ViT);
+- ``config.json`` and ``vit_config.json``: written for completeness, not read. The official loader reads
+  neither (it passes ``latent_patch_size=2, max_latent_size=64`` in code); we read both off the tensors
+  (``vae2llm``'s input width, the rows of ``latent_pos_embed``), as the VAE's architecture is;
 - ``ema.safetensors``: every weight of the model, in the names of :class:`BagelTransformer` (the ViT, its
   connector and ``lm_head`` are left on disk);
 - ``ae.safetensors``: the FLUX autoencoder (:mod:`.vae`);
@@ -17,6 +17,7 @@ unexpected tensor or a tensor of the wrong shape fails before any weight is read
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from flowgrpo_core.models.bagel.vae import AE_FILE, build_vae, from_original, to
 from flowgrpo_core.models.base import ModelSourceError
 
 LLM_CONFIG = "llm_config.json"
-BAGEL_CONFIG = "config.json"
+BAGEL_CONFIG = "config.json"  # written, not read
 VIT_CONFIG = "vit_config.json"
 EMA_FILE = "ema.safetensors"
 REQUIRED_FILES = (LLM_CONFIG, EMA_FILE, AE_FILE)
@@ -42,8 +43,6 @@ LLM_FIELDS = (
     "vocab_size",
     "rms_norm_eps",
 )
-# Bagel's fields and the values the official loader gives them (its BagelConfig(...) call)
-BAGEL_DEFAULTS = {"latent_patch_size": 2, "max_latent_size": 64}
 # the tokens a text-to-image call uses, added to the tokenizer when missing as the official loader does
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 # how many names an error lists before "and N more"
@@ -109,23 +108,36 @@ def compare_shapes(
         raise ModelSourceError(f"{path}: " + "; ".join(problems))
 
 
-def transformer_config(folder: Path) -> dict:
-    """``BagelTransformer``'s config from ``llm_config.json`` (and ``config.json`` when present)."""
+def transformer_config(folder: Path, ema: dict[str, tuple[int, ...]], latent_channels: int) -> dict:
+    """``BagelTransformer``'s config: ``llm_config.json`` with the official loader's overrides, the patch size
+    and the position table's side read off ``ema.safetensors``' shapes (``ema``)."""
     llm = _json(folder, LLM_CONFIG)
     absent = [f for f in LLM_FIELDS if f not in llm]
     if absent:
         raise ModelSourceError(f"{folder / LLM_CONFIG}: missing fields {absent}")
     if llm["hidden_size"] % llm["num_attention_heads"]:
         raise ModelSourceError(f"{folder / LLM_CONFIG}: hidden_size is not a multiple of num_attention_heads")
-    bagel = _json(folder, BAGEL_CONFIG) if (folder / BAGEL_CONFIG).is_file() else {}
-    if bagel.get("interpolate_pos"):
-        raise ModelSourceError(
-            f"{folder / BAGEL_CONFIG}: interpolate_pos is not supported (latent positions are extrapolated, "
-            "as in the released model)"
-        )
     # the official loader's overrides: qk-norm on, untied embeddings, MoT layers
     llm = llm | {"qk_norm": True, "tie_word_embeddings": False, "layer_module": "Qwen2MoTDecoderLayer"}
-    return {"llm_config": llm} | {k: bagel.get(k, v) for k, v in BAGEL_DEFAULTS.items()}
+    path = folder / EMA_FILE
+    for key in ("vae2llm.weight", "latent_pos_embed.pos_embed"):
+        if key not in ema:
+            raise ModelSourceError(f"{path}: tensor {key} is missing")
+    patch = math.isqrt(ema["vae2llm.weight"][1] // latent_channels)
+    side = math.isqrt(ema["latent_pos_embed.pos_embed"][0])
+    if patch * patch * latent_channels != ema["vae2llm.weight"][1]:
+        raise ModelSourceError(
+            f"{path}: vae2llm.weight {list(ema['vae2llm.weight'])} takes no square patch of "
+            f"{latent_channels}-channel latents"
+        )
+    if side * side != ema["latent_pos_embed.pos_embed"][0]:
+        raise ModelSourceError(f"{path}: latent_pos_embed.pos_embed has no square number of rows")
+    return {
+        "llm_config": llm,
+        "latent_channels": latent_channels,
+        "latent_patch_size": patch,
+        "max_latent_size": side,
+    }
 
 
 def _meta_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -147,12 +159,11 @@ def check_folder(folder: Path, source: str = "") -> BagelLayout:
     with torch.device("meta"):
         expected_ae = to_original(build_vae(vae).state_dict(), len(vae["block_out_channels"]))
     compare_shapes(folder / AE_FILE, ae_shapes, {k: tuple(v.shape) for k, v in expected_ae.items()})
-    config = transformer_config(folder) | {"latent_channels": vae["latent_channels"]}
+    ema_shapes = _header_shapes(folder / EMA_FILE)
+    config = transformer_config(folder, ema_shapes, vae["latent_channels"])
     with torch.device("meta"):
         expected = _meta_shapes(BagelTransformer(**config))
-    compare_shapes(
-        folder / EMA_FILE, _header_shapes(folder / EMA_FILE), expected, UNDERSTANDING_ONLY_PREFIXES
-    )
+    compare_shapes(folder / EMA_FILE, ema_shapes, expected, UNDERSTANDING_ONLY_PREFIXES)
     vit = _json(folder, VIT_CONFIG) if (folder / VIT_CONFIG).is_file() else {}
     return BagelLayout(folder, config, vae, vit)
 
@@ -160,8 +171,9 @@ def check_folder(folder: Path, source: str = "") -> BagelLayout:
 def resolution_factor(folder: Path) -> int:
     """Image sides must be multiples of this: the VAE's downsampling (from ``ae.safetensors``' header) times
     the patch size."""
-    levels = len(vae_config(_header_shapes(folder / AE_FILE))["block_out_channels"])
-    return 2 ** (levels - 1) * transformer_config(folder)["latent_patch_size"]
+    vae = vae_config(_header_shapes(folder / AE_FILE))
+    config = transformer_config(folder, _header_shapes(folder / EMA_FILE), vae["latent_channels"])
+    return 2 ** (len(vae["block_out_channels"]) - 1) * config["latent_patch_size"]
 
 
 def _read(path: Path, keys, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -194,9 +206,10 @@ def read_vae(layout: BagelLayout, dtype: torch.dtype):
 
 def read_tokenizer(folder: Path):
     """The folder's tokenizer with Bagel's special tokens (added when missing, as the official loader does)."""
-    from transformers import AutoTokenizer
+    from transformers import Qwen2Tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    # the class the official loader names (AutoTokenizer could be misled by the folder's config.json)
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(folder))
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing)
