@@ -2,10 +2,12 @@
 ``InterleaveInferencer`` with ``generate_image``).
 
 - Prompts: ``ids`` (B, L) = ``<|im_start|>`` + tokens + ``<|im_end|>``, zero-padded to the batch's longest,
-  and ``mask`` (B, L) bool. The text prefill (the KV cache) is rebuilt inside every velocity call, as the
-  reference rebuilds it per call of its inferencer: it always reflects the current weights, and the
-  trajectories hold token ids only. Each call trims the batch to its longest valid prompt, so the same samples
-  reach the model with the same tensors in sampling and training.
+  and ``mask`` (B, L) bool. The text prefill (the KV cache) is rebuilt inside every velocity call (the
+  reference builds it once per roll-out and per training pass): it always reflects the current weights, costs
+  the prompt's few tokens per step, and the trajectories hold token ids only. The understanding expert that
+  computes it is never trained by the reference or the presets, so the values are the reference's. Each call
+  trims the batch to its longest valid prompt, so the same samples reach the model with the same tensors in
+  sampling and training.
 - Noise: (B, N, 4C) patches of 2x2 latent pixels, drawn per image as (N, 4C), as the reference draws them.
 - Text CFG: the unconditional branch has an empty context (no prompt, no negative prompt: the reference's
   ``cfg_text`` context of a text-to-image call); ``v = u + g (c - u)`` then renormalised per sample:
