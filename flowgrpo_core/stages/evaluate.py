@@ -27,7 +27,7 @@ def evaluate(
     from flowgrpo_core.heldout import PROXY, evaluation_prompts, sampling_settings
     from flowgrpo_core.models import load_model
     from flowgrpo_core.policy import PROXY_GOLD_PLOT, attach_policy, read_heldout
-    from flowgrpo_core.tracking import log_metrics, timed_work
+    from flowgrpo_core.tracking import evaluation_headline, log_metrics, log_to_parent, timed_work
 
     config = ctx.config()
     e = config.eval
@@ -65,6 +65,7 @@ def evaluate(
             grid.save(out / f"grid_{tag}.png")
             mlflow.log_image(grid, f"samples/eval_{tag}.png")
         log_metrics(result.metrics)
+        log_to_parent(evaluation_headline(result.metrics))
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifact(str(out / "samples.json"))
         if (out / PROXY_GOLD_PLOT).is_file():

@@ -9,6 +9,7 @@ tags, metrics, reward curve and sample grid whichever way it trained.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -214,7 +215,7 @@ def _finish(out: Path, policy: Path, policy_dir: str | Path, resumed_from: int |
     import mlflow
 
     from flowgrpo_core.policy import PROXY_GOLD_PLOT, read_heldout
-    from flowgrpo_core.tracking import log_metrics, reward_curve
+    from flowgrpo_core.tracking import log_metrics, log_to_parent, reward_curve
 
     history = json.loads((policy / "metrics.json").read_text())
     if Path(policy_dir).resolve() != policy.resolve():
@@ -247,6 +248,13 @@ def _finish(out: Path, policy: Path, policy_dir: str | Path, resumed_from: int |
         final["exported_epoch"] = float(heldout["exported_epoch"])
     final["resumed"] = float(resumed_from is not None)
     final["epochs"] = float(int(history[-1]["epoch"]) + 1 if history else 0)
+    log_to_parent(
+        {
+            "train/final_reward": final.get("reward/total", math.nan),
+            "train/final_kl": final.get("train/kl", math.nan),
+            "train/epochs": final["epochs"],
+        }
+    )
     return final
 
 
