@@ -305,6 +305,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
     pipeline_args = _pipeline_args(args)
+    pipeline_args.validate()  # bad input fails here, before a run id is given out
     if args.resume:
         run_id = resolve_resume(pipeline_args, args.resume)
         print(f"[flowgrpo] continuing run {run_id}")

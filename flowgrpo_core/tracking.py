@@ -348,14 +348,16 @@ def log_config(config) -> None:
 
 
 def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = None, cell: int | None = None):
-    """A grid of PIL images, one list per row, with an optional label left of each row."""
+    """A grid of PIL images, one list per row, with an optional label (a caption, wrapped) left of each row."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     rows = [list(r) for r in rows if len(r)]
     if not rows:
         raise ValueError("image_grid needs at least one image")
     size = cell or max(max(im.width, im.height) for r in rows for im in r)
-    label_w = 120 if labels else 0
+    label_w = 160 if labels else 0
     ncols = max(len(r) for r in rows)
     grid = Image.new("RGB", (label_w + ncols * size, len(rows) * size), "white")
     draw = ImageDraw.Draw(grid)
@@ -363,8 +365,48 @@ def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = Non
         for x, image in enumerate(row):
             grid.paste(image.convert("RGB").resize((size, size)), (label_w + x * size, y * size))
         if labels:
-            draw.text((4, y * size + size // 2 - 6), str(labels[y])[:18], fill="black")
+            lines = textwrap.wrap(str(labels[y]), 24)[: max(1, size // 11)]  # the default font: ~6x11 px
+            top = y * size + max(0, (size - 11 * len(lines)) // 2)
+            draw.multiline_text((4, top), "\n".join(lines), fill="black", spacing=1)
     return grid
+
+
+def captioned_samples(images: Sequence[Any], prompts: Sequence[str], rows: int = 4, columns: int = 8):
+    """An epoch's samples as a grid: one row per prompt (its group's images side by side, consecutive in
+    ``images``), captioned with the prompt; at most ``rows`` prompts and ``columns`` images each."""
+    groups: list[tuple[str, list]] = []
+    for image, prompt in zip(images, prompts):
+        if groups and groups[-1][0] == prompt:
+            groups[-1][1].append(image)
+        elif len(groups) < rows:
+            groups.append((prompt, [image]))
+    return image_grid([g[:columns] for _, g in groups], [p for p, _ in groups])
+
+
+def log_prompt_set(prompt_set, spec: str, context: str) -> None:
+    """Dataset lineage: the prompt set ``spec`` (``builtin:name`` or a file) as an MLflow dataset input of
+    the active run and of its parent (the pipeline run), with ``context`` (training, evaluation). Its
+    digest tells two runs on different prompts apart."""
+    import mlflow
+    import pandas as pd
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    frame = pd.DataFrame(
+        {"prompt": prompt_set.prompts, "tag": [m.get("tag", "") for m in prompt_set.metadata]}
+    )
+    name = spec.removeprefix("builtin:") if spec.startswith("builtin:") else Path(spec).name
+    # the set as flowgrpo's loader read it (prompts.train / prompts.eval); a file path is not portable
+    # across pods, the spec and the digest are
+    source = CodeDatasetSource(tags={"flowgrpo.prompt_set": spec})
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+    mlflow.log_input(dataset, context=context)
+    parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
+    if parent:
+        tag = InputTag(key="mlflow.data.context", value=context)
+        mlflow.tracking.MlflowClient().log_inputs(
+            parent, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])]
+        )
 
 
 def reward_curve(history: Sequence[dict[str, float]], path: str | os.PathLike) -> Path:

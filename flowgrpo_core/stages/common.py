@@ -60,18 +60,25 @@ class PipelineContext:
 
     def validate(self, check_tracking: bool = True) -> FlowGRPOConfig:
         """The resolved config, after checking the model source and the tracking URI (and, with
-        ``check_tracking``, that an HTTP tracking server answers); raises ConfigError / ModelSourceError /
-        ValueError / ConnectionError naming what is wrong."""
-        from flowgrpo_core.models.loading import parse_source  # imports diffusers: only when validating
+        ``check_tracking``, for a run on this machine, that an HTTP tracking server answers and that a hub
+        model is in the cache when the hub is offline); raises ConfigError / ModelSourceError / ValueError /
+        ConnectionError naming what is wrong."""
+        # imports diffusers: only when validating
+        from flowgrpo_core.models.loading import parse_source, resolve_folder
+        from flowgrpo_core.sources import hub_offline
 
         config = self.config()
-        parse_source(config.model.source)
+        source = parse_source(config.model.source)
         if not self.tracking_uri.startswith(("sqlite:///", "http://", "https://", "file:", "databricks")):
             raise ValueError(
                 f"tracking URI {self.tracking_uri!r}: expected sqlite:///path.db, http(s)://host or file:/path"
             )
         if check_tracking and self.tracking_uri.startswith(("http://", "https://")):
             check_reachable(self.tracking_uri)
+        if (
+            check_tracking and source.kind == "hub" and hub_offline()
+        ):  # a local run: the cache decides, cheaply
+            resolve_folder(config.model.source, config.model.revision)
         return config
 
     def config(self) -> FlowGRPOConfig:
