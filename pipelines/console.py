@@ -33,6 +33,8 @@ class ConsoleRouter:
     """A text stream for ``sys.stdout``/``sys.stderr``: every line to ``log``; to ``console`` the lines
     that are ours (everything with ``verbose``)."""
 
+    encoding, errors = "utf-8", "replace"
+
     def __init__(self, log: TextIO, console: TextIO, verbose: bool, tty: bool) -> None:
         self.log, self.console, self.verbose, self.tty = log, console, verbose, tty
         self._partial = ""

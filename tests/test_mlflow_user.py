@@ -360,3 +360,52 @@ def test_a_failed_run_shows_the_step_s_output_tail_and_ends_with_its_reason(tmp_
     assert "pipeline class 'NoSuchPipeline' is not supported" in last
     assert "the last lines of the step's output" in out.stderr
     assert len((out.stdout + out.stderr).splitlines()) <= CONSOLE_BUDGET
+
+
+@pytest.mark.parametrize("key", ["tracking.tracking_uri", "tracking.experiment"])
+def test_where_runs_go_is_no_config_key(key):
+    from flowgrpo_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"{key}: unknown key"):
+        load_config("tiny", overrides=[f"{key}=x"])
+
+
+def test_run_names_say_preset_model_and_short_id():
+    from flowgrpo_core.stages import PipelineContext
+    from flowgrpo_core.tracking import parent_run_name, short_id, stage_run_name
+
+    assert short_id("local-20261203-153145-5766db") == "5766db"
+    assert short_id("73769316-0c1d-4e5f-8a9b-000000000000") == "73769316"
+    assert parent_run_name("sd3-ocr", "stabilityai/stable-diffusion-3.5-medium", "73769316-0c1d") == (
+        "sd3-ocr-stable-diffusion-3.5-medium-73769316"
+    )
+    assert parent_run_name("tiny", "tiny:flux@7", "local-x-abc123") == "tiny-flux-abc123"
+    assert stage_run_name("train_grpo", "local-x-abc123") == "abc123-train_grpo"
+    ctx = PipelineContext(overrides=["tracking.run_name=baseline"], run_id="local-x-abc123")
+    assert ctx.parent_name() == "baseline"  # tracking.run_name works
+
+
+def test_evaluation_headline_has_deltas_per_metric_and_task():
+    from flowgrpo_core.tracking import evaluation_headline
+
+    metrics = {
+        "eval/base/geneval_mean": 0.5,
+        "eval/policy/geneval_mean": 0.6,
+        "eval/policy/geneval_mean_se": 0.01,
+        "eval/delta/geneval": 0.1,
+        "eval/win_rate/geneval": 0.4,
+        "eval/base/geneval/counting": 0.25,
+        "eval/policy/geneval/counting": 0.5,
+        "eval/base/geneval/accuracy/overall": 0.3,
+        "eval/policy/geneval/accuracy/overall": 0.4,
+        "eval/policy/geneval/accuracy/overall_se": 0.02,
+    }
+    out = evaluation_headline(metrics)
+    assert out == {
+        "eval/base/geneval_mean": 0.5,
+        "eval/policy/geneval_mean": 0.6,
+        "eval/delta/geneval": 0.1,
+        "eval/win_rate/geneval": 0.4,
+        "eval/delta/geneval/counting": 0.25,
+        "eval/delta/geneval/accuracy/overall": pytest.approx(0.1),
+    }
