@@ -84,8 +84,9 @@ def train_in_process(
         return _finish(ctx, out, Path(policy_dir), policy_dir, resumed_from, work_s)
 
 
-# sample grids logged per run of in-process training: about this many, evenly over the epochs
-SAMPLE_GRIDS = 20
+# sample grids logged per run of in-process training: about this many, evenly over the epochs, each with
+# this many prompts' groups
+SAMPLE_GRIDS, SAMPLE_ROWS = 20, 4
 
 
 def sample_interval(epochs: int) -> int:
@@ -101,9 +102,12 @@ def _log_samples(trainer, epoch: int) -> None:
     from flowgrpo_core.sampling import to_pil
     from flowgrpo_core.tracking import captioned_samples
 
-    # in-process training is one process: its roll-outs are the epoch's, in the order of its prompts
-    images = to_pil(trainer.last_samples.images)
-    mlflow.log_image(captioned_samples(images, trainer.last_prompts), key="samples", step=epoch)
+    # in-process training is one process: its roll-outs are the epoch's, in the order of its prompts, each
+    # prompt's group together; only the first groups are drawn (an SD3.5 epoch holds 1152 images of 512 px)
+    shown = SAMPLE_ROWS * trainer.config.sampling.group_size
+    images = to_pil(trainer.last_samples.images[:shown])
+    grid = captioned_samples(images, trainer.last_prompts[:shown], rows=SAMPLE_ROWS)
+    mlflow.log_image(grid, key="samples", step=epoch)
 
 
 def train_on_local_processes(
