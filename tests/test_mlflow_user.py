@@ -21,13 +21,19 @@ from flowgrpo_core.cli import build_parser, main
 
 # a tiny run's console: our lines only (run id, log path, a line per step, the trainer's lines, the result)
 CONSOLE_BUDGET = 40
-SHORT = ["train.epochs=2", "calibration.epochs=1", "eval.num_prompts=2", "eval.num_steps=2"]
+SHORT = [
+    "train.epochs=2",
+    "calibration.epochs=1",
+    "sampling.num_steps=4",
+    "eval.num_prompts=2",
+    "eval.num_steps=2",
+]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 # two pipeline runs, then the mlflow CLI: minutes each on a busy 2-core machine
 pytestmark = pytest.mark.timeout(3000)
 
 
-def _flowgrpo(*args, cwd, env=None, timeout=900):
+def _flowgrpo(*args, cwd, env=None, timeout=2400):
     return subprocess.run(
         [sys.executable, "-m", "flowgrpo_core.cli", *args],
         capture_output=True,
