@@ -199,7 +199,8 @@ def test_mlflow_models_serve_answers_with_images(two_runs):
             "--env-manager",
             "local",
         ],
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        # mlflow starts `uvicorn` by name: the environment's bin/ on PATH, as in an activated virtualenv
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(MLFLOW).parent}:{os.environ['PATH']}"},
         stdout=open(root / "serve.log", "w"),  # noqa: SIM115 (the server keeps writing)
         stderr=subprocess.STDOUT,
         start_new_session=True,
