@@ -22,6 +22,8 @@ def calibrate_rewards(
     calibration: Output[Artifact],
     metrics: Output[Metrics],
 ):
+    """A short beta = 0 GRPO probe of every reward; fails the run when a reward is constant, non-finite or has no within-group signal."""
+
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.calibrate import calibrate_rewards as run
 

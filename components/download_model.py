@@ -19,7 +19,7 @@ def download_model(
     kfp_run_id: str,
     model: Output[Model],
 ) -> str:
-    """Copy or build the base model; returns its family (sd3, flux)."""
+    """Copy or build the base model into a diffusers folder with a sha256 manifest; returns its family (sd3, flux, qwenimage)."""
     from flowgrpo_core.stages import PipelineContext
     from flowgrpo_core.stages.download import download_model as run
 

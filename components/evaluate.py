@@ -24,6 +24,8 @@ def evaluate(
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
 ):
+    """Base vs policy on held-out prompts with the same seeds: paired metrics per task, sample grids, a report with images."""
+
     import json
     import os
     import shutil

@@ -22,7 +22,7 @@ def register_model(
     evaluation: Input[Artifact],
     registration: Output[Artifact],
 ) -> str:
-    """Returns 'name/version'."""
+    """Register the policy as an MLflow pyfunc version (alias candidate); champion moves only through the gate. Returns 'name/version'."""
     import json
 
     from flowgrpo_core.stages import PipelineContext

@@ -23,6 +23,8 @@ def train_grpo(
     policy: Output[Model],
     metrics: Output[Metrics],
 ):
+    """Flow-GRPO training of the policy, resumable from its checkpoints after a retry; per-epoch metrics in MLflow."""
+
     import json
 
     from flowgrpo_core.stages import PipelineContext

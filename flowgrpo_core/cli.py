@@ -24,6 +24,11 @@ EPILOG = """examples:
 """
 
 
+TRACKING_URI_HELP = (
+    "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///flowgrpo-runs/mlflow.db)"
+)
+
+
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()):
     from flowgrpo_core.config import load_config
 
@@ -97,7 +102,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """The pipeline's parameters (``PipelineContext``'s fields) as options."""
     from flowgrpo_core.stages.common import DEFAULT_WORKDIR
 
-    add_config_arguments(parser)
+    add_config_arguments(parser, config_file=False)
     group = parser.add_argument_group("pipeline parameters")
     group.add_argument(
         "--model-source",
@@ -105,11 +110,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         help="base model (tiny:sd3|flux|qwenimage, folder, s3://bucket/prefix, hub id); default: the config's",
     )
     group.add_argument("--model-revision", default="", help="hub revision of --model-source")
-    group.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: sqlite:///flowgrpo-runs/mlflow.db)",
-    )
+    group.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     group.add_argument("--experiment", default="", help="MLflow experiment (default: the preset name)")
     group.add_argument(
         "--workdir",
@@ -205,6 +206,40 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_kfp_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """How ``submit`` reaches a multi-user Kubeflow (``kfp.Client``'s namespace and credentials). Secrets are
+    read from environment variables or files, never from the command line (``ps`` shows it)."""
+    group = parser.add_argument_group("Kubeflow Pipelines connection")
+    group.add_argument(
+        "--namespace",
+        default=None,
+        help="Kubeflow profile namespace to run in (multi-user Kubeflow; default: the server's or the user's)",
+    )
+    group.add_argument(
+        "--token-env",
+        metavar="VAR",
+        default=None,
+        help="environment variable holding a bearer token for the KFP API (kfp.Client existing_token)",
+    )
+    group.add_argument(
+        "--sa-token-path",
+        metavar="FILE",
+        default=None,
+        help="projected service-account token file, re-read as it rotates (kfp.Client credentials; in-cluster "
+        "clients usually mount it at /var/run/secrets/kubeflow/pipelines/token)",
+    )
+    group.add_argument(
+        "--cookies-env",
+        metavar="VAR",
+        default=None,
+        help="environment variable holding session cookies for an auth proxy such as Dex/oauth2-proxy, "
+        "e.g. 'authservice_session=...' (kfp.Client cookies)",
+    )
+    group.add_argument(
+        "--ssl-ca-cert", metavar="FILE", default=None, help="CA bundle to verify the KFP host's certificate"
+    )
+
+
 def _cluster_options(args: argparse.Namespace):
     from flowgrpo_core.cluster.options import ClusterOptions, Toleration, parse_key_value
 
@@ -229,29 +264,48 @@ def _cluster_options(args: argparse.Namespace):
 
 def _pipeline_args(args: argparse.Namespace):
     from flowgrpo_core.stages import PipelineContext
-    from flowgrpo_core.tracking import DEFAULT_TRACKING_URI
+    from flowgrpo_core.tracking import default_tracking_uri
 
-    if args.config:
-        raise ValueError(
-            "--config is not a pipeline parameter: pass the file's fields with --set (they travel with the run)"
-        )
     return PipelineContext(
         preset=args.preset,
         overrides=list(args.overrides),
         model_source=args.model_source,
         model_revision=args.model_revision,
-        tracking_uri=args.tracking_uri or DEFAULT_TRACKING_URI,
+        tracking_uri=args.tracking_uri or default_tracking_uri(),
         experiment=args.experiment,
         workdir=args.workdir,
     )
 
 
+def _warn_if_pod_local(ctx, cluster) -> None:
+    """A sqlite tracking URI in a compiled or submitted pipeline is a file inside each step's pod (unless it
+    lies on the shared volume): every step would write its own database, lost with the pod."""
+    from flowgrpo_core.tracking import sqlite_path
+
+    db = sqlite_path(ctx.tracking_uri)
+    if db is not None and not (cluster.pvc and cluster.on_volume(str(db))):
+        print(
+            f"[flowgrpo] warning: tracking URI {ctx.tracking_uri} is a file inside each step's pod: the steps do "
+            "not share it and it is lost with the pods; pass --tracking-uri http://<mlflow server> "
+            "(or set MLFLOW_TRACKING_URI), or keep it on the --pvc volume",
+            file=sys.stderr,
+        )
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pipelines.runner import PipelineInterrupted, new_run_id, resolve_resume, run_local
+    from pipelines.runner import (
+        LOG_NAME,
+        PipelineInterrupted,
+        StepFailed,
+        new_run_id,
+        resolve_resume,
+        run_local,
+    )
 
     pipeline_args = _pipeline_args(args)
+    pipeline_args.validate()  # bad input fails here, before a run id is given out
     if args.resume:
         run_id = resolve_resume(pipeline_args, args.resume)
         print(f"[flowgrpo] continuing run {run_id}")
@@ -259,11 +313,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_id = new_run_id()
         print(f"[flowgrpo] run {run_id}")
     pipeline_args = dataclasses.replace(pipeline_args, run_id=run_id)
+    if not args.verbose:
+        print(f"[flowgrpo] every step's output: {pipeline_args.run_dir / LOG_NAME} (--verbose shows it here)")
     try:
-        result = run_local(pipeline_args, pipeline_root=args.pipeline_root)
+        result = run_local(pipeline_args, pipeline_root=args.pipeline_root, verbose=args.verbose)
     except PipelineInterrupted as interrupted:
         print(f"\n[flowgrpo] {interrupted}", file=sys.stderr)
         return 130
+    except StepFailed as failed:
+        if not args.verbose:  # with --verbose the step's output is on the screen already
+            print(f"[flowgrpo] the last lines of the step's output ({failed.log}):", file=sys.stderr)
+            print("\n".join("    " + line for line in failed.tail), file=sys.stderr)
+        print(f"flowgrpo run: error: {failed}", file=sys.stderr)
+        return 1
     print(f"\n[flowgrpo] pipeline finished in {result.seconds:.0f}s (run {result.run_id})")
     if result.resumed_from_epoch != "none":
         print(f"[flowgrpo] training resumed from its checkpoint at epoch {result.resumed_from_epoch}")
@@ -281,42 +343,78 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.runner import compile_pipeline
 
-    path = compile_pipeline(_pipeline_args(args), args.output, cluster=_cluster_options(args))
+    ctx, cluster = _pipeline_args(args), _cluster_options(args)
+    _warn_if_pod_local(ctx, cluster)
+    path = compile_pipeline(ctx, args.output, cluster=cluster)
     print(f"[flowgrpo] compiled {path}")
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.runner import submit
+    from pipelines.runner import KfpConnection, submit
 
+    ctx, cluster = _pipeline_args(args), _cluster_options(args)
+    _warn_if_pod_local(ctx, cluster)
+    connection = KfpConnection(
+        host=args.host,
+        namespace=args.namespace,
+        token_env=args.token_env,
+        sa_token_path=args.sa_token_path,
+        cookies_env=args.cookies_env,
+        ssl_ca_cert=args.ssl_ca_cert,
+    )
     run_id = submit(
-        _pipeline_args(args),
-        args.host,
+        ctx,
+        connection,
         run_name=args.run_name,
         kfp_experiment=args.kfp_experiment,
-        cluster=_cluster_options(args),
+        cluster=cluster,
     )
     print(f"[flowgrpo] submitted run {run_id} to {args.host}")
     return 0
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from flowgrpo_core.registry import promote
-    from flowgrpo_core.tracking import DEFAULT_TRACKING_URI, configure
+    from mlflow.exceptions import MlflowException
 
-    configure(args.tracking_uri or DEFAULT_TRACKING_URI)
-    moved, reason = promote(args.model, args.version, force=args.force)
+    from flowgrpo_core.registry import promote
+    from flowgrpo_core.tracking import check_store_exists, configure, default_tracking_uri
+
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    check_store_exists(tracking_uri)  # promoting in a database created on the spot can only fail
+    configure(tracking_uri)
+    try:
+        moved, reason = promote(args.model, args.version, force=args.force)
+    except MlflowException as error:  # e.g. no such model or version: the registry's words, not a traceback
+        raise ValueError(f"{tracking_uri}: {error.message}") from None
     print(f"[flowgrpo] {args.model} v{args.version}: {'champion' if moved else 'not promoted'} ({reason})")
     return 0 if moved else 1
+
+
+def version_text() -> str:
+    """``flowgrpo X (mlflow Y, kfp Z, torch W)``: what a bug report needs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from flowgrpo_core import __version__
+
+    parts = []
+    for package in ("mlflow", "kfp", "torch"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return f"flowgrpo {__version__} ({', '.join(parts)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowgrpo",
-        description="Flow-GRPO for flow-matching text-to-image models (SD3, FLUX), as a Kubeflow pipeline tracked in MLflow.",
+        description="Flow-GRPO for flow-matching text-to-image models (SD3, FLUX, Qwen-Image), as a Kubeflow "
+        "pipeline tracked in MLflow.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_text(), help="print versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     presets = sub.add_parser(
@@ -343,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_arguments(run)
     run.add_argument(
         "--pipeline-root", default="flowgrpo-runs/kfp", help="where kfp.local keeps each task's artifacts"
+    )
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every step's output here (kfp.local's and the executor's lines included); by default it "
+        "goes to <workdir>/<run id>/pipeline.log and only flowgrpo's own lines are shown",
     )
     run.add_argument(
         "--resume",
@@ -374,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit_.add_argument("--run-name", help="KFP run name (default: flowgrpo-<preset>)")
     submit_.add_argument("--kfp-experiment", help="KFP experiment (default: flowgrpo-<preset>)")
+    add_kfp_auth_arguments(submit_)
     add_cluster_arguments(submit_)
     submit_.set_defaults(func=_cmd_submit)
 
@@ -388,11 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote_.add_argument(
         "--force", action="store_true", help="move the alias even if the gate fails (recorded as forced)"
     )
-    promote_.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: sqlite:///flowgrpo-runs/mlflow.db)",
-    )
+    promote_.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     promote_.set_defaults(func=_cmd_promote)
 
     from flowgrpo_core.pretrain.config import add_pretrain_shapes_parser

@@ -2,7 +2,13 @@
 
 Its artifact ``policy`` is the folder written by ``FlowGRPOTrainer.save_policy`` plus ``base.json``
 (source and revision of the base model). Loading rebuilds the base from that reference and puts the
-adapter on it; ``predict(prompts)`` returns PIL images. Multi-GB bases are never copied into the registry.
+adapter on it. Multi-GB bases are never copied into the registry.
+
+``predict`` takes prompts (a DataFrame with a ``prompt`` column and an optional ``seed`` column, a list of
+prompts or one prompt) and the params of the signature (``seed``, ``num_steps``, ``guidance_scale``,
+``resolution``), and returns a DataFrame with one row per prompt: ``prompt``, ``seed`` and ``image``, the
+image as base64-encoded PNG text, so that ``mlflow models predict`` and ``mlflow models serve`` can write
+it as JSON (the signature in ``registry.policy_signature``).
 """
 
 from __future__ import annotations
@@ -30,15 +36,20 @@ class FlowGRPOPolicy(PythonModel):
         )
         attach_policy(self.adapter, folder, ema=True)
 
-    def predict(self, context, model_input, params: dict | None = None) -> list:
-        """``model_input``: a prompt, a list of prompts, or a DataFrame with a ``prompt`` column (and optional
-        ``seed``). ``params`` may set ``num_steps``, ``guidance_scale``, ``resolution``, ``seed``."""
-        from flowgrpo_core.evaluation.compare import generate
+    def predict(self, context, model_input, params: dict | None = None):
+        """``model_input``: a DataFrame with a ``prompt`` column (and optional ``seed``), a list of prompts
+        or one prompt. ``params`` may set ``seed`` (of the first image; image i gets seed + i unless the input
+        has seeds), ``num_steps``, ``guidance_scale``, ``resolution``; unset ones are the policy's evaluation
+        settings. Returns a DataFrame: ``prompt``, ``seed``, ``image`` (base64 PNG)."""
+        import pandas as pd
 
-        prompts, seeds = _prompts_and_seeds(model_input, int((params or {}).get("seed", 0)))
+        from flowgrpo_core.evaluation.compare import generate
+        from flowgrpo_core.serving.protocol import encode_image
+
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        prompts, seeds = _prompts_and_seeds(model_input, int(params.get("seed", 0)))
         e, s = self.config.eval, self.config.sampling
-        params = params or {}
-        return generate(
+        images = generate(
             self.adapter,
             prompts,
             seeds,
@@ -50,22 +61,31 @@ class FlowGRPOPolicy(PythonModel):
             max_sequence_length=s.max_sequence_length,
             sde_type=s.sde_type,
         )
+        return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": [encode_image(im) for im in images]})
 
 
 def _prompts_and_seeds(model_input, seed: int) -> tuple[list[str], list[int]]:
+    import pandas as pd
+
+    if isinstance(model_input, dict):  # {"prompt": [...], "seed": [...]}
+        model_input = pd.DataFrame(model_input)
     if isinstance(model_input, str):
         prompts = [model_input]
-    elif hasattr(model_input, "columns"):  # a pandas DataFrame
+    elif isinstance(model_input, pd.DataFrame):
         if "prompt" not in model_input.columns:
             raise ValueError(f"the input DataFrame needs a 'prompt' column, got {list(model_input.columns)}")
         prompts = [str(p) for p in model_input["prompt"]]
-        if "seed" in model_input.columns:
-            return prompts, [int(x) for x in model_input["seed"]]
+        if "seed" in model_input.columns and not model_input["seed"].isna().any():
+            return _checked(prompts), [int(x) for x in model_input["seed"]]
     else:
         prompts = [str(p) for p in model_input]
+    return _checked(prompts), [seed + i for i in range(len(prompts))]
+
+
+def _checked(prompts: list[str]) -> list[str]:
     if not prompts or not all(p.strip() for p in prompts):
         raise ValueError("predict needs at least one non-empty prompt")
-    return prompts, [seed + i for i in range(len(prompts))]
+    return prompts
 
 
 mlflow.models.set_model(FlowGRPOPolicy())

@@ -51,6 +51,53 @@ def _champion(client, name: str):
         return None
 
 
+def policy_signature(config):
+    """What the registered pyfunc takes and returns (``mlflow_model.py``), with the policy's evaluation
+    settings as the params' defaults: prompts in (a ``prompt`` column, an optional ``seed`` column), one row
+    per prompt out with the image as base64 PNG text."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    e, s = config.eval, config.sampling
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False)]),
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("string", "image")]),
+        params=ParamSchema(
+            [
+                ParamSpec("seed", "long", 0),
+                ParamSpec("num_steps", "long", e.num_steps),
+                ParamSpec("guidance_scale", "double", float(e.guidance_scale)),
+                ParamSpec("resolution", "long", s.resolution),
+            ]
+        ),
+    )
+
+
+# the example shown in the registry and written as serving_input_example.json (`mlflow models predict -i`)
+INPUT_EXAMPLE_PROMPTS = ["a photo of a cat", "a red car left of a dog"]
+
+
+def log_pyfunc(staged: Path, config, run_id: str, artifact_path: str = "policy") -> str:
+    """Save the pyfunc (signature, input example) and log it under the run's ``artifact_path``; returns its
+    ``runs:/`` URI. Saved, then logged as artifacts, rather than ``mlflow.pyfunc.log_model``: that one checks
+    the input example by loading the model and generating images, which for a real base model means
+    gigabytes of weights and minutes of sampling inside the registration step."""
+    import mlflow
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(
+            Path(tmp) / artifact_path,
+            python_model=str(Path(__file__).with_name("mlflow_model.py")),
+            artifacts={"policy": str(staged)},
+            pip_requirements=[f"flowgrpo=={__version__}"],
+            signature=policy_signature(config),
+            input_example=(pd.DataFrame({"prompt": INPUT_EXAMPLE_PROMPTS}), {"seed": 0}),
+        )
+        mlflow.tracking.MlflowClient().log_artifacts(run_id, str(Path(tmp) / artifact_path), artifact_path)
+    return f"runs:/{run_id}/{artifact_path}"
+
+
 def register_policy(
     policy_dir: str | Path,
     base_source: str,
@@ -93,21 +140,19 @@ def register_policy(
     if found:
         version = found[0]
     else:
+        from flowgrpo_core.config import load_config
+
+        run_id = mlflow.active_run().info.run_id
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / "policy"
             shutil.copytree(policy_dir, staged)
             (staged / "base.json").write_text(json.dumps({"source": base_source, "revision": base_revision}))
-            info = mlflow.pyfunc.log_model(
-                name="policy",
-                python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"policy": str(staged)},
-                pip_requirements=[f"flowgrpo=={__version__}"],
-            )
+            source = log_pyfunc(staged, load_config(None, staged / "config.yaml"), run_id)
         value = float(eval_metrics[gate_metric])
         version = client.create_model_version(
             model_name,
-            source=info.model_uri,
-            run_id=mlflow.active_run().info.run_id if mlflow.active_run() else None,
+            source=source,
+            run_id=run_id,
             tags={
                 "flowgrpo.kfp_run_id": kfp_run_id,
                 "base.source": base_source,

@@ -19,7 +19,31 @@ from typing import Any
 import psutil
 
 DEFAULT_TRACKING_URI = "sqlite:///flowgrpo-runs/mlflow.db"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# what the MLflow UI shows an experiment as: the training view (runs, charts, models), not the GenAI one
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 _METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
+
+
+def default_tracking_uri() -> str:
+    """Where runs go when no ``--tracking-uri`` is given: ``$MLFLOW_TRACKING_URI`` as for every MLflow tool,
+    else a sqlite file under ``flowgrpo-runs/``."""
+    return os.environ.get(TRACKING_URI_ENV, "").strip() or DEFAULT_TRACKING_URI
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for any other store."""
+    return Path(tracking_uri[len("sqlite:///") :]) if tracking_uri.startswith("sqlite:///") else None
+
+
+def check_store_exists(tracking_uri: str) -> None:
+    """For commands that read what runs wrote (``promote``): a sqlite database that is not there is a wrong
+    URI, not an empty store to create."""
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
+        raise FileNotFoundError(
+            f"no MLflow database at {db} ({tracking_uri}): pass --tracking-uri or set {TRACKING_URI_ENV}"
+        )
 
 
 def artifact_root_for(tracking_uri: str) -> str | None:
@@ -55,13 +79,19 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
 
 def ensure_experiment(name: str, tracking_uri: str) -> str:
+    """The experiment's id, created on first use and marked as model training for the UI."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri))
+    if found is None:
+        return client.create_experiment(
+            name, artifact_location=artifact_root_for(tracking_uri), tags=EXPERIMENT_KIND
+        )
+    if not EXPERIMENT_KIND.items() <= found.tags.items():  # made by an older flowgrpo or by hand
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def find_runs(experiment_id: str, **tags: str) -> list:
@@ -73,21 +103,57 @@ def find_runs(experiment_id: str, **tags: str) -> list:
     )
 
 
+def short_id(identity: str) -> str:
+    """A few characters that tell a pipeline run apart in run names: the random tail of a local id
+    (``local-20261203-153145-5766db`` -> ``5766db``), the head of KFP's job id (a UUID)."""
+    if identity.startswith("local-"):
+        return identity.rsplit("-", 1)[-1]
+    return identity.replace("-", "")[:8] or "run"
+
+
+def parent_run_name(preset: str, model_source: str, identity: str) -> str:
+    """``<preset>-<model>-<short id>``, e.g. ``tiny-sd3-5766db``, ``sd3-ocr-stable-diffusion-3.5-medium-1a2b3c4d``:
+    what the run is, readable in the runs table and in chart legends."""
+    model = model_source.rstrip("/").rsplit("/", 1)[-1].removeprefix("tiny:").split("@")[0] or "model"
+    return f"{preset}-{model}-{short_id(identity)}"
+
+
+def stage_run_name(stage: str, identity: str) -> str:
+    """Stage runs carry their pipeline run's short id first, so the stages of one run sort together and
+    chart legends say which run a curve is from: ``5766db-train_grpo``."""
+    return f"{short_id(identity)}-{stage}"
+
+
 def parent_run_id(
-    experiment_id: str, kfp_run_id: str, run_name: str | None = None, tags: dict[str, str] | None = None
+    experiment_id: str,
+    kfp_run_id: str,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
 ) -> str:
-    """The pipeline run's parent MLflow run, created on first use."""
+    """The pipeline run's parent MLflow run, created on first use with ``params`` (what runs are compared
+    by: :func:`comparable_params`)."""
     from mlflow.tracking import MlflowClient
 
     existing = find_runs(experiment_id, **{"kfp.run_id": kfp_run_id, "flowgrpo.role": "pipeline"})
     if existing:
         return existing[0].info.run_id
-    run = MlflowClient().create_run(
+    client = MlflowClient()
+    run = client.create_run(
         experiment_id,
-        run_name=run_name or f"flowgrpo-{kfp_run_id}",
+        run_name=run_name or f"flowgrpo-{short_id(kfp_run_id)}",
         tags={"kfp.run_id": kfp_run_id, "flowgrpo.role": "pipeline", **(tags or {})},
     )
+    _log_params(client, run.info.run_id, params or {})
     return run.info.run_id
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
 
 
 @contextlib.contextmanager
@@ -98,19 +164,22 @@ def stage_run(
     experiment: str,
     run_name: str | None = None,
     parent_tags: dict[str, str] | None = None,
+    parent_params: dict[str, str] | None = None,
 ) -> Iterator[Any]:
     """A nested MLflow run for one stage under the pipeline's parent run; a retry of the stage reuses it."""
     import mlflow
 
     configure(tracking_uri)
     experiment_id = ensure_experiment(experiment, tracking_uri)
-    parent = parent_run_id(experiment_id, kfp_run_id, run_name, parent_tags)
+    parent = parent_run_id(experiment_id, kfp_run_id, run_name, parent_tags, parent_params)
     previous = find_runs(experiment_id, **{"kfp.run_id": kfp_run_id, "stage": stage})
     tags = {"kfp.run_id": kfp_run_id, "stage": stage, "mlflow.parentRunId": parent}
     if previous:
         run = mlflow.start_run(run_id=previous[-1].info.run_id)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags)
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage_run_name(stage, kfp_run_id), tags=tags
+        )
     with run:
         # Start-up (interpreter, imports, KFP executor) and the stage's whole duration, for the overhead split.
         log_metrics({"stage/startup_s": time.time() - psutil.Process().create_time()})
@@ -219,26 +288,76 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(clean, step=step)
 
 
+def log_to_parent(metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+    """Log ``metrics`` (and ``tags``) on the active stage run's parent, the pipeline run: the headline
+    numbers runs are compared by (final training reward, evaluation deltas, the gate), beside the stage's."""
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
+    if not parent:
+        return
+    now = int(time.time() * 1000)
+    clean = [
+        Metric(metric_key(k), float(v), now, 0)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    ]
+    mlflow.tracking.MlflowClient().log_batch(
+        parent, metrics=clean, tags=[RunTag(k, v) for k, v in (tags or {}).items()]
+    )
+
+
+def evaluation_headline(metrics: dict[str, float]) -> dict[str, float]:
+    """What a pipeline run's evaluation is compared by: per metric the policy's and the base's mean, their
+    difference and the win rate; per metric and task (and per GenEval accuracy) the difference
+    ``eval/delta/<metric>/<task>`` = policy - base."""
+    out = {
+        k: v
+        for k, v in metrics.items()
+        if k.startswith(("eval/delta/", "eval/win_rate/"))
+        or (k.startswith(("eval/policy/", "eval/base/")) and k.endswith("_mean") and k.count("/") == 2)
+    }
+    for key, value in metrics.items():
+        base = key.replace("eval/policy/", "eval/base/", 1)
+        if (
+            key.startswith("eval/policy/")
+            and key.count("/") >= 3
+            and not key.endswith("_se")
+            and base in metrics
+        ):
+            out[key.replace("eval/policy/", "eval/delta/", 1)] = value - metrics[base]
+    return out
+
+
+def comparable_params(config) -> dict[str, str]:
+    """The resolved config as MLflow params with the same keys for every preset and reward mix: the
+    flattened config, its rewards as one ``rewards`` param (``name=weight, ...``) instead of a key per
+    reward, values cut to MLflow's 6000 characters."""
+    flat = {k: v for k, v in config.flat().items() if not k.startswith("rewards.")}
+    flat["rewards"] = ", ".join(f"{name}={weight:g}" for name, weight in sorted(config.rewards.items()))
+    return {k: ("" if v is None else str(v))[:6000] for k, v in flat.items()}
+
+
 def log_config(config) -> None:
-    """Flattened config as params (what the MLflow UI compares across runs) and config.yaml."""
+    """Flattened config as params (:func:`comparable_params`) and config.yaml, on the active run."""
     import mlflow
 
-    params = {k: ("" if v is None else str(v))[:6000] for k, v in config.flat().items()}
-    items = sorted(params.items())
-    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
-        mlflow.log_params(dict(items[start : start + 100]))
+    _log_params(mlflow.tracking.MlflowClient(), mlflow.active_run().info.run_id, comparable_params(config))
     mlflow.log_text(config.to_yaml(), "config.yaml")
 
 
 def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = None, cell: int | None = None):
-    """A grid of PIL images, one list per row, with an optional label left of each row."""
+    """A grid of PIL images, one list per row, with an optional label (a caption, wrapped) left of each row."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     rows = [list(r) for r in rows if len(r)]
     if not rows:
         raise ValueError("image_grid needs at least one image")
     size = cell or max(max(im.width, im.height) for r in rows for im in r)
-    label_w = 120 if labels else 0
+    label_w = 160 if labels else 0
     ncols = max(len(r) for r in rows)
     grid = Image.new("RGB", (label_w + ncols * size, len(rows) * size), "white")
     draw = ImageDraw.Draw(grid)
@@ -246,8 +365,48 @@ def image_grid(rows: Sequence[Sequence[Any]], labels: Sequence[str] | None = Non
         for x, image in enumerate(row):
             grid.paste(image.convert("RGB").resize((size, size)), (label_w + x * size, y * size))
         if labels:
-            draw.text((4, y * size + size // 2 - 6), str(labels[y])[:18], fill="black")
+            lines = textwrap.wrap(str(labels[y]), 24)[: max(1, size // 11)]  # the default font: ~6x11 px
+            top = y * size + max(0, (size - 11 * len(lines)) // 2)
+            draw.multiline_text((4, top), "\n".join(lines), fill="black", spacing=1)
     return grid
+
+
+def captioned_samples(images: Sequence[Any], prompts: Sequence[str], rows: int = 4, columns: int = 8):
+    """An epoch's samples as a grid: one row per prompt (its group's images side by side, consecutive in
+    ``images``), captioned with the prompt; at most ``rows`` prompts and ``columns`` images each."""
+    groups: list[tuple[str, list]] = []
+    for image, prompt in zip(images, prompts):
+        if groups and groups[-1][0] == prompt:
+            groups[-1][1].append(image)
+        elif len(groups) < rows:
+            groups.append((prompt, [image]))
+    return image_grid([g[:columns] for _, g in groups], [p for p, _ in groups])
+
+
+def log_prompt_set(prompt_set, spec: str, context: str) -> None:
+    """Dataset lineage: the prompt set ``spec`` (``builtin:name`` or a file) as an MLflow dataset input of
+    the active run and of its parent (the pipeline run), with ``context`` (training, evaluation). Its
+    digest tells two runs on different prompts apart."""
+    import mlflow
+    import pandas as pd
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    frame = pd.DataFrame(
+        {"prompt": prompt_set.prompts, "tag": [m.get("tag", "") for m in prompt_set.metadata]}
+    )
+    name = spec.removeprefix("builtin:") if spec.startswith("builtin:") else Path(spec).name
+    # the set as flowgrpo's loader read it (prompts.train / prompts.eval); a file path is not portable
+    # across pods, the spec and the digest are
+    source = CodeDatasetSource(tags={"flowgrpo.prompt_set": spec})
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+    mlflow.log_input(dataset, context=context)
+    parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
+    if parent:
+        tag = InputTag(key="mlflow.data.context", value=context)
+        mlflow.tracking.MlflowClient().log_inputs(
+            parent, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])]
+        )
 
 
 def reward_curve(history: Sequence[dict[str, float]], path: str | os.PathLike) -> Path:

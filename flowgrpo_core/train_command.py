@@ -14,15 +14,19 @@ TRAIN_DESCRIPTION = (
 )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset / --config / --set, shared by every command that builds a config."""
-    group = parser.add_argument_group("configuration (preset, then YAML file, then --set overrides)")
+def add_config_arguments(parser: argparse.ArgumentParser, config_file: bool = True) -> None:
+    """--preset / --config / --set, shared by every command that builds a config. Without ``config_file``
+    (the pipeline commands: a run carries its config as parameters, and a file would not travel) no
+    --config."""
+    title = "preset, then YAML file, then --set overrides" if config_file else "preset, then --set overrides"
+    group = parser.add_argument_group(f"configuration ({title})")
     group.add_argument(
         "--preset", default="tiny", help="named preset to start from (see `flowgrpo presets`; default: tiny)"
     )
-    group.add_argument(
-        "--config", metavar="FILE", help="YAML file merged over the preset (same keys as `--show-config`)"
-    )
+    if config_file:
+        group.add_argument(
+            "--config", metavar="FILE", help="YAML file merged over the preset (same keys as `--show-config`)"
+        )
     group.add_argument(
         "--set",
         dest="overrides",

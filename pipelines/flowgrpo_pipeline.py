@@ -23,7 +23,12 @@ from components import (
 )
 from components.images import TRAINER_IMAGE
 from flowgrpo_core.cluster.options import CLUSTER_ENV, ClusterOptions
-from flowgrpo_core.stages.common import PIPELINE_PARAMETERS, PipelineContext
+from flowgrpo_core.stages.common import (
+    PARAMETER_DESCRIPTIONS,
+    PIPELINE_ARGUMENTS,
+    PIPELINE_PARAMETERS,
+    PipelineContext,
+)
 
 # the pipeline's parameters and their defaults are PipelineContext's (KFP reads them from the signature)
 DEFAULTS = PipelineContext()
@@ -109,10 +114,6 @@ def build_pipeline(gpus: int = 0, cluster: ClusterOptions | None = None):
         gpus = cluster.gpus
         cluster = dataclasses.replace(cluster, trainer_image=cluster.trainer_image or TRAINER_IMAGE)
 
-    @dsl.pipeline(
-        name="flowgrpo",
-        description="Flow-GRPO: online RL for flow-matching text-to-image models, tracked in MLflow",
-    )
     def flowgrpo(
         preset: str = DEFAULTS.preset,
         overrides: list = DEFAULTS.overrides,
@@ -174,7 +175,21 @@ def build_pipeline(gpus: int = 0, cluster: ClusterOptions | None = None):
                 cluster,
             )
 
-    return flowgrpo
+    flowgrpo.__doc__ = pipeline_docstring()
+    return dsl.pipeline(name="flowgrpo")(flowgrpo)
+
+
+def pipeline_docstring() -> str:
+    """The pipeline's description (its steps, from each component's docstring) and its parameters', in the
+    docstring form KFP reads into the compiled YAML."""
+    from components import STAGES
+
+    steps = "; ".join(f"{c.name}: {c.component_spec.description.splitlines()[0].rstrip('.')}" for c in STAGES)
+    arguments = "\n".join(f"    {name}: {PARAMETER_DESCRIPTIONS[name]}" for name in PIPELINE_ARGUMENTS)
+    return (
+        "Flow-GRPO: online RL for flow-matching text-to-image models, every run and model tracked in MLflow. "
+        f"Steps: {steps}.\n\nArgs:\n{arguments}\n"
+    )
 
 
 flowgrpo_pipeline = build_pipeline()

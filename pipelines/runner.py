@@ -26,6 +26,15 @@ class LocalRun:
     resumed_from_epoch: str = "none"  # the epoch training continued from, when it did
 
 
+class StepFailed(RuntimeError):
+    """A step of a local run failed: the message names the step and its reason; ``tail`` holds the last lines
+    of its output and ``log`` the run's whole log."""
+
+    def __init__(self, message: str, tail: list[str], log: Path) -> None:
+        super().__init__(message)
+        self.tail, self.log = tail, log
+
+
 class PipelineInterrupted(RuntimeError):
     """``flowgrpo run`` got SIGINT or SIGTERM: its processes and reward servers are stopped and its MLflow runs
     marked KILLED; the message says how to continue the run."""
@@ -71,8 +80,16 @@ def resolve_resume(ctx: PipelineContext, resume: str) -> str:
     return resume
 
 
-def run_local(args: PipelineContext, pipeline_root: str = "flowgrpo-runs/kfp") -> LocalRun:
+LOG_NAME = "pipeline.log"
+
+
+def run_local(
+    args: PipelineContext, pipeline_root: str = "flowgrpo-runs/kfp", verbose: bool = False
+) -> LocalRun:
     """The whole DAG in this machine's processes (kfp.local.SubprocessRunner, no containers).
+
+    Everything the steps print goes to ``<workdir>/<run id>/pipeline.log``; the terminal gets our own lines
+    (``verbose``: everything). A failed step raises :class:`StepFailed` with its reason and output's tail.
 
     The run gets an identity (``args.run_id``, or a new one) that keys its work folder and MLflow runs, so
     concurrent runs on one database stay apart and an interrupted run can be continued with the same id.
@@ -87,23 +104,32 @@ def run_local(args: PipelineContext, pipeline_root: str = "flowgrpo-runs/kfp") -
 
     from flowgrpo_core.processes import Interrupted, interrupt_on_signals
     from flowgrpo_core.stages.servers import OWNER_PID_ENV
+    from pipelines.console import failure_report, routed_console
     from pipelines.flowgrpo_pipeline import flowgrpo_pipeline
 
-    config = args.validate()
+    args.validate()
     args = dataclasses.replace(args, run_id=args.run_id or new_run_id())
     start = time.time()
-    _close_orphaned_runs(args)
-    parent = _open_parent_run(args, config)
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(pipeline_root).resolve())
-    )
+    log = args.run_dir / LOG_NAME
     previous_owner = os.environ.get(OWNER_PID_ENV)
     os.environ[OWNER_PID_ENV] = str(os.getpid())  # the steps' processes inherit it; reward servers watch it
     try:
-        with interrupt_on_signals():
-            flowgrpo_pipeline(**args.pipeline_arguments())
+        with routed_console(log, verbose):
+            _close_orphaned_runs(args)
+            parent = _open_parent_run(args)
+            local.init(
+                runner=local.SubprocessRunner(use_venv=False),
+                pipeline_root=str(Path(pipeline_root).resolve()),
+            )
+            with interrupt_on_signals():
+                flowgrpo_pipeline(**args.pipeline_arguments())
     except Interrupted as interrupt:
         raise PipelineInterrupted(_stop_interrupted(args, interrupt.signal_name)) from None
+    except RuntimeError as error:  # kfp.local: "Pipeline 'flowgrpo' finished with status FAILURE. ..."
+        failure = failure_report(log)
+        if failure is None:
+            raise
+        raise StepFailed(f"step {failure.step} failed: {failure.reason}", failure.tail, log) from error
     finally:
         if previous_owner is None:
             os.environ.pop(OWNER_PID_ENV, None)
@@ -128,7 +154,7 @@ def run_local(args: PipelineContext, pipeline_root: str = "flowgrpo-runs/kfp") -
     )
 
 
-def _open_parent_run(ctx: PipelineContext, config):
+def _open_parent_run(ctx: PipelineContext):
     """The run's parent MLflow run, created (or, for a continued run, reopened) before the first step, tagged
     with this process as its owner."""
     from mlflow.tracking import MlflowClient
@@ -137,7 +163,9 @@ def _open_parent_run(ctx: PipelineContext, config):
 
     configure(ctx.tracking_uri)
     experiment_id = ensure_experiment(ctx.experiment_name, ctx.tracking_uri)
-    run_id = parent_run_id(experiment_id, ctx.identity, config.tracking.run_name, ctx.parent_tags())
+    run_id = parent_run_id(
+        experiment_id, ctx.identity, ctx.parent_name(), ctx.parent_tags(), ctx.parent_params()
+    )
     client = MlflowClient()
     if client.get_run(run_id).info.status != "RUNNING":
         client.update_run(run_id, status="RUNNING")
@@ -219,29 +247,76 @@ def compile_pipeline(
     return output
 
 
+@dataclass(frozen=True)
+class KfpConnection:
+    """Where and as whom ``submit`` talks to Kubeflow Pipelines: the host, the profile namespace of a
+    multi-user Kubeflow, and at most one way to authenticate (a bearer token from an environment variable, a
+    service-account token file, or an auth proxy's session cookies from an environment variable)."""
+
+    host: str
+    namespace: str | None = None
+    token_env: str | None = None
+    sa_token_path: str | None = None
+    cookies_env: str | None = None
+    ssl_ca_cert: str | None = None
+
+    def client_arguments(self) -> dict:
+        """``kfp.Client``'s keyword arguments; fails naming the option whose secret is missing."""
+        import os
+
+        ways = [name for name in ("token_env", "sa_token_path", "cookies_env") if getattr(self, name)]
+        if len(ways) > 1:
+            raise ValueError(
+                f"pass one way to authenticate, not {', '.join('--' + w.replace('_', '-') for w in ways)}"
+            )
+        arguments: dict = {"host": self.host, "namespace": self.namespace or "kubeflow"}
+        for option, name, key in (
+            ("--token-env", self.token_env, "existing_token"),
+            ("--cookies-env", self.cookies_env, "cookies"),
+        ):
+            if name:
+                if not os.environ.get(name):
+                    raise ValueError(f"{option} {name}: the environment variable is not set or empty")
+                arguments[key] = os.environ[name]
+        for option, path in (("--sa-token-path", self.sa_token_path), ("--ssl-ca-cert", self.ssl_ca_cert)):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{option} {path}: no such file")
+        if self.sa_token_path:
+            from kfp.client import ServiceAccountTokenVolumeCredentials
+
+            arguments["credentials"] = ServiceAccountTokenVolumeCredentials(path=self.sa_token_path)
+        if self.ssl_ca_cert:
+            arguments["ssl_ca_cert"] = self.ssl_ca_cert
+        return arguments
+
+
 def submit(
     args: PipelineContext,
-    host: str,
+    connection: KfpConnection | str,
     run_name: str | None = None,
     kfp_experiment: str | None = None,
     gpus: int = 0,
     cluster: ClusterOptions | None = None,
 ) -> str:
-    """Submit to Kubeflow Pipelines at ``host``; returns the KFP run id."""
+    """Submit to Kubeflow Pipelines (``connection``, or just its host); returns the KFP run id."""
     import kfp
 
     from pipelines.flowgrpo_pipeline import build_pipeline
 
+    if isinstance(connection, str):
+        connection = KfpConnection(connection)
     cluster = cluster or ClusterOptions(gpus=gpus)
     args = for_cluster(args, cluster)
     args.validate(check_tracking=False)
-    _check_kfp_host(host)
-    client = kfp.Client(host=host)
+    client_arguments = connection.client_arguments()
+    _check_kfp_host(connection.host)
+    client = kfp.Client(**client_arguments)
     run = client.create_run_from_pipeline_func(
         build_pipeline(cluster=cluster),
         arguments=args.pipeline_arguments(),
         run_name=run_name or f"flowgrpo-{args.preset}",
         experiment_name=kfp_experiment or f"flowgrpo-{args.preset}",
+        namespace=connection.namespace,
     )
     return run.run_id
 

@@ -96,8 +96,12 @@ def test_dag_logs_one_parent_and_six_stage_runs(dag_run):
 
 
 def test_dag_registers_a_pyfunc_that_generates_images(dag_run):
+    import base64
+    import io
+
     import mlflow
     from mlflow.tracking import MlflowClient
+    from PIL import Image
 
     result, _, _ = dag_run
     assert result.registered == "flowgrpo-sd3/1"
@@ -110,7 +114,9 @@ def test_dag_registers_a_pyfunc_that_generates_images(dag_run):
         and "against the base model" in result.gate
     )
     model = mlflow.pyfunc.load_model("models:/flowgrpo-sd3@candidate")
-    images = model.predict(["a photo of a cat", "a photo of a dog"])
+    out = model.predict({"prompt": ["a photo of a cat", "a photo of a dog"]}, params={"seed": 3})
+    assert list(out["seed"]) == [3, 4]
+    images = [Image.open(io.BytesIO(base64.b64decode(text))) for text in out["image"]]
     assert len(images) == 2 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
 
 
@@ -345,7 +351,9 @@ def test_bad_inputs_fail_fast_with_clear_messages(args, message, capsys):
 
 def test_presets_share_their_param_keys_for_side_by_side_comparison():
     from flowgrpo_core.config import load_config
+    from flowgrpo_core.presets import preset_names
+    from flowgrpo_core.tracking import comparable_params
 
-    assert set(load_config("tiny").flat()) - {"rewards.jpeg_incompressibility"} == set(
-        load_config("sd3-ocr").flat()
-    ) - {"rewards.ocr"}
+    keys = {name: frozenset(comparable_params(load_config(name))) for name in preset_names()}
+    assert len(set(keys.values())) == 1, "presets log different param keys"
+    assert comparable_params(load_config("sd3-ocr-guard"))["rewards"] == "ocr=1, pickscore=0"

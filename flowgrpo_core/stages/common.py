@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from flowgrpo_core.config import FlowGRPOConfig, load_config
-from flowgrpo_core.tracking import DEFAULT_TRACKING_URI, check_reachable, stage_run
+from flowgrpo_core.tracking import (
+    DEFAULT_TRACKING_URI,
+    check_reachable,
+    comparable_params,
+    parent_run_name,
+    stage_run,
+)
 
 DEFAULT_WORKDIR = "flowgrpo-runs/work"
 
@@ -54,18 +60,25 @@ class PipelineContext:
 
     def validate(self, check_tracking: bool = True) -> FlowGRPOConfig:
         """The resolved config, after checking the model source and the tracking URI (and, with
-        ``check_tracking``, that an HTTP tracking server answers); raises ConfigError / ModelSourceError /
-        ValueError / ConnectionError naming what is wrong."""
-        from flowgrpo_core.models.loading import parse_source  # imports diffusers: only when validating
+        ``check_tracking``, for a run on this machine, that an HTTP tracking server answers and that a hub
+        model is in the cache when the hub is offline); raises ConfigError / ModelSourceError / ValueError /
+        ConnectionError naming what is wrong."""
+        # imports diffusers: only when validating
+        from flowgrpo_core.models.loading import parse_source, resolve_folder
+        from flowgrpo_core.sources import hub_offline
 
         config = self.config()
-        parse_source(config.model.source)
+        source = parse_source(config.model.source)
         if not self.tracking_uri.startswith(("sqlite:///", "http://", "https://", "file:", "databricks")):
             raise ValueError(
                 f"tracking URI {self.tracking_uri!r}: expected sqlite:///path.db, http(s)://host or file:/path"
             )
         if check_tracking and self.tracking_uri.startswith(("http://", "https://")):
             check_reachable(self.tracking_uri)
+        if (
+            check_tracking and source.kind == "hub" and hub_offline()
+        ):  # a local run: the cache decides, cheaply
+            resolve_folder(config.model.source, config.model.revision)
         return config
 
     def config(self) -> FlowGRPOConfig:
@@ -96,19 +109,46 @@ class PipelineContext:
         """Tags of the run's parent MLflow run, whichever process creates it."""
         return {"flowgrpo.preset": self.preset, "flowgrpo.model_source": self.config().model.source}
 
+    def parent_name(self) -> str:
+        """The parent run's name: ``tracking.run_name``, else preset, model and a short id."""
+        config = self.config()
+        return config.tracking.run_name or parent_run_name(self.preset, config.model.source, self.identity)
+
+    def parent_params(self) -> dict[str, str]:
+        """The parent run's params: the resolved config, the same keys for every preset."""
+        return comparable_params(self.config())
+
     @contextmanager
     def stage(self, name: str) -> Iterator[object]:
-        config = self.config()
         with stage_run(
             name,
             self.identity,
             self.tracking_uri,
             self.experiment_name,
-            config.tracking.run_name,
+            self.parent_name(),
             self.parent_tags(),
+            self.parent_params(),
         ) as run:
             yield run
 
+
+# what each parameter means, for the compiled pipeline (the KFP UI shows it beside the run form)
+PARAMETER_DESCRIPTIONS = {
+    "preset": "named preset the config starts from (`flowgrpo presets`), e.g. sd3-geneval",
+    "overrides": "config overrides applied over the preset, 'section.field=value' strings (values are YAML), "
+    'e.g. ["train.beta=0", "train.epochs=100"]',
+    "model_source": "base model, overriding the config's model.source: tiny:sd3|flux|qwenimage, a diffusers "
+    "folder, s3://bucket/prefix or a hub id; empty: the config's",
+    "model_revision": "hub revision (branch, tag or commit) of the base model; empty: the config's",
+    "tracking_uri": "MLflow tracking URI, e.g. http://mlflow.mlflow.svc:5000 (a sqlite file is local to each "
+    "step's pod unless it lies on the shared volume)",
+    "experiment": "MLflow experiment; empty: the preset name",
+    "workdir": "folder for checkpoints and reward-server pid files, keyed by run id (a PVC path on a cluster, "
+    "so that a retried training step resumes)",
+    "run_id": "the run's identity (work folder, MLflow runs, cluster objects); empty: KFP's job id. An earlier "
+    "run's id continues that run",
+    "kfp_run_id": "KFP's job id, filled in by the pipeline",
+}
 
 # every parameter of the pipeline (and of each component); the pipeline's own arguments lack the run id
 PIPELINE_PARAMETERS = tuple(f.name for f in fields(PipelineContext) if f.init)

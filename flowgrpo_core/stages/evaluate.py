@@ -27,7 +27,13 @@ def evaluate(
     from flowgrpo_core.heldout import PROXY, evaluation_prompts, sampling_settings
     from flowgrpo_core.models import load_model
     from flowgrpo_core.policy import PROXY_GOLD_PLOT, attach_policy, read_heldout
-    from flowgrpo_core.tracking import log_metrics, timed_work
+    from flowgrpo_core.tracking import (
+        evaluation_headline,
+        log_metrics,
+        log_prompt_set,
+        log_to_parent,
+        timed_work,
+    )
 
     config = ctx.config()
     e = config.eval
@@ -49,6 +55,7 @@ def evaluate(
                 min_images_per_tag=e.min_images_per_tag,
                 **sampling_settings(config),
             )
+        log_prompt_set(prompts, config.prompts.eval, "evaluation")
         mlflow.set_tag("eval.weights", "ema" if weights.name == "ema" else "final")
         heldout = read_heldout(policy_dir)
         # the policy may be an earlier epoch than the last (keep-best, stop-on-hacking)
@@ -56,7 +63,7 @@ def evaluate(
             mlflow.set_tag("eval.policy_epoch", str(heldout["exported_epoch"]))
         header = f"# Evaluation: base vs policy\n\n{len(result.rows)} images, {e.num_steps} ODE steps, CFG {e.guidance_scale}, seed {e.seed}\n\n"
         during = proxy_gold_section(heldout, Path(policy_dir), out) if heldout is not None else ""
-        (out / "report.md").write_text(header + result.table + during)
+        (out / "report.md").write_text(header + result.table + samples_section(result.grids) + during)
         (out / "samples.json").write_text(json.dumps(result.rows, indent=1))
         for name, text in result.summaries.items():
             (out / f"summary_{name.replace('/', '_')}.txt").write_text(text)
@@ -65,6 +72,7 @@ def evaluate(
             grid.save(out / f"grid_{tag}.png")
             mlflow.log_image(grid, f"samples/eval_{tag}.png")
         log_metrics(result.metrics)
+        log_to_parent(evaluation_headline(result.metrics))
         mlflow.log_artifact(str(out / "report.md"))
         mlflow.log_artifact(str(out / "samples.json"))
         if (out / PROXY_GOLD_PLOT).is_file():
@@ -72,12 +80,36 @@ def evaluate(
     return result.metrics
 
 
+def markdown_image(image, alt: str, max_width: int = 1024) -> str:
+    """A PIL image as a Markdown image with the PNG inline (a data URI): the KFP UI shows a Markdown output
+    as one file, so pictures cannot sit beside it. Wider images are scaled down to ``max_width``."""
+    import base64
+    import io
+
+    if image.width > max_width:
+        image = image.resize((max_width, round(image.height * max_width / image.width)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+
+
+def samples_section(grids: dict) -> str:
+    """The report's sample grids, one per task: base above, policy below, on the same seeds."""
+    if not grids:
+        return ""
+    lines = ["\n## Samples (top: base, bottom: policy, same seeds)\n"]
+    for tag, grid in grids.items():
+        lines += [f"### {tag}\n", markdown_image(grid, f"base vs policy, {tag}"), ""]
+    return "\n".join(lines)
+
+
 def proxy_gold_section(heldout: dict, policy_dir: Path, out: Path) -> str:
     """The report's account of the evaluations during training (``heldout.json`` of the policy): which
     epoch the evaluated policy is, the alarms, a table of proxy and gold per evaluation, and the plot,
     copied beside the report and embedded in it (the KFP Markdown output is a single file)."""
-    import base64
     import shutil
+
+    from PIL import Image
 
     from flowgrpo_core.heldout import headline
     from flowgrpo_core.policy import PROXY_GOLD_PLOT
@@ -101,12 +133,12 @@ def proxy_gold_section(heldout: dict, policy_dir: Path, out: Path) -> str:
     plot = policy_dir / PROXY_GOLD_PLOT
     if plot.is_file():
         shutil.copyfile(plot, out / PROXY_GOLD_PLOT)
-        data = base64.b64encode(plot.read_bytes()).decode()
-        lines += [
-            "",
-            f"![proxy vs gold](data:image/png;base64,{data})",
-            f"({PROXY_GOLD_PLOT} beside this report)",
-        ]
+        with Image.open(plot) as image:
+            lines += [
+                "",
+                markdown_image(image.convert("RGB"), "proxy vs gold"),
+                f"({PROXY_GOLD_PLOT} beside this report)",
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ def register_model(
 
     from flowgrpo_core.policy import read_heldout
     from flowgrpo_core.registry import register_policy
-    from flowgrpo_core.tracking import finish_parent
+    from flowgrpo_core.tracking import finish_parent, log_to_parent
 
     config = ctx.config()
     name = config.tracking.registered_model or f"flowgrpo-{family}"
@@ -46,5 +46,13 @@ def register_model(
             }
         )
         mlflow.log_text(result.gate_reason, "gate.txt")
+        log_to_parent(
+            {"gate/passed": float(result.gate_passed)},
+            {
+                "registry.model": name,
+                "registry.version": result.version,
+                "gate.passed": str(result.gate_passed).lower(),
+            },
+        )
     finish_parent(ctx.tracking_uri, ctx.experiment_name, ctx.identity)
     return asdict(result)

@@ -9,6 +9,7 @@ tags, metrics, reward curve and sample grid whichever way it trained.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -52,12 +53,18 @@ def train_in_process(
     with ctx.stage("train_grpo"):
         mlflow.log_text(config.to_yaml(), "config.yaml")
         logging_s, evaluated = 0.0, _logged_evaluations()  # a retried stage logged some already
+        every = sample_interval(config.train.epochs)
 
         def log_epoch(trainer: FlowGRPOTrainer, metrics: dict[str, float]) -> None:
             nonlocal logging_s
             started = time.perf_counter()
-            log_metrics(metrics, step=int(metrics["epoch"]))
+            epoch = int(metrics["epoch"])
+            log_metrics(metrics, step=epoch)
             _log_evaluations(trainer.watch.records, evaluated)  # as they happen, not only at the end
+            if trainer.last_samples is not None and (
+                epoch % every == 0 or trainer.epoch == config.train.epochs
+            ):
+                _log_samples(trainer, epoch)
             logging_s += time.perf_counter() - started
 
         work_started = time.perf_counter()
@@ -74,7 +81,33 @@ def train_in_process(
         trainer.save_policy(policy_dir)  # straight into the stage's output: full weights can be large
         mlflow.set_tag("train.launcher", "in-process")
         work_s = time.perf_counter() - work_started - logging_s
-        return _finish(out, Path(policy_dir), policy_dir, resumed_from, work_s)
+        return _finish(ctx, out, Path(policy_dir), policy_dir, resumed_from, work_s)
+
+
+# sample grids logged per run of in-process training: about this many, evenly over the epochs, each with
+# this many prompts' groups
+SAMPLE_GRIDS, SAMPLE_ROWS = 20, 4
+
+
+def sample_interval(epochs: int) -> int:
+    """Log the sample grid every this many epochs (and after the last), about :data:`SAMPLE_GRIDS` per run."""
+    return max(1, -(-epochs // SAMPLE_GRIDS))
+
+
+def _log_samples(trainer, epoch: int) -> None:
+    """The epoch's images, one captioned row per prompt, as MLflow image ``samples`` at step ``epoch``
+    (the UI's image slider steps through the epochs)."""
+    import mlflow
+
+    from flowgrpo_core.sampling import to_pil
+    from flowgrpo_core.tracking import captioned_samples
+
+    # in-process training is one process: its roll-outs are the epoch's, in the order of its prompts, each
+    # prompt's group together; only the first groups are drawn (an SD3.5 epoch holds 1152 images of 512 px)
+    shown = SAMPLE_ROWS * trainer.config.sampling.group_size
+    images = to_pil(trainer.last_samples.images[:shown])
+    grid = captioned_samples(images, trainer.last_prompts[:shown], rows=SAMPLE_ROWS)
+    mlflow.log_image(grid, key="samples", step=epoch)
 
 
 def train_on_local_processes(
@@ -114,7 +147,7 @@ def train_on_local_processes(
             raise RuntimeError(
                 f"training processes failed (exit code {result.returncode}): {' '.join(command)}"
             )
-        return _finish(out, out / "policy", policy_dir, resumed_from, time.perf_counter() - started)
+        return _finish(ctx, out, out / "policy", policy_dir, resumed_from, time.perf_counter() - started)
 
 
 def train_on_pytorchjob(
@@ -164,7 +197,7 @@ def train_on_pytorchjob(
             }
         )
         run_job(kube, job, poll_s=POLL_S)
-        return _finish(out, out / "policy", policy_dir, resumed_from, time.perf_counter() - started)
+        return _finish(ctx, out, out / "policy", policy_dir, resumed_from, time.perf_counter() - started)
 
 
 def share_model(model_dir: str | Path, target: Path) -> Path:
@@ -203,7 +236,14 @@ def _prepare(
     return out, overrides, endpoints_file, checkpoint_epoch(latest) if latest is not None else None
 
 
-def _finish(out: Path, policy: Path, policy_dir: str | Path, resumed_from: int | None, work_s: float) -> dict:
+def _finish(
+    ctx: PipelineContext,
+    out: Path,
+    policy: Path,
+    policy_dir: str | Path,
+    resumed_from: int | None,
+    work_s: float,
+) -> dict:
     """Inside the stage's MLflow run, whichever process trained: copy the policy the processes wrote
     (``policy``) into the stage's output unless it is there already, log the epochs not logged yet (a retried
     step, or processes that do not log), the evaluations during training with the monitor's and keep-best's
@@ -214,7 +254,8 @@ def _finish(out: Path, policy: Path, policy_dir: str | Path, resumed_from: int |
     import mlflow
 
     from flowgrpo_core.policy import PROXY_GOLD_PLOT, read_heldout
-    from flowgrpo_core.tracking import log_metrics, reward_curve
+    from flowgrpo_core.prompts import load_prompts
+    from flowgrpo_core.tracking import log_metrics, log_prompt_set, log_to_parent, reward_curve
 
     history = json.loads((policy / "metrics.json").read_text())
     if Path(policy_dir).resolve() != policy.resolve():
@@ -225,6 +266,8 @@ def _finish(out: Path, policy: Path, policy_dir: str | Path, resumed_from: int |
         if int(metrics["epoch"]) not in logged:
             log_metrics(metrics, step=int(metrics["epoch"]))
     log_metrics({"stage/work_s": work_s})
+    spec = ctx.config().prompts.train
+    log_prompt_set(load_prompts(spec), spec, "training")  # lineage: what the policy was trained on
     mlflow.log_artifacts(str(policy_dir), "policy")
     with tempfile.TemporaryDirectory() as tmp:
         if history:
@@ -247,6 +290,13 @@ def _finish(out: Path, policy: Path, policy_dir: str | Path, resumed_from: int |
         final["exported_epoch"] = float(heldout["exported_epoch"])
     final["resumed"] = float(resumed_from is not None)
     final["epochs"] = float(int(history[-1]["epoch"]) + 1 if history else 0)
+    log_to_parent(
+        {
+            "train/final_reward": final.get("reward/total", math.nan),
+            "train/final_kl": final.get("train/kl", math.nan),
+            "train/epochs": final["epochs"],
+        }
+    )
     return final
 
 
