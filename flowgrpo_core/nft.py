@@ -66,7 +66,9 @@ def implicit_policies(
     return positive, negative
 
 
-def adaptive_x0_loss(x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+def adaptive_x0_loss(
+    x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor, x0: torch.Tensor
+) -> torch.Tensor:
     """Per-sample ``mean((x0_hat - x0)^2) / w`` with ``x0_hat = x_t - t v`` and the adaptive weight
     ``w = max(mean |x0_hat - x0|, 1e-5)``, computed in float64 and held constant (no gradient), so every sample
     contributes a gradient of comparable size whatever its noise level.

@@ -85,7 +85,12 @@ class NFTObjective:
         autocast_dtype: torch.dtype | None,
         parameters: dict[str, nn.Parameter],
     ) -> None:
-        self.adapter, self.sampling, self.train, self.autocast_dtype = adapter, sampling, train, autocast_dtype
+        self.adapter, self.sampling, self.train, self.autocast_dtype = (
+            adapter,
+            sampling,
+            train,
+            autocast_dtype,
+        )
         self.old = OldPolicy(parameters)
         self.ode_solver = train.nft_solver
         self._noise_seeds = torch.zeros(0, 0, dtype=torch.long)  # (n_local, K) of the current inner epoch

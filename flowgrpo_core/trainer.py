@@ -209,7 +209,11 @@ class FlowGRPOTrainer:
             self._log(
                 f"[flowgrpo] epoch {epoch}: reward {metrics['reward/total']:.4f} ± {metrics['reward/total/std']:.4f}  "
                 f"kl {metrics['train/kl']:.3g}  "
-                + (f"clipfrac {clipfrac:.3f}" if clipfrac is not None else f"loss {metrics['train/loss']:.4g}")
+                + (
+                    f"clipfrac {clipfrac:.3f}"
+                    if clipfrac is not None
+                    else f"loss {metrics['train/loss']:.4g}"
+                )
                 + f"  {metrics['time/epoch_s']:.1f}s"
             )
             if self.watch.due(self.epoch):  # before the checkpoint, which keeps the monitor's state
@@ -350,9 +354,7 @@ class FlowGRPOTrainer:
                 if not torch.isfinite(out.loss):
                     self.counters["skipped_loss_steps"] += 1
                     if self.backend.pads_backward_calls:
-                        self.backend.backward(
-                            self.objective.padding_loss(samples, steps), last=done == calls
-                        )
+                        self.backend.backward(self.objective.padding_loss(samples, steps), last=done == calls)
                     continue
                 self.backend.backward(out.loss * (len(index) / (window_size * k_steps)), last=done == calls)
                 stats.add(out, len(index), steps[index, k])
