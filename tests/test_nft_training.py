@@ -151,3 +151,31 @@ def test_switching_a_grpo_preset_to_nft_keeps_its_unused_settings_quietly():
         load_config("shapes-nft", overrides=["train.clip_range=0.5"])
     # and back: an NFT preset switched to Flow-GRPO keeps its NFT settings unused, the same rule
     assert load_config("shapes-nft", overrides=["train.algorithm=grpo"]).train.nft_kl_beta == 0.0
+
+
+def test_flowgrpo_run_with_nft_on_tiny_logs_the_algorithm_and_registers_a_model(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from flowgrpo_core.cli import main
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    # the whole DAG; the preset's Flow-GRPO settings stay quietly unused, calibration probes with NFT
+    argv = ["run", "--preset", "tiny", "--experiment", "nft-dag", "--tracking-uri", tracking]
+    argv += ["--workdir", str(tmp_path / "work"), "--pipeline-root", str(tmp_path / "kfp")]
+    for override in ("train.algorithm=nft", "train.epochs=2", "calibration.epochs=1", "eval.num_prompts=4"):
+        argv += ["--set", override]
+    assert main([*argv, "--set", "eval.num_steps=4"]) == 0
+    assert "registered model version: flowgrpo-sd3/1" in capsys.readouterr().out
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("nft-dag")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage != ''")
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert len(by_stage) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.params["train.algorithm"] for r in runs} == {
+        "nft"
+    }  # side by side with grpo runs in the UI
+    train = by_stage["train_grpo"].info.run_id
+    for key in ("train/loss", "train/positive_loss", "train/old_deviation", "train/old_policy_decay"):
+        assert [m.step for m in client.get_metric_history(train, key)] == [0, 1], key
+    assert not client.get_metric_history(train, "train/clipfrac")
+    assert "eval/policy/reward_mean" in by_stage["evaluate"].data.metrics
