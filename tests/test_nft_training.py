@@ -184,3 +184,22 @@ def test_flowgrpo_run_with_nft_on_tiny_logs_the_algorithm_and_registers_a_model(
         assert [m.step for m in client.get_metric_history(train, key)] == [0, 1], key
     assert not client.get_metric_history(train, "train/clipfrac")
     assert "eval/policy/reward_mean" in by_stage["evaluate"].data.metrics
+
+
+def test_two_gloo_processes_train_nft_as_one_process(tmp_path):
+    # under torchrun every rank draws the same levels and noise seeds for its samples and samples with the same
+    # old policy; the gradients are summed as for Flow-GRPO (tests/test_distributed.py's launcher)
+    from test_distributed import _history, _train, _weights
+
+    nft = ("--set", "train.algorithm=nft", "--set", "sampling.guidance_scale=1")
+    _train(tmp_path / "one", 1, *nft)
+    result = _train(tmp_path / "two", 2, *nft)
+    assert "2 processes" in result.stdout + result.stderr
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)  # it trained
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-4)
+    (a,), (b,) = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert a["reward/total"] == b["reward/total"] and a["train/trained_samples"] == b["train/trained_samples"]
+    for key in ("train/grad_norm", "train/loss", "train/positive_loss", "train/old_policy_decay"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
