@@ -71,11 +71,11 @@ def test_nft_loss_on_a_fixed_batch_decreases(tmp_path):
             return sum(float(out.loss) for out in trainer.objective.losses(samples, index, steps, advantages))
 
     losses = [fixed_batch_loss()]
-    for _ in range(6):
+    for _ in range(4):
         trainer.train_on(samples, advantages, torch.Generator().manual_seed(1))  # the old policy stays put
         losses.append(fixed_batch_loss())
     assert losses[-1] < losses[0]
-    assert sum(b < a for a, b in itertools.pairwise(losses)) >= 5, losses
+    assert sum(b < a for a, b in itertools.pairwise(losses)) >= 3, losses
 
 
 @pytest.mark.parametrize(
