@@ -1,8 +1,9 @@
-"""Is one epoch's policy gradient signal or noise? The gradient noise scale of the GRPO objective at the initial
-weights, for the whole gradient and per denoising step (flowgrpo_core/noise_scale.py).
+"""Is one epoch's policy gradient signal or noise? The gradient noise scale of the training objective at the initial
+weights, for the whole gradient and per denoising step (flowgrpo_core/noise_scale.py): Flow-GRPO's clipped
+objective, or with ``train.algorithm: nft`` (``--preset shapes-nft``) DiffusionNFT's loss, per noise level.
 
 Samples ``--batches`` independent epochs of the preset (different prompts drawn, different noise), computes
-each epoch's gradient of the clipped objective over every trained step (weighted as in training), and
+each epoch's gradient of the objective over every trained step (weighted as in training), and
 estimates the true gradient's energy |G|^2 from the dot products between epochs. B_noise is the number of
 images at which one step's signal equals its noise; a preset whose optimiser steps use far fewer images
 moves the policy mostly at random. With ``--prompts`` the epochs draw only those training prompts.
@@ -25,7 +26,6 @@ from flowgrpo_core.config import load_config
 from flowgrpo_core.noise_scale import NoiseScale, gradient_noise_scale
 from flowgrpo_core.prompts import PromptSet, load_prompts
 from flowgrpo_core.trainer import FlowGRPOTrainer, epoch_generator
-from flowgrpo_core.transitions import trained_steps
 
 
 def named_prompts(source: str, names: list[str]) -> PromptSet:
@@ -38,11 +38,17 @@ def named_prompts(source: str, names: list[str]) -> PromptSet:
 def epoch_gradients(trainer: FlowGRPOTrainer, epoch: int) -> tuple[dict[int, torch.Tensor], int]:
     """One epoch's gradient of the objective at the current weights, split by denoising step:
     ``{step: (P,) float32}`` (their sum is the epoch's gradient), and the number of images."""
+    generator = epoch_generator(trainer.config.train.seed, epoch)
     with contextlib.redirect_stderr(io.StringIO()):
-        epoch_samples = trainer.sample_and_score(epoch_generator(trainer.config.train.seed, epoch))
+        epoch_samples = trainer.sample_and_score(generator)
     advantages, _ = trainer.advantages(epoch_samples.prompts, epoch_samples.rewards)
     samples = epoch_samples.local
-    steps = trained_steps(samples.sde_mask, trainer.config.trained_steps_per_sample)
+    # Flow-GRPO: the stochastic steps; NFT: the noise levels (and noise) it would train on this epoch
+    objective = trainer.objective
+    every = torch.arange(len(samples))
+    steps = objective.trained_steps(
+        samples, every, len(samples), trainer.config.trained_steps_per_sample, generator
+    )
     params = list(trainer.trainable.values())
     weight = 1.0 / (len(samples) * steps.shape[1])  # as train_on: each sample-step weighs 1 / (N x K)
     per_step: dict[int, torch.Tensor] = defaultdict(lambda: torch.zeros(sum(p.numel() for p in params)))
@@ -52,7 +58,7 @@ def epoch_gradients(trainer: FlowGRPOTrainer, epoch: int) -> tuple[dict[int, tor
                 rows = index[steps[index, k] == j]
                 for p in params:
                     p.grad = None
-                out = trainer.transitions.loss(samples, rows, steps[rows, k], advantages[rows])
+                out = objective.step_loss(samples, rows, k, steps[rows, k], advantages[rows])
                 (out.loss * len(rows) * weight).backward()
                 per_step[j] += torch.cat([p.grad.flatten() for p in params]).detach().cpu()
     for p in params:

@@ -1,5 +1,5 @@
-"""Held-out GenEval accuracy in the shapes world: the base model, then Flow-GRPO and Flow-GRPO-Fast trained
-side by side under the same CPU budget (issue 7; the number the README publishes), next to a supervised
+"""Held-out GenEval accuracy in the shapes world: the base model, then Flow-GRPO, Flow-GRPO-Fast and DiffusionNFT
+trained side by side under the same CPU budget (issue 7; the number the README publishes), next to a supervised
 reference.
 
 Both methods start from the packaged base model (``shapes:sd3``) with the ``shapes`` preset, train on
@@ -7,6 +7,9 @@ Both methods start from the packaged base model (``shapes:sd3``) with the ``shap
 pre-training too) with the preset's evaluation: ODE sampling, fixed seeds, the EMA weights, GenEval's strict
 rules judged by the shapes detector; overall = the mean of the six task accuracies. Fast differs from the
 full method only by ``--fast-set`` (default: a 2-step SDE window in the first half of the schedule).
+DiffusionNFT ("nft") trains from ``--nft-preset`` (default ``shapes-nft``: the shapes preset's model, reward,
+prompts and evaluation with NFT's objective, CFG-free ODE roll-outs of its old policy), under the same budget
+and evaluation; its gradient noise scale is ``benchmarks/gradient_noise_scale.py --preset shapes-nft``.
 
 The supervised reference ("supervised") spends the same budget continuing the base model's pre-training:
 rectified flow on ground-truth renders of fresh captions of the six task types (none with a test prompt's
@@ -19,8 +22,8 @@ training epochs (sampling, rewards, optimisation), not wall time, because the ma
 is excluded. Each method is evaluated every ``--eval-every`` CPU-minutes and at the end of its budget. The
 methods run side by side in their own processes (``--jobs``), ``--threads`` torch threads each.
 
-    python benchmarks/shapes_geneval.py [--cpu-minutes 30] [--eval-every 2.5] [--methods full,fast,supervised]
-        [--set KEY=VALUE] [--json out.json]
+    python benchmarks/shapes_geneval.py [--cpu-minutes 30] [--eval-every 2.5] [--methods full,fast,nft,supervised]
+        [--set KEY=VALUE] [--nft-set KEY=VALUE] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,7 +55,12 @@ from flowgrpo_core.prompts.vocabulary import TAGS
 from flowgrpo_core.registry import gate
 from flowgrpo_core.trainer import FlowGRPOTrainer
 
-METHODS = {"full": "Flow-GRPO", "fast": "Flow-GRPO-Fast", "supervised": "supervised reference"}
+METHODS = {
+    "full": "Flow-GRPO",
+    "fast": "Flow-GRPO-Fast",
+    "nft": "DiffusionNFT",
+    "supervised": "supervised reference",
+}
 
 
 def cpu_seconds() -> float:
@@ -207,9 +215,20 @@ def main() -> None:
         help="what makes Flow-GRPO-Fast (default: sampling.sde_window_size=2)",
     )
     parser.add_argument(
+        "--nft-preset", default="shapes-nft", help="preset DiffusionNFT starts from (default: shapes-nft)"
+    )
+    parser.add_argument(
+        "--nft-set",
+        dest="nft",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for DiffusionNFT only (repeatable), after --set",
+    )
+    parser.add_argument(
         "--methods",
-        default="full,fast,supervised",
-        help="comma-separated subset of full,fast,supervised (default: all three)",
+        default="full,fast,nft,supervised",
+        help="comma-separated subset of full,fast,nft,supervised (default: all four)",
     )
     parser.add_argument(
         "--supervised-lr",
@@ -234,9 +253,16 @@ def main() -> None:
     overrides = {
         "full": args.overrides,
         "fast": [*args.overrides, *fast_overrides],
+        "nft": [*args.overrides, *args.nft],
         "supervised": args.overrides,
     }
-    configs = {METHODS[m]: load_config(args.preset, overrides=overrides[m]) for m in METHODS if m in methods}
+    presets = {m: args.nft_preset if m == "nft" else args.preset for m in METHODS}
+    configs = {METHODS[m]: load_config(presets[m], overrides=overrides[m]) for m in METHODS if m in methods}
+    evaluations = {cfg.eval.model_dump_json() + cfg.prompts.eval for cfg in configs.values()}
+    if len(evaluations) > 1:  # one base row for all: every method must be judged alike
+        parser.error(
+            f"--nft-preset {args.nft_preset}: its eval settings or prompts differ from {args.preset}'s"
+        )
     if "supervised" in methods and not configs[METHODS["supervised"]].model.source.startswith("shapes:"):
         parser.error(
             "--methods supervised: the preset's model.source must be a packaged shapes model (shapes:sd3)"
@@ -290,9 +316,21 @@ def main() -> None:
         )
     if "Flow-GRPO" in curves and "Flow-GRPO-Fast" in curves:
         print(speedup_line(base, curves["Flow-GRPO"], curves["Flow-GRPO-Fast"]))
+    supervised = curves.get(METHODS["supervised"])
+    for name in (n for n in curves if n != METHODS["supervised"]):
+        if supervised is not None:
+            print(share_line(name, base, curves[name][-1], supervised[-1]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "curves": curves}, f, indent=1)
+
+
+def share_line(name: str, base: dict, final: dict, supervised: dict) -> str:
+    """A method's final gain as a share of the supervised reference's (what this budget buys from ground truth)."""
+    gain, reference = final["overall"] - base["overall"], supervised["overall"] - base["overall"]
+    if reference <= 0:
+        return f"{name}: no share of the supervised reference's gain (the reference gained nothing)"
+    return f"{name}: {100 * gain / reference:.0f} % of the supervised reference's gain ({100 * reference:+.1f} points)"
 
 
 def speedup_line(base: dict, full: list[dict], fast: list[dict]) -> str:

@@ -95,7 +95,8 @@ def to_json(reports: list[RewardCalibration]) -> dict:
 
 
 def run_probe(config, workdir, adapter=None, reward=None, prompts=None, progress: bool = True):
-    """Train ``config.calibration.epochs`` epochs at beta = 0 and summarize every reward component.
+    """Train ``config.calibration.epochs`` epochs without a KL term, with the run's algorithm, and summarize
+    every reward component.
 
     The probe trains a throwaway policy: pass a fresh adapter (or None to load one), never the one a
     real run will train. Returns ``(reports, history)``.
@@ -104,8 +105,10 @@ def run_probe(config, workdir, adapter=None, reward=None, prompts=None, progress
 
     from flowgrpo_core.trainer import FlowGRPOTrainer
 
+    # without the KL term (Flow-GRPO's beta, DiffusionNFT's nft_kl_beta): the probe needs no reference forwards
+    kl_off = "train.beta=0" if config.train.algorithm == "grpo" else "train.nft_kl_beta=0"
     probe = config.override(
-        "train.beta=0",
+        kl_off,
         f"train.epochs={config.calibration.epochs}",
         "train.checkpoint_every=0",
         "train.ema=false",

@@ -46,11 +46,21 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         print(f"{name}\n    {preset_description(name)}")
         print(
             f"    model {cfg.model.source} ({cfg.model.dtype}) | {s.resolution}px, T={s.num_steps}, cfg {s.guidance_scale:g}, "
-            f"{s.sde_type} noise {s.noise_level:g}{', Fast window ' + str(s.sde_window_size) if s.sde_window_size else ''}"
+            + (
+                "noise-free roll-outs"
+                if t.algorithm == "nft"
+                else f"{s.sde_type} noise {s.noise_level:g}"
+                + (f", Fast window {s.sde_window_size}" if s.sde_window_size else "")
+            )
+        )
+        objective = (
+            f"DiffusionNFT beta {t.nft_beta:g}, KL {t.nft_kl_beta:g}, {t.nft_solver} roll-outs"
+            if t.algorithm == "nft"
+            else f"beta {t.beta:g} ({t.kl_form} KL), clip {_clip_text(t.clip_bounds())}"
         )
         print(
             f"    reward {rewards} | group {s.group_size} x {s.groups_per_epoch} prompts, batch {s.batch_size} | "
-            f"beta {t.beta:g} ({t.kl_form} KL), clip {_clip_text(t.clip_bounds())}, lr {t.learning_rate:g}, "
+            f"{objective}, lr {t.learning_rate:g}, "
             f"{'LoRA r' + str(t.lora_rank) + '/a' + format(t.lora_alpha, 'g') if t.lora else 'full fine-tuning'}"
         )
     return 0

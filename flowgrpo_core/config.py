@@ -24,6 +24,35 @@ class ConfigError(ValueError):
     """An invalid config; the message names the field."""
 
 
+# fields that only one train.algorithm reads (the roll-out's SDE, the clipped ratio, the Gaussian KL, which
+# samples are trained; NFT's guidance, KL, old-policy schedule and solver)
+GRPO_ONLY_FIELDS = (
+    "sampling.noise_level",
+    "sampling.sde_type",
+    "sampling.sde_window_size",
+    "sampling.sde_window_range",
+    "train.clip_range",
+    "train.clip_range_low",
+    "train.clip_range_high",
+    "train.highclip_range",
+    "train.beta",
+    "train.kl_form",
+    "train.zero_advantage",
+    "train.ratio_norm",
+    "train.ratio_norm_bias",
+    "train.grad_reweight",
+    "train.batch_reference_steps",
+)
+NFT_ONLY_FIELDS = (
+    "train.nft_beta",
+    "train.nft_kl_beta",
+    "train.nft_decay_flat_steps",
+    "train.nft_decay_rate",
+    "train.nft_decay_max",
+    "train.nft_solver",
+)
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: no float setting means anything at nan or +-inf (a learning rate of inf gives an
     # all-NaN policy, a KL weight of inf skips every loss step, a reward weight of nan drops every reward;
@@ -109,6 +138,10 @@ class SamplingConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    # the RL objective: 'grpo' (Flow-GRPO: SDE roll-outs, clipped likelihood ratios of their steps) or 'nft'
+    # (DiffusionNFT: ODE roll-outs of a soft-updated old policy, a reward-weighted flow-matching loss on their
+    # clean samples; docs/algorithm.md sect. 11). Fields only one of them reads are refused with the other
+    algorithm: Literal["grpo", "nft"] = "grpo"
     epochs: int = Field(100, ge=0)
     seed: int = 42
     learning_rate: float = Field(3e-4, gt=0)
@@ -175,6 +208,19 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
     device: str = "auto"
+    # ---- DiffusionNFT (train.algorithm: nft); defaults: the authors' config/base.py and config/nft.py ----
+    # beta, the guidance strength: the implicit policies are v_old +- beta (v_theta - v_old)
+    nft_beta: float = Field(1.0, gt=0)
+    # weight of NFT's KL to the base model, the element mean of (v_theta - v_ref)^2 (0: no reference forward)
+    nft_kl_beta: float = Field(1e-4, ge=0)
+    # the old (sampling) policy's soft update after every epoch, old <- d old + (1 - d) theta, with d = 0 for
+    # the first nft_decay_flat_steps optimiser steps, then min(nft_decay_rate x (steps - flat), nft_decay_max);
+    # the authors' decay_type 1 (GenEval, PickScore): 0, 0.001, 0.5; decay_type 2 (OCR): 75, 0.0075, 0.999
+    nft_decay_flat_steps: int = Field(0, ge=0)
+    nft_decay_rate: float = Field(1e-3, ge=0)
+    nft_decay_max: float = Field(0.5, ge=0, le=1)
+    # the noise-free solver of NFT's roll-outs: 'dpm2' (DPM-Solver++ 2M, the authors' choice) or 'euler'
+    nft_solver: Literal["dpm2", "euler"] = "dpm2"
     # stop training when the reward-hacking monitor raises an alarm (needs eval.every_epochs and eval.metrics);
     # the exported policy is then the last one evaluated before the alarm
     stop_on_hacking: bool = False
@@ -190,6 +236,11 @@ class TrainConfig(_Strict):
                 f"highclip_range: {alias:g} and clip_range_high: {high:g} both set the upper clip width; set one"
             )
         return self
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the objective has a KL term to the base model (which then needs a reference forward)."""
+        return (self.beta if self.algorithm == "grpo" else self.nft_kl_beta) > 0
 
     def clip_bounds(self) -> tuple[float, float]:
         """``(low, high)``: the ratio is clipped to ``[1 - low, 1 + high]``; ``(clip_range, clip_range)`` unless
@@ -350,6 +401,7 @@ class FlowGRPOConfig(_Strict):
         if self.train.ratio_norm and self.sampling.sde_type != "sde":
             raise ConfigError("train.ratio_norm: GRPO-Guard's RatioNorm is defined for sde_type 'sde' only")
         self._check_watch()
+        self._check_algorithm()
         tr = self.tracking
         if tr.gate_standard_errors and not tr.gate_metric.endswith("/accuracy/overall"):
             raise ConfigError(
@@ -357,6 +409,29 @@ class FlowGRPOConfig(_Strict):
                 f"'eval/policy/<metric>/accuracy/overall' accuracy; got tracking.gate_metric={tr.gate_metric!r}"
             )
         return self
+
+    def _check_algorithm(self) -> None:
+        """A field that only the other algorithm reads would be silently ignored: refuse it, naming the field,
+        when it differs from its baseline. The baseline is the preset's value when the preset is of the other
+        algorithm (``--preset tiny --set train.algorithm=nft`` keeps tiny's unused GRPO settings), else the
+        field's default."""
+        from flowgrpo_core.presets import PRESETS
+
+        ours = self.train.algorithm
+        ignored = NFT_ONLY_FIELDS if ours == "grpo" else GRPO_ONLY_FIELDS
+        preset = PRESETS.get(self.preset, (None, {}))[1]
+        baseline = preset if preset.get("train", {}).get("algorithm", "grpo") != ours else {}
+        data = self.model_dump(mode="json")
+        for name in ignored:
+            section, field = name.split(".")
+            default = type(self).model_fields[section].default_factory().model_dump(mode="json")[field]
+            expected = baseline.get(section, {}).get(field, default)
+            value = data[section][field]
+            if value != (list(expected) if isinstance(expected, tuple) else expected):
+                raise ConfigError(
+                    f"{name}: {value!r} is read only by train.algorithm={'nft' if ours == 'grpo' else 'grpo'}; "
+                    f"with train.algorithm={ours} it would be ignored (leave it at {expected!r})"
+                )
 
     def _check_watch(self) -> None:
         """Evaluation during training, the hacking monitor and keep-best refer to each other: refuse what
@@ -393,8 +468,9 @@ class FlowGRPOConfig(_Strict):
 
     @property
     def trained_steps_per_sample(self) -> int:
-        """Full Flow-GRPO trains the first ``int(T * timestep_fraction)`` steps; Fast trains its whole window."""
-        if self.sampling.sde_window_size:
+        """Full Flow-GRPO trains the first ``int(T * timestep_fraction)`` steps; Fast trains its whole window;
+        NFT trains ``int(T * timestep_fraction)`` noise levels of the schedule, drawn per sample."""
+        if self.sampling.sde_window_size and self.train.algorithm == "grpo":
             return self.sampling.sde_window_size
         return max(1, int(self.sampling.num_steps * self.train.timestep_fraction))
 
@@ -404,8 +480,14 @@ class FlowGRPOConfig(_Strict):
             f"{s.groups_per_epoch} prompts x {s.group_size} images = {s.images_per_epoch} images/epoch in "
             f"{self.batches_per_epoch} batches of {s.batch_size}; {self.trained_steps_per_sample} of {s.num_steps} steps "
             f"trained per image; {t.optimizer_steps_per_epoch} optimiser step(s)/epoch; "
-            f"{'Flow-GRPO-Fast window ' + str(s.sde_window_size) if s.sde_window_size else 'SDE on every step'}"
+            f"{self._rollout_description()}"
         )
+
+    def _rollout_description(self) -> str:
+        s, t = self.sampling, self.train
+        if t.algorithm == "nft":
+            return f"DiffusionNFT: {t.nft_solver} ODE roll-outs of the old policy, beta {t.nft_beta:g}"
+        return f"Flow-GRPO-Fast window {s.sde_window_size}" if s.sde_window_size else "SDE on every step"
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params."""

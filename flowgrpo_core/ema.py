@@ -37,18 +37,9 @@ class EMA:
             self.shadow[name].lerp_(param.detach().float(), 1 - decay)
         self.updates += 1
 
-    @contextlib.contextmanager
-    @torch.no_grad()
-    def swapped_in(self) -> Iterator[None]:
+    def swapped_in(self) -> contextlib.AbstractContextManager[None]:
         """Temporarily load the averaged weights into the model (for evaluation or export)."""
-        backup = {name: p.detach().clone() for name, p in self.parameters.items()}
-        for name, param in self.parameters.items():
-            param.copy_(self.shadow[name].to(param.dtype))
-        try:
-            yield
-        finally:
-            for name, param in self.parameters.items():
-                param.copy_(backup[name])
+        return swapped_weights(self.parameters, self.shadow)
 
     def state_dict(self) -> dict:
         return {"shadow": dict(self.shadow), "optimizer_steps": self.optimizer_steps, "updates": self.updates}
@@ -60,3 +51,18 @@ class EMA:
         self.shadow = {k: v.float().clone() for k, v in state["shadow"].items()}
         self.optimizer_steps = int(state["optimizer_steps"])
         self.updates = int(state["updates"])
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def swapped_weights(parameters: dict[str, nn.Parameter], weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily copy ``weights`` into ``parameters`` (same names), restoring the parameters' values after.
+    The copies happen outside autograd: a graph must not be built across the swap."""
+    backup = {name: p.detach().clone() for name, p in parameters.items()}
+    for name, param in parameters.items():
+        param.copy_(weights[name].to(param.dtype))
+    try:
+        yield
+    finally:
+        for name, param in parameters.items():
+            param.copy_(backup[name])

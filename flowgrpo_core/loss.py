@@ -177,16 +177,21 @@ def guard_step_weight(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Te
 LOGGED = ("loss", "policy_loss", "kl", "clipfrac", "approx_kl", "ratio_mean")
 
 
-def loss_statistics(parts: list[tuple[dict[str, float], int, dict[int, list[float]]]]) -> dict[str, float]:
+def loss_statistics(
+    parts: list[tuple[dict[str, float], int, dict[int, list[float]]]], logged: tuple[str, ...] = LOGGED
+) -> dict[str, float]:
     """An epoch's training statistics from every rank's share: ``(sums, count, ratios)`` per rank, where
     ``sums[k]`` adds :meth:`LossOutput.metrics` ``[k]`` weighted by the samples of each term, ``count`` the
     samples, and ``ratios`` each trained step's ratios. Means are per sample over all ranks; the ratio's
-    min, max and mean per step are over every term.
+    min, max and mean per step are over every term. ``logged``: the objective's statistics; one without
+    likelihood ratios (DiffusionNFT) logs no ratio statistics.
     """
     total = sum(count for _, count, _ in parts)
     metrics = {
-        f"train/{k}": sum(s.get(k, 0.0) for s, _, _ in parts) / total if total else 0.0 for k in LOGGED
+        f"train/{k}": sum(s.get(k, 0.0) for s, _, _ in parts) / total if total else 0.0 for k in logged
     }
+    if "ratio_mean" not in logged:
+        return metrics
     ratios: dict[int, list[float]] = {}
     for _, _, steps in parts:
         for j, values in steps.items():

@@ -206,6 +206,108 @@ _SD3_GUARD: dict[str, Any] = _merge(
 )
 
 
+# the shapes world (`make run`): the packaged pre-trained tiny SD3, GenEval rules judged by a colour-segmentation
+# detector
+_SHAPES: dict[str, Any] = {
+    "model": {"source": "shapes:sd3", "dtype": "float32"},
+    "sampling": {
+        "resolution": 64,
+        "num_steps": 6,  # 10 CPU-min probes: 0.347 with 6 steps, 0.303 with 10 (more epochs per minute)
+        "guidance_scale": 4.5,
+        "noise_level": 0.7,
+        "group_size": 8,
+        "groups_per_epoch": 8,
+        "batch_size": 16,
+        "max_sequence_length": 16,  # the base model was pre-trained with 16 T5 tokens
+    },
+    "train": {
+        "epochs": 30,
+        "seed": 0,
+        "learning_rate": 1e-3,
+        "clip_range": 1e-3,
+        "beta": 0.01,
+        # the shapes benchmarks in the README were measured with the exact KL and all zero-advantage
+        # samples dropped; kept so that those numbers stay reproducible
+        "kl_form": "exact",
+        "zero_advantage": "drop",
+        "lora": True,
+        "lora_rank": 16,
+        "lora_alpha": 32.0,
+        "lora_target_modules": [*JOINT_ATTENTION_PROJECTIONS, *JOINT_FEED_FORWARDS],
+        "optimizer_steps_per_epoch": 2,
+        "ema": True,
+        "ema_update_interval": 1,
+        "checkpoint_every": 5,
+        "device": "cpu",
+    },
+    "rewards": {"shapes_geneval": 1.0},
+    # the score is a mean over the six tasks, and 150 of the 236 training prompts are colour attribution
+    "prompts": {"train": "builtin:shapes_train", "eval": "builtin:shapes_test", "balance_tags": True},
+    "eval": {
+        "num_steps": 20,
+        "guidance_scale": 4.5,
+        "num_prompts": 80,
+        "images_per_prompt": 2,
+        "min_images_per_tag": 32,  # the world has 1-4 test prompts in three tasks
+        "batch_size": 32,
+        "metrics": ["shapes_geneval"],
+    },
+    "calibration": {"epochs": 2},
+    # 273 images give about 2.3 points of standard error: promote only a gain beyond two of the difference
+    "tracking": {
+        "gate_metric": "eval/policy/shapes_geneval/accuracy/overall",
+        "gate_standard_errors": 2.0,
+    },
+}
+
+
+def _without(section: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+# DiffusionNFT in the shapes world: the shapes preset without its Flow-GRPO settings (clip, KL, zero-advantage
+# handling), sampling CFG-free with the DPM-Solver++(2M) ODE as the paper trains, the held-out evaluation
+# unchanged (so base accuracies compare with the Flow-GRPO runs'). The NFT settings are the authors' GenEval ones
+# except nft_kl_beta: 0 saves the reference forward (a third of the training forwards on a CPU); at the authors'
+# 1e-4 the KL term is below 1e-6 of the policy loss in tiny runs.
+_SHAPES_NFT: dict[str, Any] = {
+    **_SHAPES,
+    "sampling": {**_SHAPES["sampling"], "guidance_scale": 1.0},
+    "train": {
+        **_without(_SHAPES["train"], "clip_range", "beta", "kl_form", "zero_advantage"),
+        "algorithm": "nft",
+        "nft_kl_beta": 0.0,
+    },
+}
+
+
+# ``sd3_geneval`` of DiffusionNFT (NVlabs/DiffusionNFT config/nft.py, as of its initial commit 24af555): SD3.5-M
+# CFG-free (guidance 1 in sampling and evaluation), 10 DPM-Solver++(2M) ODE steps from the old policy, 9 noise
+# levels trained per image (timestep_fraction 0.99), beta 1, the old policy's decay_type 1 (0, 0.001, 0.5), KL 1e-4,
+# 24 images x 48 prompts in batches of 9 with one optimiser step per epoch (gradient_step_per_epoch 1), lr 3e-4,
+# LoRA r32/alpha 64 on the joint-attention projections, EMA 0.9 updated every step, fp16 autocast, the epoch's
+# std, 40 evaluation steps in batches of 14, checkpoints every 30 epochs (save_freq). Upstream trains on 8 GPUs.
+_SD3_GENEVAL_NFT: dict[str, Any] = {
+    **_merge(
+        _SD3_REFERENCE,
+        sampling={"guidance_scale": 1.0},
+        train={
+            "algorithm": "nft",
+            "optimizer_steps_per_epoch": 1,
+            "ema_update_interval": 1,
+            "checkpoint_every": 30,
+            "nft_beta": 1.0,
+            "nft_kl_beta": 1e-4,
+            "nft_decay_flat_steps": 0,
+            "nft_decay_rate": 1e-3,
+            "nft_decay_max": 0.5,
+            "nft_solver": "dpm2",
+        },
+        eval={"guidance_scale": 1.0, "batch_size": 14},
+    ),
+    **_GENEVAL,
+}
+
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": (
         "random tiny SD3 built locally, 64 px, JPEG incompressibility: about a second per epoch on a CPU",
@@ -254,61 +356,21 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "shapes": (
         "shapes world: the packaged pre-trained tiny SD3, GenEval rules by a colour-segmentation detector; "
         "base -> trained accuracy per task in minutes on a CPU",
-        {
-            "model": {"source": "shapes:sd3", "dtype": "float32"},
-            "sampling": {
-                "resolution": 64,
-                "num_steps": 6,  # 10 CPU-min probes: 0.347 with 6 steps, 0.303 with 10 (more epochs per minute)
-                "guidance_scale": 4.5,
-                "noise_level": 0.7,
-                "group_size": 8,
-                "groups_per_epoch": 8,
-                "batch_size": 16,
-                "max_sequence_length": 16,  # the base model was pre-trained with 16 T5 tokens
-            },
-            "train": {
-                "epochs": 30,
-                "seed": 0,
-                "learning_rate": 1e-3,
-                "clip_range": 1e-3,
-                "beta": 0.01,
-                # the shapes benchmarks in the README were measured with the exact KL and all zero-advantage
-                # samples dropped; kept so that those numbers stay reproducible
-                "kl_form": "exact",
-                "zero_advantage": "drop",
-                "lora": True,
-                "lora_rank": 16,
-                "lora_alpha": 32.0,
-                "lora_target_modules": [*JOINT_ATTENTION_PROJECTIONS, *JOINT_FEED_FORWARDS],
-                "optimizer_steps_per_epoch": 2,
-                "ema": True,
-                "ema_update_interval": 1,
-                "checkpoint_every": 5,
-                "device": "cpu",
-            },
-            "rewards": {"shapes_geneval": 1.0},
-            # the score is a mean over the six tasks, and 150 of the 236 training prompts are colour attribution
-            "prompts": {"train": "builtin:shapes_train", "eval": "builtin:shapes_test", "balance_tags": True},
-            "eval": {
-                "num_steps": 20,
-                "guidance_scale": 4.5,
-                "num_prompts": 80,
-                "images_per_prompt": 2,
-                "min_images_per_tag": 32,  # the world has 1-4 test prompts in three tasks
-                "batch_size": 32,
-                "metrics": ["shapes_geneval"],
-            },
-            "calibration": {"epochs": 2},
-            # 273 images give about 2.3 points of standard error: promote only a gain beyond two of the difference
-            "tracking": {
-                "gate_metric": "eval/policy/shapes_geneval/accuracy/overall",
-                "gate_standard_errors": 2.0,
-            },
-        },
+        _SHAPES,
+    ),
+    "shapes-nft": (
+        "shapes world with DiffusionNFT: CFG-free ODE roll-outs of a soft-updated old policy, a reward-weighted "
+        "flow-matching loss; the shapes preset's model, reward, prompts and evaluation",
+        _SHAPES_NFT,
     ),
     "sd3-geneval": (
         "SD3.5-M, GenEval reward, beta 0.04 (upstream geneval_sd3; reference: GenEval 0.63 -> 0.95)",
         {**_merge(_SD3_REFERENCE, train={"beta": 0.04}, eval={"batch_size": 14}), **_GENEVAL},
+    ),
+    "sd3-geneval-nft": (
+        "SD3.5-M, GenEval, DiffusionNFT as its authors run it: CFG-free, DPM-Solver++(2M), beta 1, old-policy "
+        "decay (0, 0.001, 0.5), KL 1e-4, one optimiser step per epoch (NVlabs/DiffusionNFT sd3_geneval)",
+        _SD3_GENEVAL_NFT,
     ),
     "sd3-ocr": (
         "SD3.5-M, OCR reward, beta 0.04 (upstream general_ocr_sd3; reference: OCR accuracy 0.59 -> 0.92)",

@@ -7,6 +7,7 @@ epoch's generator and is the same on every rank; rank ``r`` of ``W`` samples bat
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -74,12 +75,16 @@ def sample_and_score(
     dist: DistributedContext,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    ode_solver: str | None = None,
 ) -> EpochSamples:
     """Roll out this rank's batches of ``plan`` and score them, then gather every rank's rewards. A batch's
     rewards are computed in a worker thread while the next batch samples (reward servers answer over HTTP
-    meanwhile)."""
+    meanwhile). ``ode_solver``: None for the config's SDE roll-outs (Flow-GRPO), else noise-free roll-outs
+    with that solver (DiffusionNFT)."""
     s = config.sampling
     spec = SamplingSpec.of(s)
+    if ode_solver is not None:
+        spec = dataclasses.replace(spec, ode_solver=ode_solver)
     parts, futures, indices = [], [], []
     rollout_s = 0.0
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -92,7 +97,9 @@ def sample_and_score(
                 plan.images.prompts[sl],
                 plan.seeds[sl],
                 spec,
-                sde_window_mask(s.batch_size, s.num_steps, s.sde_window_size, plan.window_starts[b]),
+                sde_window_mask(s.batch_size, s.num_steps, s.sde_window_size, plan.window_starts[b])
+                if ode_solver is None
+                else torch.zeros(s.batch_size, s.num_steps, dtype=torch.bool),
                 metadata=plan.images.metadata[sl],
                 store_means=config.train.ratio_norm,
                 autocast_dtype=autocast_dtype,

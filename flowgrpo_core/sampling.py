@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from flowgrpo_core.models.base import Conditioning, FlowAdapter
+from flowgrpo_core.ode import clean_prediction, dpm2_step, first_order_step
 from flowgrpo_core.sde import SDEType, deterministic_step, sde_step_with_logprob
 
 
@@ -95,6 +96,9 @@ class SamplingSpec:
     sde_type: SDEType = "sde"
     negative_prompt: str = ""
     max_sequence_length: int = 128  # T5 tokens
+    # the noise-free steps: 'euler' (or CPS at noise 0 for sde_type 'cps'), or 'dpm2' (DPM-Solver++ 2M, only
+    # for roll-outs without a stochastic step: DiffusionNFT's)
+    ode_solver: str = "euler"
 
     @classmethod
     def of(cls, sampling) -> SamplingSpec:
@@ -141,6 +145,8 @@ def rollout(
         raise ValueError(
             f"need {batch} seeds and a ({batch}, {spec.num_steps}) mask, got {len(seeds)} and {tuple(sde_mask.shape)}"
         )
+    if spec.ode_solver == "dpm2" and bool(sde_mask.any()):
+        raise ValueError("the dpm2 solver samples noise-free roll-outs only: the mask has stochastic steps")
     device = adapter.device
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     cond = adapter.encode_prompts(
@@ -151,6 +157,7 @@ def rollout(
     sde_mask = sde_mask.to(device)
 
     latents, log_probs, means = [x], torch.zeros(batch, spec.num_steps, device=device), []
+    previous_x0 = None  # dpm2's clean prediction of the step before
     for i in range(spec.num_steps):
         sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -167,6 +174,13 @@ def rollout(
                 still = deterministic_step(velocity, x, sigma, sigma_next, spec.sde_type)
                 x_next = torch.where(_rows(stochastic, x), x_next, still)
             log_probs[:, i] = torch.where(stochastic, step.log_prob, 0.0)
+        elif spec.ode_solver == "dpm2":
+            x0 = clean_prediction(velocity, x, sigma)
+            if previous_x0 is None or i == spec.num_steps - 1:  # first order at both ends, as the authors
+                x_next = mean = first_order_step(x0, x, sigma, sigma_next)
+            else:
+                x_next = mean = dpm2_step(x0, previous_x0, x, sigmas[i - 1].expand(batch), sigma, sigma_next)
+            previous_x0 = x0
         else:
             x_next = mean = deterministic_step(velocity, x, sigma, sigma_next, spec.sde_type)
         if store_means:

@@ -11,8 +11,11 @@ defined over global sets of samples: each rank back-propagates its share, normal
 and the gradients are summed over ranks. N processes therefore take the same steps as one process with
 the same global batch (up to floating-point summation order).
 
-The epoch's roll-outs are :mod:`flowgrpo_core.rollouts`, the loss of a trained transition
-:mod:`flowgrpo_core.transitions`, the optimiser step :mod:`flowgrpo_core.optimization`.
+The epoch's roll-outs are :mod:`flowgrpo_core.rollouts`, the optimiser step :mod:`flowgrpo_core.optimization`.
+The objective is an object with one interface (which weights sample and with which solver, which samples and
+steps are trained, the loss of each, what follows an epoch, what a checkpoint keeps): Flow-GRPO's loss of a
+trained transition, :class:`flowgrpo_core.transitions.TransitionScorer`, or DiffusionNFT's
+(``train.algorithm: nft``), :class:`flowgrpo_core.nft_objective.NFTObjective`.
 """
 
 from __future__ import annotations
@@ -47,13 +50,14 @@ from flowgrpo_core.distributed import DistributedContext, split_evenly
 from flowgrpo_core.ema import EMA
 from flowgrpo_core.loss import LossOutput, loss_statistics
 from flowgrpo_core.models import FlowAdapter, load_model
+from flowgrpo_core.nft_objective import NFTObjective
 from flowgrpo_core.optimization import build_backend
 from flowgrpo_core.policy import export_weights
 from flowgrpo_core.prompts import PromptSet, load_prompts, tag_groups
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
 from flowgrpo_core.rollouts import EpochSamples, plan_epoch, sample_and_score
 from flowgrpo_core.sampling import Trajectories, to_pil
-from flowgrpo_core.transitions import TransitionScorer, trained_steps
+from flowgrpo_core.transitions import TransitionScorer
 from flowgrpo_core.watch import ProxyGoldWatch
 
 EpochCallback = Callable[["FlowGRPOTrainer", dict[str, float]], None]
@@ -74,8 +78,9 @@ class _Accumulated:
         for key, value in out.metrics().items():
             self.sums[key] += value * samples
         self.count += samples
-        for j, r in zip(steps.tolist(), out.ratio.tolist()):
-            self.per_step[j].append(r)
+        if out.ratio is not None:  # an objective without likelihood ratios (NFT) has none
+            for j, r in zip(steps.tolist(), out.ratio.tolist()):
+                self.per_step[j].append(r)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,7 +144,11 @@ class FlowGRPOTrainer:
         self.ema = EMA(self.trainable, t.ema_decay, t.ema_update_interval) if t.ema else None
         self.tracker = PerPromptStatTracker(global_std=t.global_std, buffer_size=t.stat_buffer_size)
         self.autocast_dtype = _AUTOCAST[t.mixed_precision]
-        self.transitions = TransitionScorer(self.adapter, config.sampling, t, self.autocast_dtype)
+        self.objective: TransitionScorer | NFTObjective = (
+            NFTObjective(self.adapter, config.sampling, t, self.autocast_dtype, self.trainable)
+            if t.algorithm == "nft"
+            else TransitionScorer(self.adapter, config.sampling, t, self.autocast_dtype)
+        )
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, float]] = []
@@ -159,7 +168,7 @@ class FlowGRPOTrainer:
                 torch.manual_seed(t.seed)  # LoRA's gaussian init draws from the global RNG
                 self.adapter.add_lora(t.lora_rank, t.lora_alpha, t.lora_init, t.lora_target_modules or None)
         else:
-            if t.beta > 0:
+            if t.uses_reference:
                 self.adapter.keep_reference_copy()
             self.adapter.unfreeze()
         if t.gradient_checkpointing:
@@ -196,9 +205,16 @@ class FlowGRPOTrainer:
             metrics = self.run_epoch(epoch)
             self.epoch = epoch + 1
             self.history.append(metrics)
+            clipfrac = metrics.get("train/clipfrac")  # Flow-GRPO's; NFT has no ratio to clip
             self._log(
                 f"[flowgrpo] epoch {epoch}: reward {metrics['reward/total']:.4f} ± {metrics['reward/total/std']:.4f}  "
-                f"kl {metrics['train/kl']:.3g}  clipfrac {metrics['train/clipfrac']:.3f}  {metrics['time/epoch_s']:.1f}s"
+                f"kl {metrics['train/kl']:.3g}  "
+                + (
+                    f"clipfrac {clipfrac:.3f}"
+                    if clipfrac is not None
+                    else f"loss {metrics['train/loss']:.4g}"
+                )
+                + f"  {metrics['time/epoch_s']:.1f}s"
             )
             if self.watch.due(self.epoch):  # before the checkpoint, which keeps the monitor's state
                 self.watch.evaluate(self)
@@ -228,6 +244,7 @@ class FlowGRPOTrainer:
         train_metrics = self.train_on(
             epoch_samples.local, advantages, generator, epoch_samples.indices, finite
         )
+        train_metrics |= self.objective.end_epoch(self.global_step)  # NFT: the old policy's soft update
         self.last_samples, self.last_prompts = epoch_samples.local, epoch_samples.prompts
         self.last_rewards = epoch_samples.rewards
         end = time.perf_counter()
@@ -244,9 +261,17 @@ class FlowGRPOTrainer:
     def sample_and_score(self, generator: torch.Generator) -> EpochSamples:
         """This rank's share of the epoch's plan, sampled and scored; every rank's rewards."""
         plan = plan_epoch(self.config, self.prompts, generator)
-        return sample_and_score(
-            self.adapter, self.reward, self.config, plan, self.dist, self.autocast_dtype, self.progress
-        )
+        with self.objective.sampling_weights():  # NFT samples with its old policy
+            return sample_and_score(
+                self.adapter,
+                self.reward,
+                self.config,
+                plan,
+                self.dist,
+                self.autocast_dtype,
+                self.progress,
+                ode_solver=self.objective.ode_solver,
+            )
 
     def advantages(self, prompts: list[str], scores: RewardOutput) -> tuple[torch.Tensor, dict[str, float]]:
         """Group-relative advantages; samples with a non-finite reward get advantage 0 and are not trained."""
@@ -265,8 +290,8 @@ class FlowGRPOTrainer:
         indices: torch.Tensor | None = None,
         finite: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """Inner epochs over the samples chosen by ``train.zero_advantage``, in
-        ``train.optimizer_steps_per_epoch`` optimiser steps each.
+        """Inner epochs over the samples the objective trains (Flow-GRPO: ``train.zero_advantage``; NFT: all),
+        in ``train.optimizer_steps_per_epoch`` optimiser steps each.
 
         Args:
             samples: this rank's trajectories.
@@ -282,11 +307,14 @@ class FlowGRPOTrainer:
         ) % self.dist.world_size
         per_rank = self.config.batches_per_epoch // self.dist.world_size
         keep = samples_to_train(
-            advantages, t.zero_advantage, rank_of_sample, per_rank, generator, eligible=finite
+            advantages, self.objective.zero_advantage, rank_of_sample, per_rank, generator, eligible=finite
         )
-        steps = trained_steps(samples.sde_mask, self.config.trained_steps_per_sample)
         stats, grad_norms, skipped_before = _Accumulated(), [], dict(self.counters)
         for _ in range(t.num_inner_epochs):
+            # Flow-GRPO: the stochastic steps; NFT: noise levels and noise drawn afresh every inner epoch
+            steps = self.objective.trained_steps(
+                samples, indices, len(advantages), self.config.trained_steps_per_sample, generator
+            )
             # the same order on every rank; unshuffled, the optimiser steps take the samples in sampling order
             order = keep[torch.randperm(len(keep), generator=generator)] if t.shuffle_samples else keep
             for window in split_evenly(order.tolist(), t.optimizer_steps_per_epoch):
@@ -309,7 +337,7 @@ class FlowGRPOTrainer:
         """Back-propagate this rank's share of one optimiser step: its samples ``mine`` (local indices) with
         their ``advantages``, at their trained ``steps`` (n_local, K), in micro-batches of the sampling batch
         size. Each sample-step weighs ``1 / (window_size x K)``, whatever its rank."""
-        t, k_steps = self.config.train, steps.shape[1]
+        k_steps = steps.shape[1]
         batch = self.config.sampling.batch_size
         micro = [
             (m, advantages[i : i + batch]) for i, m in zip(range(0, len(mine), batch), mine.split(batch))
@@ -320,26 +348,19 @@ class FlowGRPOTrainer:
         calls, done = self.backend.backward_calls(len(micro) * k_steps), 0
         started = time.perf_counter()
         for index, local_adv in tqdm(micro, desc="training", leave=False, disable=not self.progress):
-            cond = samples.cond.select(index.to(samples.latents.device))  # the same for every step
-            reference = None
-            if t.beta > 0 and t.batch_reference_steps:
-                reference = self.transitions.reference_means(samples, index, steps[index], cond)
-            for k in range(k_steps):
-                ref_k = reference[:, k] if reference is not None else None
-                out = self.transitions.loss(samples, index, steps[index, k], local_adv, cond, ref_k)
+            # each term is back-propagated before the objective builds the next
+            for k, out in enumerate(self.objective.losses(samples, index, steps[index], local_adv)):
                 done += 1
                 if not torch.isfinite(out.loss):
                     self.counters["skipped_loss_steps"] += 1
                     if self.backend.pads_backward_calls:
-                        self.backend.backward(
-                            self.transitions.padding_loss(samples, steps), last=done == calls
-                        )
+                        self.backend.backward(self.objective.padding_loss(samples, steps), last=done == calls)
                     continue
                 self.backend.backward(out.loss * (len(index) / (window_size * k_steps)), last=done == calls)
                 stats.add(out, len(index), steps[index, k])
         while done < calls:
             done += 1
-            self.backend.backward(self.transitions.padding_loss(samples, steps), last=done == calls)
+            self.backend.backward(self.objective.padding_loss(samples, steps), last=done == calls)
         stats.compute_s += time.perf_counter() - started
 
     def _train_metrics(
@@ -358,7 +379,7 @@ class FlowGRPOTrainer:
         self.counters["skipped_loss_steps"] = skipped_before["skipped_loss_steps"] + all_skipped
         finite_norms = [g for g in grad_norms if math.isfinite(g)]
         return {
-            **loss_statistics([p[:3] for p in parts]),
+            **loss_statistics([p[:3] for p in parts], self.objective.logged),
             "train/grad_norm": float(np.mean(finite_norms)) if finite_norms else 0.0,
             "train/trained_samples": float(kept),
             "train/skipped_loss_steps": float(all_skipped),
@@ -403,6 +424,7 @@ class FlowGRPOTrainer:
             "rng": rng_state(),
             "history": self.history,
             "watch": self.watch.state_dict(),
+            "objective": self.objective.state_dict(),  # NFT: the old policy's weights
             "counters": dict(self.counters),
             "ema_counters": {"optimizer_steps": self.ema.optimizer_steps, "updates": self.ema.updates}
             if self.ema
@@ -461,6 +483,7 @@ class FlowGRPOTrainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = [dict(h) for h in state["history"]]
         self.watch.load_state_dict(state.get("watch"))
+        self.objective.load_state_dict(state.get("objective", {}))
         self.counters.update({k: int(v) for k, v in state["counters"].items()})
         self._log(f"[flowgrpo] resumed from {path} at epoch {self.epoch}")
         return True

@@ -9,11 +9,12 @@ step each is :meth:`TransitionScorer.loss`.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
 from flowgrpo_core.config import SamplingConfig, TrainConfig
-from flowgrpo_core.loss import LossOutput, grpo_loss, guard_step_weight
+from flowgrpo_core.loss import LOGGED, LossOutput, grpo_loss, guard_step_weight
 from flowgrpo_core.models import Conditioning, FlowAdapter
 from flowgrpo_core.sampling import Trajectories
 from flowgrpo_core.sde import SDEStep, gaussian_kl, kl_std, sde_std_t, sde_step_with_logprob
@@ -30,7 +31,11 @@ def trained_steps(sde_mask: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TransitionScorer:
-    """Scores stored transitions through ``adapter`` with the sampling settings they were drawn with."""
+    """Scores stored transitions through ``adapter`` with the sampling settings they were drawn with: Flow-GRPO's
+    objective, behind the interface the trainer shares with :class:`flowgrpo_core.nft_objective.NFTObjective`."""
+
+    ode_solver = None  # SDE roll-outs, from the current policy
+    logged = LOGGED
 
     def __init__(
         self,
@@ -145,3 +150,48 @@ class TransitionScorer:
         modules in the same order as a real backward (for backends that need equal backward calls per rank)."""
         index = torch.zeros(1, dtype=torch.long)
         return self.loss(samples, index, steps[index, 0], torch.zeros(1)).loss * 0.0
+
+    # ---- the trainer's interface (shared with NFTObjective) ----
+
+    @property
+    def zero_advantage(self) -> str:
+        return self.train.zero_advantage
+
+    def sampling_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Roll-outs come from the current policy."""
+        return contextlib.nullcontext()
+
+    def trained_steps(
+        self, samples: Trajectories, indices: torch.Tensor, total: int, k: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """(n_local, K): each sample's first K stochastic steps (:func:`trained_steps`); draws nothing."""
+        return trained_steps(samples.sde_mask, k)
+
+    def losses(
+        self, samples: Trajectories, index: torch.Tensor, steps: torch.Tensor, advantages: torch.Tensor
+    ) -> Iterator[LossOutput]:
+        """The loss of B samples ``index`` (B,) at each of their K trained steps ``steps`` (B, K), one at a time;
+        with a KL term, the reference's step means of all K steps first, in one forward
+        (``train.batch_reference_steps``)."""
+        cond = samples.cond.select(index.to(samples.latents.device))  # the same for every step
+        reference = None
+        if self.train.beta > 0 and self.train.batch_reference_steps:
+            reference = self.reference_means(samples, index, steps, cond)
+        for k in range(steps.shape[1]):
+            ref_k = reference[:, k] if reference is not None else None
+            yield self.loss(samples, index, steps[:, k], advantages, cond, ref_k)
+
+    def step_loss(
+        self, samples: Trajectories, index: torch.Tensor, k: int, step: torch.Tensor, advantages: torch.Tensor
+    ) -> LossOutput:
+        """The loss of B samples at their ``k``-th trained step ``step`` (B,)."""
+        return self.loss(samples, index, step, advantages)
+
+    def end_epoch(self, global_step: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -48,6 +48,13 @@ def test_speed_up_is_the_ratio_of_first_times_to_the_full_methods_final_accuracy
     assert "(never within its budget)" in bench.speedup_line(base, full, [base, point(30, 0.5)])
 
 
+def test_a_method_s_gain_is_stated_as_a_share_of_the_supervised_reference_s(bench):
+    base = point(0, 0.30)
+    line = bench.share_line("DiffusionNFT", base, point(30, 0.36), point(30, 0.42))
+    assert line == "DiffusionNFT: 50 % of the supervised reference's gain (+12.0 points)"
+    assert "gained nothing" in bench.share_line("DiffusionNFT", base, point(30, 0.36), point(30, 0.29))
+
+
 def test_the_supervised_reference_trains_for_its_budget_without_its_evaluations(bench, monkeypatch):
     # the real evaluation (one image of 2 steps per test prompt, all six tasks), timed: its CPU time must not count as training
     calls, evaluate = [], bench.held_out_accuracy

@@ -59,7 +59,7 @@ def test_updates_move_log_probs_along_the_advantages(tmp_path):
         with torch.no_grad():
             return torch.stack(
                 [
-                    trainer.transitions.loss(samples, index, steps[:, k], advantages).ratio.log()
+                    trainer.objective.loss(samples, index, steps[:, k], advantages).ratio.log()
                     for k in range(steps.shape[1])
                 ],
                 1,
@@ -321,17 +321,17 @@ def test_reference_means_in_one_forward_equal_one_forward_per_step(tmp_path):
     index = torch.arange(4)
     steps = trained_steps(samples.sde_mask, trainer.config.trained_steps_per_sample)[index]
     cond = samples.cond.select(index)
-    batched = trainer.transitions.reference_means(samples, index, steps, cond)
+    batched = trainer.objective.reference_means(samples, index, steps, cond)
     for k in range(steps.shape[1]):
         with torch.no_grad():
-            alone = trainer.transitions.score(
+            alone = trainer.objective.score(
                 samples, index, steps[:, k], cond, reference=True
             ).prev_sample_mean
         assert torch.equal(batched[:, k], alone)
-        with_batch = trainer.transitions.loss(
+        with_batch = trainer.objective.loss(
             samples, index, steps[:, k], advantages[index], cond, batched[:, k]
         )
-        per_step = trainer.transitions.loss(samples, index, steps[:, k], advantages[index], cond)
+        per_step = trainer.objective.loss(samples, index, steps[:, k], advantages[index], cond)
         assert with_batch.kl > 0 and torch.equal(with_batch.loss, per_step.loss)
 
 

@@ -252,12 +252,17 @@ def _finish(
     import tempfile
 
     import mlflow
+    import yaml
 
     from flowgrpo_core.policy import PROXY_GOLD_PLOT, read_heldout
     from flowgrpo_core.prompts import load_prompts
     from flowgrpo_core.tracking import log_metrics, log_prompt_set, log_to_parent, reward_curve
 
     history = json.loads((policy / "metrics.json").read_text())
+    # the objective as a param of this run too (the whole config is the download stage's params), so the
+    # UI compares Flow-GRPO and DiffusionNFT training runs side by side
+    trained = yaml.safe_load((policy / "config.yaml").read_text())
+    mlflow.log_param("train.algorithm", trained["train"]["algorithm"])
     if Path(policy_dir).resolve() != policy.resolve():
         shutil.copytree(policy, policy_dir, dirs_exist_ok=True)
     run_id = mlflow.active_run().info.run_id
