@@ -69,6 +69,7 @@ def _prompts_and_seeds(model_input, seed: int) -> tuple[list[str], list[int]]:
 
     if isinstance(model_input, dict):  # {"prompt": [...], "seed": [...]}
         model_input = pd.DataFrame(model_input)
+    model_input = _unpacked(model_input)
     if isinstance(model_input, str):
         prompts = [model_input]
     elif isinstance(model_input, pd.DataFrame):
@@ -80,6 +81,24 @@ def _prompts_and_seeds(model_input, seed: int) -> tuple[list[str], list[int]]:
     else:
         prompts = [str(p) for p in model_input]
     return _checked(prompts), [seed + i for i in range(len(prompts))]
+
+
+def _unpacked(model_input):
+    """MLflow's schema enforcement turns a dict of lists (``{"prompt": [a, b]}``) into ONE row whose cells are
+    the lists; give that back as one row per prompt."""
+    import numpy as np
+    import pandas as pd
+
+    if not isinstance(model_input, pd.DataFrame) or len(model_input) != 1 or "prompt" not in model_input:
+        return model_input
+    row = model_input.iloc[0]
+    if isinstance(row["prompt"], str):
+        return model_input
+    prompts = list(row["prompt"])
+    columns = {"prompt": prompts}
+    if "seed" in model_input.columns and np.ndim(row["seed"]) > 0:
+        columns["seed"] = list(row["seed"])
+    return pd.DataFrame(columns)
 
 
 def _checked(prompts: list[str]) -> list[str]:

@@ -418,3 +418,22 @@ def test_evaluation_headline_has_deltas_per_metric_and_task():
         "eval/delta/geneval/counting": 0.25,
         "eval/delta/geneval/accuracy/overall": pytest.approx(0.1),
     }
+
+
+@pytest.mark.parametrize(
+    ("model_input", "prompts", "seeds"),
+    [
+        ({"prompt": ["a", "b"]}, ["a", "b"], [3, 4]),  # MLflow makes this ONE row of lists
+        ({"prompt": ["a", "b"], "seed": [5, 9]}, ["a", "b"], [5, 9]),
+        ({"prompt": ["a"], "seed": [5]}, ["a"], [5]),
+    ],
+)
+def test_prompts_given_as_a_dict_of_lists_are_one_image_each(model_input, prompts, seeds):
+    from mlflow.models.utils import _enforce_schema
+
+    from flowgrpo_core.config import load_config
+    from flowgrpo_core.mlflow_model import _prompts_and_seeds
+    from flowgrpo_core.registry import policy_signature
+
+    enforced = _enforce_schema(model_input, policy_signature(load_config("tiny")).inputs)
+    assert _prompts_and_seeds(enforced, 3) == (prompts, seeds)
