@@ -17,6 +17,7 @@ EPILOG = """examples:
       --node-selector cloud.google.com/gke-accelerator=nvidia-h100-80gb --toleration nvidia.com/gpu:NoSchedule
   flowgrpo submit --host https://kfp.example --preset sd3-ocr --tracking-uri http://mlflow:5000
   flowgrpo promote --model flowgrpo-sd3 --version 7
+  flowgrpo plan --preset flux-pickscore --gpus 8 --gpu-memory 80   # memory per GPU: does it fit?
   flowgrpo train --preset tiny --epochs 3 --out runs/x       # the trainer alone, no pipeline
   flowgrpo serve-reward ocr --port 18001
   flowgrpo pretrain-shapes --out runs/shapes-sd3             # rebuild the shapes world's base model
@@ -395,8 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     promote_.set_defaults(func=_cmd_promote)
 
+    from flowgrpo_core.plan_command import add_plan_parser
     from flowgrpo_core.pretrain.config import add_pretrain_shapes_parser
     from flowgrpo_core.serving.commands import add_serve_reward_parser
+
+    add_plan_parser(sub)
 
     add_serve_reward_parser(sub)
     add_pretrain_shapes_parser(sub).set_defaults(func=_cmd_pretrain_shapes)

@@ -8,7 +8,7 @@ initial weights.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -39,16 +39,21 @@ class EMA:
 
     @contextlib.contextmanager
     @torch.no_grad()
-    def swapped_in(self) -> Iterator[None]:
-        """Temporarily load the averaged weights into the model (for evaluation or export)."""
-        backup = {name: p.detach().clone() for name, p in self.parameters.items()}
-        for name, param in self.parameters.items():
-            param.copy_(self.shadow[name].to(param.dtype))
+    def swapped_in(
+        self, writing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    ) -> Iterator[None]:
+        """Temporarily load the averaged weights into the model (for evaluation or export). ``writing()``
+        wraps each write of whole weights (ZeRO-3: a gather that writes them back into every rank's slice)."""
+        with writing():
+            backup = {name: p.detach().clone() for name, p in self.parameters.items()}
+            for name, param in self.parameters.items():
+                param.copy_(self.shadow[name].to(param.dtype))
         try:
             yield
         finally:
-            for name, param in self.parameters.items():
-                param.copy_(backup[name])
+            with writing():
+                for name, param in self.parameters.items():
+                    param.copy_(backup[name])
 
     def state_dict(self) -> dict:
         return {"shadow": dict(self.shadow), "optimizer_steps": self.optimizer_steps, "updates": self.updates}

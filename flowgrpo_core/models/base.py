@@ -91,6 +91,8 @@ class FlowAdapter(ABC):
     #: LoRA target names are written in SD3/FLUX's MMDiT vocabulary (``ff.net.2``, ``ff_context.net.2``); a
     #: family that names the same layers otherwise maps them here, so a preset's targets fit every family
     lora_target_aliases: ClassVar[dict[str, str]] = {}
+    #: guidance above 1 runs the negative prompt through the same forward, doubling its batch (true CFG)
+    true_cfg: ClassVar[bool] = True
 
     def __init__(self, pipeline, source: str = "", revision: str | None = None) -> None:
         self.pipeline = pipeline
@@ -102,6 +104,8 @@ class FlowAdapter(ABC):
         # What training forwards go through when a wrapper owns the module (a DeepSpeed engine, whose forward
         # does per-micro-step bookkeeping its backward relies on); set by the trainer.
         self.training_wrapper: nn.Module | None = None
+        # the transformer's weights are partitioned across ranks (DeepSpeed ZeRO-3); set by the trainer
+        self.partitioned = False
         # (negative prompt, max tokens, device) -> its encoding; the text encoders are never trained
         self._negative_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._lora_layer_cache: list[nn.Module] | None = None  # filled on first use, after add_lora
@@ -171,6 +175,12 @@ class FlowAdapter(ABC):
         if self._active is None and self.training_wrapper is not None and torch.is_grad_enabled():
             return self.training_wrapper
         return self.transformer
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        """The context of forwards that need no graph: ``torch.inference_mode``, or ``torch.no_grad`` when the
+        weights are partitioned. ZeRO-3 gathers a layer's weights into fresh tensors and leaves placeholders
+        when it frees them; made under inference mode, those could never again enter a training graph."""
+        return torch.no_grad() if self.partitioned else torch.inference_mode()
 
     @property
     def device(self) -> torch.device:

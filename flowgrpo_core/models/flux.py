@@ -17,6 +17,7 @@ from flowgrpo_core.models.sd3 import NUM_TRAIN_TIMESTEPS
 
 class FluxAdapter(PackedLatentAdapter):
     family = "flux"
+    true_cfg = False  # the guidance scale is an input of the transformer
     lora_target_modules = JOINT_ATTENTION_PROJECTIONS
 
     @torch.no_grad()
