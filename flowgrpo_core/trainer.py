@@ -130,6 +130,7 @@ class FlowGRPOTrainer:
             config.model.source, config.model.revision, config.model.component_dtypes()
         )
         self.adapter.check_resolution(res, res)
+        self.adapter.text_encoders_on_cpu = config.model.text_encoders_on_cpu
         self.adapter.to(self.device)
         self.trainable = self._setup_policy()
 

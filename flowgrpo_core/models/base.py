@@ -22,6 +22,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+# the pipeline components that encode prompts, in every supported family
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
 
 @dataclass
 class Conditioning:
@@ -106,6 +109,8 @@ class FlowAdapter(ABC):
         self.training_wrapper: nn.Module | None = None
         # the transformer's weights are partitioned across ranks (DeepSpeed ZeRO-3); set by the trainer
         self.partitioned = False
+        # the text encoders stay in CPU memory and encode there, whatever device the rest is moved to
+        self.text_encoders_on_cpu = False
         # (negative prompt, max tokens, device) -> its encoding; the text encoders are never trained
         self._negative_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._lora_layer_cache: list[nn.Module] | None = None  # filled on first use, after add_lora
@@ -190,8 +195,20 @@ class FlowAdapter(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
+    @property
+    def text_device(self) -> torch.device:
+        """Where prompts are encoded: the CPU with :attr:`text_encoders_on_cpu`, else the transformer's device.
+        The families move the embeddings to the transformer's device."""
+        return torch.device("cpu") if self.text_encoders_on_cpu else self.device
+
     def to(self, device: torch.device | str) -> FlowAdapter:
-        self.pipeline.to(device)
+        if not self.text_encoders_on_cpu:
+            self.pipeline.to(device)
+            return self
+        # component by component: the encoders never pass through the accelerator's memory
+        for name, module in self.pipeline.components.items():
+            if isinstance(module, nn.Module):
+                module.to("cpu" if name in TEXT_ENCODERS else device)
         return self
 
     def check_resolution(self, height: int, width: int) -> None:

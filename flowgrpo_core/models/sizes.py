@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from flowgrpo_core.memory_plan import ModelShape
+from flowgrpo_core.models.base import TEXT_ENCODERS
 from flowgrpo_core.models.loading import (
     PACKED_TRANSFORMERS,
     ModelSourceError,
@@ -24,7 +25,6 @@ from flowgrpo_core.models.loading import (
 )
 from flowgrpo_core.models.published import PUBLISHED
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 # transformer class -> family
 _TRANSFORMER_FAMILY = {
     "SD3Transformer2DModel": "sd3",
