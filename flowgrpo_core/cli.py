@@ -199,6 +199,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         help="Secret for pulling the images from a private registry (repeatable)",
     )
     group.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="memory of one GPU: check the memory plan first and refuse a run that would not fit (`flowgrpo plan`)",
+    )
+    group.add_argument(
         "--worker-cpu", default="8", help="CPU of each training node when --nodes > 1 (default 8)"
     )
     group.add_argument(
@@ -279,9 +285,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_memory_plan(args: argparse.Namespace) -> None:
+    """--gpu-memory: refuse a cluster job whose training would not fit its GPUs."""
+    if args.gpu_memory is None:
+        return
+    from flowgrpo_core.plan_command import check_cluster_plan
+
+    overrides = [*args.overrides] + ([f"model.source={args.model_source}"] if args.model_source else [])
+    fits = check_cluster_plan(args.preset, overrides, args.gpus, args.nodes, args.gpu_memory)
+    print(f"[flowgrpo] memory plan: {fits}")
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.runner import compile_pipeline
 
+    _check_memory_plan(args)
     path = compile_pipeline(_pipeline_args(args), args.output, cluster=_cluster_options(args))
     print(f"[flowgrpo] compiled {path}")
     return 0
@@ -290,6 +308,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.runner import submit
 
+    _check_memory_plan(args)
     run_id = submit(
         _pipeline_args(args),
         args.host,

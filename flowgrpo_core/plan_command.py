@@ -106,6 +106,33 @@ def verdict(plan: MemoryEstimate) -> str:
     return f"{word}: peak {plan.peak / GiB:.1f} GiB of {usable:.1f} usable ({100 * (1 - HEADROOM):.0f}% of the GPU)"
 
 
+def check_cluster_plan(
+    preset: str, overrides: list[str], gpus: int, nodes: int, gpu_memory_gib: float
+) -> str:
+    """``compile``/``submit --gpu-memory``: the verdict of the plan of the job the cluster will run
+    (``max(gpus, 1) x nodes`` training processes); raises ``ValueError`` naming the settings that would fit
+    when it would not."""
+    from flowgrpo_core.config import load_config
+
+    cfg = load_config(preset, overrides=overrides)
+    world = max(gpus, 1) * nodes
+    model, _ = plan_shape(cfg)
+    run = run_settings(cfg, world, gpu_memory_gib)
+    plan = estimate(model, run)
+    if plan.fits:
+        return verdict(plan)
+    fix = make_fit(model, run)
+    advice = (
+        f"it would with {' '.join('--set ' + c for c in fix[0])}"
+        if fix is not None
+        else "nothing the plan tries makes it fit"
+    )
+    raise ValueError(
+        f"--gpu-memory: the run {verdict(plan)} on {world} GPU(s) of {gpu_memory_gib:g} GiB; {advice} "
+        f"(`flowgrpo plan` shows the table)"
+    )
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from flowgrpo_core.config import load_config
 

@@ -194,3 +194,16 @@ def test_estimates_within_a_quarter_of_the_measured_peaks(bench, name):
     for part in ("training", "sampling", "vae"):
         ratio = result[f"estimated/{part}"] / result[f"measured/{part}"]
         assert 0.75 <= ratio <= 1.25, (part, ratio)
+
+
+def test_compile_checks_the_plan_of_the_cluster_job(tmp_path, capsys):
+    """compile --gpu-memory: the preset's ZeRO stage and offload travel with it; a job that would not fit its
+    GPUs is refused before it is compiled, naming the settings that would fit."""
+    out = tmp_path / "qwen.yaml"
+    args = ["compile", "--preset", "qwenimage-pickscore", "--gpus", "8", "--gpu-memory", "80", "-o", str(out)]
+    assert main(args) == 0 and out.is_file()
+    assert "memory plan: fits" in capsys.readouterr().out
+    small = tmp_path / "flux.yaml"
+    args = ["compile", "--preset", "flux-pickscore", "--gpus", "8", "--gpu-memory", "24", "-o", str(small)]
+    assert main(args) == 2 and not small.exists()
+    assert "it would with --set train.gradient_checkpointing=true" in capsys.readouterr().err
