@@ -48,10 +48,13 @@ _WRAPPER = (
 )
 
 
-def run(processes: int, epochs: int, overrides: list[str]) -> tuple[list[dict[str, float]], float]:
-    """The timed epochs' metrics (after one warm-up epoch) and the peak RSS in MiB of the largest process."""
+def run(
+    processes: int, epochs: int, overrides: list[str], threads: int | None = None
+) -> tuple[list[dict[str, float]], float]:
+    """The timed epochs' metrics (after one warm-up epoch) and the peak RSS in MiB of the largest process;
+    ``threads`` per process (default: the cores shared out)."""
     out = Path(tempfile.mkdtemp(prefix=f"flowgrpo-scaling-{processes}-"))
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    threads = threads or max(1, (os.cpu_count() or 1) // processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
     command = [
         sys.executable,
@@ -109,9 +112,24 @@ def main() -> None:
         "--backends", nargs="+", default=["plain"], choices=list(BACKENDS), help="optimisation backends"
     )
     parser.add_argument("--model", nargs="+", default=["tiny"], choices=["tiny", "mid"], help="models")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="threads per process (default: cores / processes; 1 keeps a loaded machine's OpenMP from "
+        "oversubscribing the cores)",
+    )
+    parser.add_argument(
+        "--mid-set",
+        dest="mid_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra overrides for the mid-size model only (e.g. a smaller epoch)",
+    )
     args = parser.parse_args()
     print(
-        f"tiny preset {' '.join(args.overrides)}, {os.cpu_count()} cores, mean of {args.epochs} epoch(s) "
+        f"tiny preset {' '.join(args.overrides)}, {os.cpu_count()} cores, "
+        f"{args.threads or 'cores / processes'} thread(s) per process, mean of {args.epochs} epoch(s) "
         "(rank 0's view), peak RSS of the largest process"
     )
     print(
@@ -119,11 +137,13 @@ def main() -> None:
         f"{'gather':>7} {'fwd+bwd':>8} {'other':>7} {'peak MiB':>9} {'vs 1 plain':>11}"
     )
     for model in args.model:
-        source = [] if model == "tiny" else [f"model.source={mid_model()}"]
+        source = [] if model == "tiny" else [f"model.source={mid_model()}", *args.mid_overrides]
         base = None
         for backend in args.backends:
             for n in (1, 2):
-                metrics, peak = run(n, args.epochs, [*args.overrides, *source, *BACKENDS[backend]])
+                metrics, peak = run(
+                    n, args.epochs, [*args.overrides, *source, *BACKENDS[backend]], args.threads
+                )
                 # means, so that the parts add up to the epoch time
                 r = {k: statistics.fmean(m[k] for m in metrics) for k in KEYS}
                 base = base or (r["time/epoch_s"], peak)

@@ -44,11 +44,11 @@ def _train(out, processes: int, *extra: str, epochs: int = 1) -> subprocess.Comp
     return result
 
 
-def _weights(run):
-    lora = run / "policy" / "pytorch_lora_weights.safetensors"
+def _weights(run, folder="policy"):
+    lora = run / folder / "pytorch_lora_weights.safetensors"
     if lora.is_file():
         return load_file(str(lora))
-    return load_file(str(run / "policy" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return load_file(str(run / folder / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
 def _history(run):
@@ -74,6 +74,8 @@ def _assert_same_epoch(a, b, base=None):
     # (lora_A while lora_B is ~0) moves weights by ~1e-5 here, a thousandth of one step (lr 1e-2).
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-4)
+    ea, eb = _weights(a, "policy/ema"), _weights(b, "policy/ema")  # the exported EMA, an average of those
+    assert ea.keys() == wa.keys() and all(torch.allclose(ea[k], eb[k], rtol=0, atol=1e-4) for k in ea)
     (ha,), (hb,) = _history(a), _history(b)
     assert (
         ha["reward/total"] == hb["reward/total"]
