@@ -207,3 +207,10 @@ def test_compile_checks_the_plan_of_the_cluster_job(tmp_path, capsys):
     args = ["compile", "--preset", "flux-pickscore", "--gpus", "8", "--gpu-memory", "24", "-o", str(small)]
     assert main(args) == 2 and not small.exists()
     assert "it would with --set train.gradient_checkpointing=true" in capsys.readouterr().err
+
+
+def test_a_hub_model_in_the_cache_is_read_from_its_configs(tiny_sd3_folder, hub_cache):
+    """A hub id whose files are cached is planned from them, not from the published configs."""
+    repo = hub_cache(tiny_sd3_folder, "stabilityai/stable-diffusion-3.5-medium")
+    cached, origin = model_shape(repo, 8)
+    assert "cache" in origin and cached == model_shape(str(tiny_sd3_folder), 8)[0]

@@ -142,9 +142,13 @@ def _hub_cache_configs(repo: str, revision: str | None) -> dict[str, dict[str, A
     """The component configs of ``repo`` when the Hugging Face cache holds them (nothing is downloaded)."""
     from huggingface_hub import try_to_load_from_cache
 
+    from flowgrpo_core.sources import hub_cache_dir
+
     out = {}
     for name in ("transformer", "vae", *TEXT_ENCODERS):
-        path = try_to_load_from_cache(repo, f"{name}/config.json", revision=revision)
+        path = try_to_load_from_cache(
+            repo, f"{name}/config.json", cache_dir=hub_cache_dir(), revision=revision
+        )
         if isinstance(path, str):
             out[name] = json.loads(Path(path).read_text())
     return out if "transformer" in out and "vae" in out else None
