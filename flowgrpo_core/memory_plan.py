@@ -4,7 +4,7 @@ Pure arithmetic over a model's shape (:class:`ModelShape`: parameter counts and 
 architecture by ``models.sizes``) and a run's settings (:class:`RunSettings`). With N ranks, P_b the frozen
 base's parameters, P_t the trained ones (the LoRA, or the whole transformer), per GPU:
 
-    frozen weights     P_b x b_w               / N under ZeRO-3; with offload_params only the layers gathered
+    frozen weights     P_b x b_w               / N under ZeRO-3; 0 with offload_params
     trainable weights  P_t x 4 (float32)       / N under ZeRO-3; 0 with offload_params
     gradients          P_t x 4                 / N from ZeRO-2;  0 with offload_optimizer
     optimiser states   P_t x 8 (AdamW m, v)    / N from ZeRO-1;  0 with offload_optimizer
@@ -35,12 +35,11 @@ context are not modelled: ``HEADROOM`` of the GPU is kept free.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 GiB = float(1 << 30)
-# Calibrated 2026-12-03 with benchmarks/memory_plan.py (float32 on the CPU, torch SDPA, whose CPU and GPU
-# kernels keep no tokens x tokens matrix). W-wide values per token and block kept for backward (norms, q/k/v,
+# Calibrated 2026-12-03 with benchmarks/memory_plan.py (float32 on the CPU; torch's fused attention kernels,
+# on the CPU as on GPUs, keep no tokens x tokens matrix). W-wide values per token and block kept for backward (norms, q/k/v,
 # the attention's output, the MLP's 4W hidden before and after its activation, residuals, for the image and
 # the text stream): SD3 11.5-12.1 (tiny and a 74M-parameter SD3 at 64-256 px); FLUX 18.4 and Qwen-Image 24.7
 # (tiny models only: their single-stream blocks and rotary embeddings keep more)
@@ -276,8 +275,3 @@ def gib(value: float) -> str:
         return "-"
     g = value / GiB
     return f"{g:.3g}" if g >= 0.01 else f"{g:.1e}"
-
-
-def smallest_gpu(model: ModelShape, run: RunSettings) -> float:
-    """The smallest GPU memory (GiB) on which ``run`` fits as it is (for the table of presets)."""
-    return math.ceil(estimate(model, run).peak / (1 - HEADROOM) / GiB)
