@@ -91,6 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if trainer.watch.records:
             summary = trainer.watch.summary(trainer.epoch)
             print(f"[flowgrpo] exported epoch {summary['exported_epoch']} ({summary['exported_because']})")
+    trainer.close()
     return 0
 
 

@@ -72,6 +72,9 @@ class TorchBackend:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
+    def close(self) -> None:
+        """Release what the backend holds beyond the optimiser (nothing here)."""
+
     def load_state_dict(self, state: dict, checkpoint: Path) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -173,6 +176,10 @@ class DeepSpeedBackend:
 
     def state_dict(self) -> dict:
         return {"optimizer": {}, "scaler": self.scaler.state_dict()}  # the engine keeps its own
+
+    def close(self) -> None:
+        """Remove the engine's hooks and stop its helpers (ZeRO-3's parameter coordinator, offload)."""
+        self.engine.destroy()
 
     def load_state_dict(self, state: dict, checkpoint: Path) -> None:
         self.engine.load_checkpoint(

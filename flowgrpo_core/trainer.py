@@ -494,6 +494,11 @@ class FlowGRPOTrainer:
         self._log(f"[flowgrpo] resumed from {path} at epoch {self.epoch}")
         return True
 
+    def close(self) -> None:
+        """After training and export, on every rank: stop the backend and leave the process group."""
+        self.backend.close()
+        self.dist.close()
+
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         """The weights the policy is judged by: the EMA weights swapped in when EMA is on."""
         if self.ema is None:

@@ -4,6 +4,7 @@ counts read from architectures, and the activation estimates against peaks measu
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,8 +180,10 @@ _BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan.py"
 def bench():
     spec = importlib.util.spec_from_file_location("memory_plan_bench", _BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules[spec.name]
 
 
 @pytest.mark.parametrize(
