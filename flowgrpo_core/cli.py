@@ -17,6 +17,7 @@ EPILOG = """examples:
       --node-selector cloud.google.com/gke-accelerator=nvidia-h100-80gb --toleration nvidia.com/gpu:NoSchedule
   flowgrpo submit --host https://kfp.example --preset sd3-ocr --tracking-uri http://mlflow:5000
   flowgrpo promote --model flowgrpo-sd3 --version 7
+  flowgrpo plan --preset flux-pickscore --gpus 8 --gpu-memory 80   # memory per GPU: does it fit?
   flowgrpo train --preset tiny --epochs 3 --out runs/x       # the trainer alone, no pipeline
   flowgrpo serve-reward ocr --port 18001
   flowgrpo pretrain-shapes --out runs/shapes-sd3             # rebuild the shapes world's base model
@@ -105,6 +106,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if trainer.watch.records:
             summary = trainer.watch.summary(trainer.epoch)
             print(f"[flowgrpo] exported epoch {summary['exported_epoch']} ({summary['exported_because']})")
+    trainer.close()
     return 0
 
 
@@ -207,6 +209,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="Secret for pulling the images from a private registry (repeatable)",
+    )
+    group.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="memory of one GPU: check the memory plan first and refuse a run that would not fit (`flowgrpo plan`)",
     )
     group.add_argument(
         "--worker-cpu", default="8", help="CPU of each training node when --nodes > 1 (default 8)"
@@ -350,9 +358,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_memory_plan(args: argparse.Namespace) -> None:
+    """--gpu-memory: refuse a cluster job whose training would not fit its GPUs."""
+    if args.gpu_memory is None:
+        return
+    from flowgrpo_core.plan_command import check_cluster_plan
+
+    overrides = [*args.overrides] + ([f"model.source={args.model_source}"] if args.model_source else [])
+    fits = check_cluster_plan(args.preset, overrides, args.gpus, args.nodes, args.gpu_memory)
+    print(f"[flowgrpo] memory plan: {fits}")
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.runner import compile_pipeline
 
+    _check_memory_plan(args)
     ctx, cluster = _pipeline_args(args), _cluster_options(args)
     _warn_if_pod_local(ctx, cluster)
     path = compile_pipeline(ctx, args.output, cluster=cluster)
@@ -363,6 +383,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.runner import KfpConnection, submit
 
+    _check_memory_plan(args)
     ctx, cluster = _pipeline_args(args), _cluster_options(args)
     _warn_if_pod_local(ctx, cluster)
     connection = KfpConnection(
@@ -506,8 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     promote_.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     promote_.set_defaults(func=_cmd_promote)
 
+    from flowgrpo_core.plan_command import add_plan_parser
     from flowgrpo_core.pretrain.config import add_pretrain_shapes_parser
     from flowgrpo_core.serving.commands import add_serve_reward_parser
+
+    add_plan_parser(sub)
 
     add_serve_reward_parser(sub)
     add_pretrain_shapes_parser(sub).set_defaults(func=_cmd_pretrain_shapes)

@@ -72,6 +72,9 @@ class ModelConfig(_Strict):
     # in the autocast dtype
     text_encoder_dtype: DType | None = None
     vae_dtype: DType | None = None
+    # keep the text encoders in CPU memory and encode prompts there (the embeddings move to the transformer's
+    # device): frees their accelerator memory for the transformer, at the cost of encoding on the CPU
+    text_encoders_on_cpu: bool = False
 
     def component_dtypes(self) -> dict[str, str]:
         """Per-component dtypes for the loader: ``{"default": dtype, "text_encoder": ..., "vae": ...}``."""
@@ -201,9 +204,14 @@ class TrainConfig(_Strict):
     batch_reference_steps: bool = True
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    # 0: plain torch optimiser (gradients all-reduced across ranks); 1 or 2: DeepSpeed ZeRO stage 1/2 with the
-    # same AdamW as a client optimiser (partitions optimiser state / gradients across ranks)
-    deepspeed_stage: int = Field(0, ge=0, le=2)
+    # 0: plain torch optimiser (gradients all-reduced across ranks); 1, 2 or 3: DeepSpeed ZeRO stage 1/2/3 with
+    # the same AdamW as a client optimiser, partitioning across ranks the optimiser state (1), also the
+    # gradients (2), also the transformer's weights, frozen base and trainable alike (3)
+    deepspeed_stage: int = Field(0, ge=0, le=3)
+    # DeepSpeed's CPU offload: the optimiser state and its step on the CPU (stage 2 or 3), and the partitioned
+    # weights in CPU memory between their uses (stage 3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
     # save a resumable checkpoint every n epochs (and at the end); 0 = only at the end
     checkpoint_every: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -227,6 +235,20 @@ class TrainConfig(_Strict):
     # export the policy of the evaluated epoch where this eval.metrics metric was best (its accuracy over tasks
     # for GenEval-type metrics, else its mean; needs eval.every_epochs); empty: the policy of the last epoch
     keep_best: str | None = None
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainConfig:
+        if self.offload_optimizer and self.deepspeed_stage < 2:
+            raise ValueError(
+                f"offload_optimizer: needs deepspeed_stage 2 or 3 (got {self.deepspeed_stage}); "
+                "`flowgrpo plan` says which setting fits"
+            )
+        if self.offload_params and self.deepspeed_stage != 3:
+            raise ValueError(
+                f"offload_params: only ZeRO-3 partitions the weights it would offload; set deepspeed_stage: 3 "
+                f"(got {self.deepspeed_stage})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_upper_width(self) -> TrainConfig:

@@ -8,7 +8,7 @@ initial weights.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -37,9 +37,12 @@ class EMA:
             self.shadow[name].lerp_(param.detach().float(), 1 - decay)
         self.updates += 1
 
-    def swapped_in(self) -> contextlib.AbstractContextManager[None]:
-        """Temporarily load the averaged weights into the model (for evaluation or export)."""
-        return swapped_weights(self.parameters, self.shadow)
+    def swapped_in(
+        self, writing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    ) -> contextlib.AbstractContextManager[None]:
+        """Temporarily load the averaged weights into the model (for evaluation or export). ``writing()``
+        wraps each write of whole weights (ZeRO-3: a gather that writes them back into every rank's slice)."""
+        return swapped_weights(self.parameters, self.shadow, writing)
 
     def state_dict(self) -> dict:
         return {"shadow": dict(self.shadow), "optimizer_steps": self.optimizer_steps, "updates": self.updates}
@@ -55,14 +58,21 @@ class EMA:
 
 @contextlib.contextmanager
 @torch.no_grad()
-def swapped_weights(parameters: dict[str, nn.Parameter], weights: dict[str, torch.Tensor]) -> Iterator[None]:
+def swapped_weights(
+    parameters: dict[str, nn.Parameter],
+    weights: dict[str, torch.Tensor],
+    writing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Iterator[None]:
     """Temporarily copy ``weights`` into ``parameters`` (same names), restoring the parameters' values after.
-    The copies happen outside autograd: a graph must not be built across the swap."""
-    backup = {name: p.detach().clone() for name, p in parameters.items()}
-    for name, param in parameters.items():
-        param.copy_(weights[name].to(param.dtype))
+    The copies happen outside autograd: a graph must not be built across the swap. ``writing()`` wraps each
+    write of whole weights (ZeRO-3: a gather that writes them back into every rank's slice)."""
+    with writing():
+        backup = {name: p.detach().clone() for name, p in parameters.items()}
+        for name, param in parameters.items():
+            param.copy_(weights[name].to(param.dtype))
     try:
         yield
     finally:
-        for name, param in parameters.items():
-            param.copy_(backup[name])
+        with writing():
+            for name, param in parameters.items():
+                param.copy_(backup[name])

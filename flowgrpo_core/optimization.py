@@ -1,4 +1,4 @@
-"""How gradients become parameter updates: plain torch, or a DeepSpeed ZeRO-1/2 engine.
+"""How gradients become parameter updates: plain torch, or a DeepSpeed ZeRO-1/2/3 engine.
 
 The trainer's loop only says "backward this loss" and "step"; a backend does the rest and reports whether the
 step was applied (a non-finite gradient norm skips it, on every rank alike). Both use the same AdamW.
@@ -6,13 +6,19 @@ step was applied (a non-finite gradient norm skips it, on every rank alike). Bot
 - :class:`TorchBackend`: gradients summed over ranks by hand before clipping (so every rank computes the same
   norm), fp16 loss scaling on CUDA.
 - :class:`DeepSpeedBackend`: the engine reduces gradients inside backward (ZeRO-2) and clips and steps its
-  partition of the optimiser state; it checkpoints that partition itself, from every rank.
+  partition of the optimiser state; it checkpoints that partition itself, from every rank. Under ZeRO-3 each
+  rank also holds only a slice of every weight of the transformer (frozen base and trainable): a forward
+  gathers a layer's weights just before it runs and frees them after. Whoever reads or writes whole weights
+  outside a forward (EMA, checkpoints, export, resume) does it inside :meth:`DeepSpeedBackend.gathered`, on
+  every rank at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -25,6 +31,8 @@ class TorchBackend:
     pads_backward_calls = False
     # the module training calls instead of the transformer (None: the transformer itself)
     training_wrapper = None
+    # every rank holds whole weights
+    partitions_parameters = False
 
     def __init__(
         self,
@@ -64,6 +72,9 @@ class TorchBackend:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
+    def close(self) -> None:
+        """Release what the backend holds beyond the optimiser (nothing here)."""
+
     def load_state_dict(self, state: dict, checkpoint: Path) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -72,6 +83,16 @@ class TorchBackend:
         """Write what only this rank holds into the checkpoint's staging folder (every rank calls this);
         True when the checkpoint is then completed in that folder."""
         return False
+
+    def gathered(
+        self, parameters: Iterable[torch.nn.Parameter], modify: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """Whole ``parameters`` readable (and, with ``modify``, writable) inside the block: they already are."""
+        return contextlib.nullcontext()
+
+    def snapshot(self, named: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """The whole current values of ``named`` (every rank calls this); views of the live weights here."""
+        return {name: p.detach() for name, p in named.items()}
 
 
 class DeepSpeedBackend:
@@ -89,10 +110,12 @@ class DeepSpeedBackend:
         max_grad_norm: float,
         mixed_precision: str,
         device: torch.device,
+        offload_optimizer: bool = False,
+        offload_params: bool = False,
     ) -> None:
-        """A ZeRO-1/2 engine around ``module`` with ``optimizer`` as its client optimiser (no DeepSpeed op has
-        to be compiled for it). Training calls the module through ``self.engine`` (its forward does
-        bookkeeping its backward relies on)."""
+        """A ZeRO-1/2/3 engine around ``module`` with ``optimizer`` as its client optimiser (no DeepSpeed op
+        has to be compiled for it, offloaded or not). Training calls the module through ``self.engine`` (its
+        forward does bookkeeping its backward relies on)."""
         import deepspeed
 
         if not torch.distributed.is_initialized():
@@ -108,11 +131,19 @@ class DeepSpeedBackend:
             deepspeed.init_distributed(
                 dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False
             )
+        zero: dict = {"stage": stage}
+        if offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if offload_params:
+            zero["offload_param"] = {"device": "cpu"}
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,  # steps are closed by hand (set_gradient_accumulation_boundary)
-            "zero_optimization": {"stage": stage},
+            "zero_optimization": zero,
             "zero_allow_untested_optimizer": True,
+            # the offloaded step runs our torch AdamW on the CPU copies: the same update as without offload
+            # (DeepSpeedCPUAdam would be faster but is a compiled op with its own rounding)
+            "zero_force_ds_cpu_optimizer": False,
             "gradient_clipping": max_grad_norm,
             "bf16": {"enabled": mixed_precision == "bf16"},
             "fp16": {"enabled": mixed_precision == "fp16"},
@@ -123,6 +154,7 @@ class DeepSpeedBackend:
         )
         self.training_wrapper = self.engine
         self.dist = dist
+        self.partitions_parameters = stage == 3
         # kept only so that checkpoints have the same keys whichever backend wrote them
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
 
@@ -144,6 +176,10 @@ class DeepSpeedBackend:
 
     def state_dict(self) -> dict:
         return {"optimizer": {}, "scaler": self.scaler.state_dict()}  # the engine keeps its own
+
+    def close(self) -> None:
+        """Remove the engine's hooks and stop its helpers (ZeRO-3's parameter coordinator, offload)."""
+        self.engine.destroy()
 
     def load_state_dict(self, state: dict, checkpoint: Path) -> None:
         self.engine.load_checkpoint(
@@ -167,6 +203,24 @@ class DeepSpeedBackend:
         self.dist.barrier()
         return True
 
+    def gathered(
+        self, parameters: Iterable[torch.nn.Parameter], modify: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """Under ZeRO-3, the whole ``parameters`` on every rank inside the block (a collective: every rank
+        enters it). With ``modify``, rank 0's values are written back into every rank's partition when the
+        block ends (all ranks must then write the same values); without, changes are discarded."""
+        if not self.partitions_parameters:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=0 if modify else None)
+
+    def snapshot(self, named: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        if not self.partitions_parameters:
+            return {name: p.detach() for name, p in named.items()}
+        with self.gathered(named.values()):
+            return {name: p.detach().clone() for name, p in named.items()}
+
 
 def build_backend(
     train,
@@ -177,7 +231,8 @@ def build_backend(
     micro_batch: int,
 ) -> TorchBackend | DeepSpeedBackend:
     """AdamW over ``parameters`` (``train``: a config's ``train`` section) behind DeepSpeed when
-    ``train.deepspeed_stage`` is set, else plain torch. ``micro_batch`` is the sampling batch size."""
+    ``train.deepspeed_stage`` is set (offloaded as ``train.offload_*`` say), else plain torch. ``micro_batch``
+    is the sampling batch size."""
     optimizer = torch.optim.AdamW(
         parameters,
         lr=train.learning_rate,
@@ -195,6 +250,8 @@ def build_backend(
             train.max_grad_norm,
             train.mixed_precision,
             device,
+            offload_optimizer=train.offload_optimizer,
+            offload_params=train.offload_params,
         )
     return TorchBackend(
         parameters,

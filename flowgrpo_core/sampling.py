@@ -114,7 +114,6 @@ class SamplingSpec:
         )
 
 
-@torch.inference_mode()
 def rollout(
     adapter: FlowAdapter,
     prompts: Sequence[str],
@@ -147,59 +146,68 @@ def rollout(
         )
     if spec.ode_solver == "dpm2" and bool(sde_mask.any()):
         raise ValueError("the dpm2 solver samples noise-free roll-outs only: the mask has stochastic steps")
-    device = adapter.device
-    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    cond = adapter.encode_prompts(
-        prompts, spec.negative_prompt, spec.guidance_scale, spec.max_sequence_length
-    )
-    sigmas = adapter.sigmas(spec.num_steps, spec.resolution, spec.resolution).to(device)
-    x = adapter.initial_noise(generators, spec.resolution, spec.resolution).float()
-    sde_mask = sde_mask.to(device)
+    with adapter.inference():  # no graph: inference_mode, or no_grad under ZeRO-3
+        device = adapter.device
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        cond = adapter.encode_prompts(
+            prompts, spec.negative_prompt, spec.guidance_scale, spec.max_sequence_length
+        )
+        sigmas = adapter.sigmas(spec.num_steps, spec.resolution, spec.resolution).to(device)
+        x = adapter.initial_noise(generators, spec.resolution, spec.resolution).float()
+        sde_mask = sde_mask.to(device)
 
-    latents, log_probs, means = [x], torch.zeros(batch, spec.num_steps, device=device), []
-    previous_x0 = None  # dpm2's clean prediction of the step before
-    for i in range(spec.num_steps):
-        sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            velocity = adapter.predict_velocity(
-                x, sigma, cond, spec.guidance_scale, spec.resolution, spec.resolution
-            )
-        stochastic = sde_mask[:, i]
-        if stochastic.any():
-            step = sde_step_with_logprob(
-                velocity, x, sigma, sigma_next, spec.noise_level, generator=generators, sde_type=spec.sde_type
-            )
-            x_next, mean = step.prev_sample, step.prev_sample_mean
-            if not stochastic.all():
-                still = deterministic_step(velocity, x, sigma, sigma_next, spec.sde_type)
-                x_next = torch.where(_rows(stochastic, x), x_next, still)
-            log_probs[:, i] = torch.where(stochastic, step.log_prob, 0.0)
-        elif spec.ode_solver == "dpm2":
-            x0 = clean_prediction(velocity, x, sigma)
-            if previous_x0 is None or i == spec.num_steps - 1:  # first order at both ends, as the authors
-                x_next = mean = first_order_step(x0, x, sigma, sigma_next)
+        latents, log_probs, means = [x], torch.zeros(batch, spec.num_steps, device=device), []
+        previous_x0 = None  # dpm2's clean prediction of the step before
+        for i in range(spec.num_steps):
+            sigma, sigma_next = sigmas[i].expand(batch), sigmas[i + 1].expand(batch)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                velocity = adapter.predict_velocity(
+                    x, sigma, cond, spec.guidance_scale, spec.resolution, spec.resolution
+                )
+            stochastic = sde_mask[:, i]
+            if stochastic.any():
+                step = sde_step_with_logprob(
+                    velocity,
+                    x,
+                    sigma,
+                    sigma_next,
+                    spec.noise_level,
+                    generator=generators,
+                    sde_type=spec.sde_type,
+                )
+                x_next, mean = step.prev_sample, step.prev_sample_mean
+                if not stochastic.all():
+                    still = deterministic_step(velocity, x, sigma, sigma_next, spec.sde_type)
+                    x_next = torch.where(_rows(stochastic, x), x_next, still)
+                log_probs[:, i] = torch.where(stochastic, step.log_prob, 0.0)
+            elif spec.ode_solver == "dpm2":
+                x0 = clean_prediction(velocity, x, sigma)
+                if previous_x0 is None or i == spec.num_steps - 1:  # first order at both ends, as the authors
+                    x_next = mean = first_order_step(x0, x, sigma, sigma_next)
+                else:
+                    x_next = mean = dpm2_step(
+                        x0, previous_x0, x, sigmas[i - 1].expand(batch), sigma, sigma_next
+                    )
+                previous_x0 = x0
             else:
-                x_next = mean = dpm2_step(x0, previous_x0, x, sigmas[i - 1].expand(batch), sigma, sigma_next)
-            previous_x0 = x0
-        else:
-            x_next = mean = deterministic_step(velocity, x, sigma, sigma_next, spec.sde_type)
-        if store_means:
-            means.append(mean)
-        x = x_next.float()
-        latents.append(x)
+                x_next = mean = deterministic_step(velocity, x, sigma, sigma_next, spec.sde_type)
+            if store_means:
+                means.append(mean)
+            x = x_next.float()
+            latents.append(x)
 
-    images = adapter.decode(x, spec.resolution, spec.resolution)
-    return Trajectories(
-        prompts=list(prompts),
-        metadata=list(metadata) if metadata is not None else [{} for _ in prompts],
-        cond=cond,
-        latents=torch.stack(latents, dim=1),
-        log_probs=log_probs,
-        sigmas=sigmas.unsqueeze(0).expand(batch, -1).contiguous(),
-        sde_mask=sde_mask,
-        images=images,
-        step_means=torch.stack(means, dim=1) if store_means else None,
-    )
+        images = adapter.decode(x, spec.resolution, spec.resolution)
+        return Trajectories(
+            prompts=list(prompts),
+            metadata=list(metadata) if metadata is not None else [{} for _ in prompts],
+            cond=cond,
+            latents=torch.stack(latents, dim=1),
+            log_probs=log_probs,
+            sigmas=sigmas.unsqueeze(0).expand(batch, -1).contiguous(),
+            sde_mask=sde_mask,
+            images=images,
+            step_means=torch.stack(means, dim=1) if store_means else None,
+        )
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

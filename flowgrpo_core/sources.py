@@ -33,7 +33,8 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
-def _hub_cache() -> str | None:
+def hub_cache_dir() -> str | None:
+    """The Hugging Face cache folder the environment names now (None: huggingface_hub's default)."""
     return os.environ.get("HF_HUB_CACHE") or None
 
 
@@ -54,7 +55,7 @@ def resolve_folder(source: str, revision: str | None = None) -> Path:
         try:
             return Path(
                 snapshot_download(
-                    source, revision=revision, local_files_only=hub_offline(), cache_dir=_hub_cache()
+                    source, revision=revision, local_files_only=hub_offline(), cache_dir=hub_cache_dir()
                 )
             )
         except Exception as error:  # hub errors are many (offline, 404, gated): all mean "not here"
@@ -93,7 +94,7 @@ def resolve_file(source: str, filename: str | None = None, revision: str | None 
                     filename,
                     revision=revision,
                     local_files_only=hub_offline(),
-                    cache_dir=_hub_cache(),
+                    cache_dir=hub_cache_dir(),
                 )
             )
         except Exception as error:

@@ -117,6 +117,13 @@ class FlowGRPOTrainer:
                 f"{config.batches_per_epoch} sampling batches per epoch cannot be shared by {self.dist.world_size} "
                 "processes: make group_size x groups_per_epoch / batch_size a multiple of the world size"
             )
+        if config.train.deepspeed_stage == 3 and self.dist.enabled and config.eval.every_epochs:
+            # ZeRO-3 gathers weights in every forward, a collective: ranks must run the same forwards, and the
+            # held-out evaluation gives a rank one more prompt than another when they do not divide evenly
+            raise ValueError(
+                "eval.every_epochs: evaluations during training are not supported with train.deepspeed_stage 3 "
+                "on several processes yet; evaluate after training (the evaluate stage), or use stage 2"
+            )
         self.callbacks = list(callbacks)
         self.progress = progress and self.dist.is_main
         res = config.sampling.resolution
@@ -128,6 +135,7 @@ class FlowGRPOTrainer:
             config.model.source, config.model.revision, config.model.component_dtypes()
         )
         self.adapter.check_resolution(res, res)
+        self.adapter.text_encoders_on_cpu = config.model.text_encoders_on_cpu
         self.adapter.to(self.device)
         self.trainable = self._setup_policy()
 
@@ -141,7 +149,9 @@ class FlowGRPOTrainer:
             config.sampling.batch_size,
         )
         self.adapter.training_wrapper = self.backend.training_wrapper  # DeepSpeed's engine, or None
-        self.ema = EMA(self.trainable, t.ema_decay, t.ema_update_interval) if t.ema else None
+        self.adapter.partitioned = self.backend.partitions_parameters  # ZeRO-3
+        with self.backend.gathered(self.trainable.values()):
+            self.ema = EMA(self.trainable, t.ema_decay, t.ema_update_interval) if t.ema else None
         self.tracker = PerPromptStatTracker(global_std=t.global_std, buffer_size=t.stat_buffer_size)
         self.autocast_dtype = _AUTOCAST[t.mixed_precision]
         self.objective: TransitionScorer | NFTObjective = (
@@ -343,25 +353,44 @@ class FlowGRPOTrainer:
             (m, advantages[i : i + batch]) for i, m in zip(range(0, len(mine), batch), mine.split(batch))
         ]
         # A backend that reduces gradients inside backward needs the same number of backward calls on every
-        # rank: the ones with fewer samples pad with zero-weighted real ones (a synthetic zero loss would fire
-        # the gradient hooks in another order).
-        calls, done = self.backend.backward_calls(len(micro) * k_steps), 0
-        started = time.perf_counter()
-        for index, local_adv in tqdm(micro, desc="training", leave=False, disable=not self.progress):
+        # rank, and ZeRO-3 (which gathers each layer's weights in every forward and backward) the same forwards
+        # in the same order: a rank with fewer samples pads with whole zero-weighted micro-batches of its first
+        # sample, which run the same code as real ones (a synthetic zero loss would fire the hooks in another
+        # order). Every rank's calls are a multiple of K.
+        calls = self.backend.backward_calls(len(micro) * k_steps)
+        padding = [(torch.zeros(1, dtype=torch.long), None)] * ((calls - len(micro) * k_steps) // k_steps)
+        done, started = 0, time.perf_counter()
+        for index, local_adv in tqdm(
+            micro + padding, desc="training", leave=False, disable=not self.progress
+        ):
+            real = local_adv is not None
+            weight = len(index) / (window_size * k_steps) if real else 0.0
+            local_adv = local_adv if real else torch.zeros(len(index))
             # each term is back-propagated before the objective builds the next
             for k, out in enumerate(self.objective.losses(samples, index, steps[index], local_adv)):
                 done += 1
                 if not torch.isfinite(out.loss):
-                    self.counters["skipped_loss_steps"] += 1
-                    if self.backend.pads_backward_calls:
-                        self.backend.backward(self.objective.padding_loss(samples, steps), last=done == calls)
+                    self.counters["skipped_loss_steps"] += int(real)
+                    self._backward_nonfinite(out.loss, samples, steps, last=done == calls)
                     continue
-                self.backend.backward(out.loss * (len(index) / (window_size * k_steps)), last=done == calls)
-                stats.add(out, len(index), steps[index, k])
-        while done < calls:
-            done += 1
-            self.backend.backward(self.objective.padding_loss(samples, steps), last=done == calls)
+                self.backend.backward(out.loss * weight, last=done == calls)
+                if real:
+                    stats.add(out, len(index), steps[index, k])
         stats.compute_s += time.perf_counter() - started
+
+    def _backward_nonfinite(
+        self, loss: torch.Tensor, samples: Trajectories, steps: torch.Tensor, last: bool
+    ) -> None:
+        """A non-finite loss is not trained on. A backend that counts backward calls still gets one: the
+        padding loss, or under ZeRO-3 (where another forward on one rank would desynchronise the ranks'
+        gathers) this loss zeroed, whose gradients may then be non-finite and skip the whole step on every
+        rank."""
+        if not self.backend.pads_backward_calls:
+            return
+        if self.backend.partitions_parameters:
+            self.backend.backward(loss.nan_to_num(0.0, 0.0, 0.0) * 0.0, last=last)
+        else:
+            self.backend.backward(self.objective.padding_loss(samples, steps), last=last)
 
     def _train_metrics(
         self, stats: _Accumulated, grad_norms: list[float], kept: int, skipped_before: dict[str, int]
@@ -396,7 +425,8 @@ class FlowGRPOTrainer:
             return norm
         self.global_step += 1
         if self.ema is not None:
-            self.ema.step()
+            with self.backend.gathered(self.trainable.values()):
+                self.ema.step()
         return norm
 
     # ---- checkpoints and export ----
@@ -411,6 +441,7 @@ class FlowGRPOTrainer:
         rank 0 cannot write (``CheckpointWriteError``: disk full, no permission) fails every rank alike, with
         rank 0's message, instead of leaving the others waiting for it."""
         staged = self.backend.save_partitions(self.checkpoint_dir, self.epoch)
+        policy = self.backend.snapshot(self.trainable)  # every rank: under ZeRO-3 a gather
         if not self.dist.is_main:
             failure = self.dist.all_gather_objects(None)[0]  # rank 0's outcome; waits until it is written
             if failure is not None:
@@ -434,7 +465,7 @@ class FlowGRPOTrainer:
             path = save_checkpoint(
                 self.checkpoint_dir,
                 self.epoch,
-                dict(self.trainable),
+                policy,
                 state,
                 self.config.to_yaml(),
                 ema=self.ema.shadow if self.ema else None,
@@ -469,7 +500,7 @@ class FlowGRPOTrainer:
             raise ValueError(
                 f"checkpoint {path} does not match the model's trainable weights: {sorted(missing)[:5]}"
             )
-        with torch.no_grad():
+        with torch.no_grad(), self.backend.gathered(self.trainable.values(), modify=True):
             for name, param in self.trainable.items():
                 param.copy_(ckpt["policy"][name])
         state = ckpt["state"]
@@ -488,25 +519,37 @@ class FlowGRPOTrainer:
         self._log(f"[flowgrpo] resumed from {path} at epoch {self.epoch}")
         return True
 
+    def close(self) -> None:
+        """After training and export, on every rank: stop the backend and leave the process group."""
+        self.backend.close()
+        self.dist.close()
+
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         """The weights the policy is judged by: the EMA weights swapped in when EMA is on."""
-        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        if self.ema is None:
+            return contextlib.nullcontext()
+        return self.ema.swapped_in(lambda: self.backend.gathered(self.trainable.values(), modify=True))
 
     def save_policy(self, directory: str | Path) -> Path:
         """The trained policy: LoRA weights in diffusers format (or the full transformer), the EMA version
         in ``ema/``, the resolved config and the metric history; with evaluations during training, the
         weights of the epoch keep-best or stop-on-hacking chose, ``heldout.json`` and the proxy-vs-gold plot;
         and the last epoch's images (this rank's, up to 16) as ``last_epoch.png`` in the run folder. Written
-        by rank 0 only."""
+        by rank 0 only (every rank calls it: under ZeRO-3 the weights are gathered for it)."""
         directory = Path(directory)
-        if not self.dist.is_main:
-            return directory
-        directory.mkdir(parents=True, exist_ok=True)
-        with self.watch.exported_weights(self.trainable, self.ema):  # keep-best's or the last good epoch's
-            export_weights(self.adapter, directory)
-            if self.ema is not None:
-                with self.ema.swapped_in():
-                    export_weights(self.adapter, directory / "ema")
+        with self.backend.gathered(
+            self.trainable.values()
+        ):  # whole weights; rank 0's swaps below are discarded
+            if not self.dist.is_main:
+                return directory
+            directory.mkdir(parents=True, exist_ok=True)
+            with self.watch.exported_weights(
+                self.trainable, self.ema
+            ):  # keep-best's or the last good epoch's
+                export_weights(self.adapter, directory)
+                if self.ema is not None:
+                    with self.ema.swapped_in():
+                        export_weights(self.adapter, directory / "ema")
         self.watch.write(directory, self.epoch)
         (directory / "config.yaml").write_text(self.config.to_yaml())
         (directory / "metrics.json").write_text(json.dumps(self.history, indent=1))

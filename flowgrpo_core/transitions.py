@@ -77,7 +77,6 @@ class TransitionScorer:
             velocity, x, sigma, sigma_next, s.noise_level, prev_sample=x_next, sde_type=s.sde_type
         )
 
-    @torch.inference_mode()
     def reference_means(
         self, samples: Trajectories, index: torch.Tensor, steps: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
@@ -94,9 +93,10 @@ class TransitionScorer:
         dev = samples.latents.device
         b, k = steps.shape
         repeated = Conditioning({name: v.repeat_interleave(k, 0) for name, v in cond.tensors.items()})
-        step = self.score(
-            samples, index.to(dev).repeat_interleave(k), steps.to(dev).flatten(), repeated, reference=True
-        )
+        with self.adapter.inference():
+            step = self.score(
+                samples, index.to(dev).repeat_interleave(k), steps.to(dev).flatten(), repeated, reference=True
+            )
         return step.prev_sample_mean.unflatten(0, (b, k))
 
     def loss(
@@ -120,7 +120,7 @@ class TransitionScorer:
         kl = None
         if t.beta > 0:
             if reference_mean is None:
-                with torch.inference_mode():
+                with self.adapter.inference():
                     reference_mean = self.score(samples, i, j, cond, reference=True).prev_sample_mean
             std = kl_std(sigma, sigma_next, s.noise_level, current.std, t.kl_form, s.sde_type)
             kl = gaussian_kl(current.prev_sample_mean, reference_mean, std)

@@ -116,7 +116,7 @@ class ProxyGoldWatch:
         if t.keep_best is not None and self.stopped_at is None:
             self.best = best_epoch(self.records, t.keep_best)
         if epoch in self._candidates():
-            self._keep(epoch, trainer.trainable, trainer.ema)
+            self._keep(epoch, trainer.backend.snapshot(trainer.trainable), trainer.ema)  # every rank
         return record
 
     def _candidates(self) -> set[int]:

@@ -1,5 +1,5 @@
-"""`flowgrpo train` under torchrun: 2 CPU processes over gloo (plain all-reduce or DeepSpeed ZeRO-2) take the
-same optimiser steps as 1 process with the same global batch and seed.
+"""`flowgrpo train` under torchrun: 2 CPU processes over gloo (plain all-reduce, DeepSpeed ZeRO-2, or ZeRO-3 with
+and without CPU offload) take the same optimiser steps as 1 process with the same global batch and seed.
 
 Comparisons are after one epoch: the next epoch samples with the updated weights, and the JPEG reward counts
 bytes, so a 1e-7 difference in a weight can flip an image's reward and the whole trajectory after it."""
@@ -44,8 +44,11 @@ def _train(out, processes: int, *extra: str, epochs: int = 1) -> subprocess.Comp
     return result
 
 
-def _weights(run):
-    return load_file(str(run / "policy" / "pytorch_lora_weights.safetensors"))
+def _weights(run, folder="policy"):
+    lora = run / folder / "pytorch_lora_weights.safetensors"
+    if lora.is_file():
+        return load_file(str(lora))
+    return load_file(str(run / folder / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
 def _history(run):
@@ -59,14 +62,20 @@ def single(tmp_path_factory):
     return out
 
 
-def _assert_same_epoch(a, b):
+def _assert_same_epoch(a, b, base=None):
+    """Runs ``a`` and ``b`` took the same step; ``base``: the untrained weights of a full fine-tuning."""
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
-    assert any(v.abs().sum() > 0 for k, v in wa.items() if "lora_B" in k)  # it trained
+    if base is None:
+        assert any(v.abs().sum() > 0 for k, v in wa.items() if "lora_B" in k)  # it trained
+    else:
+        assert any(not torch.equal(v, base[k]) for k, v in wa.items())
     # Adam divides by the running RMS of each gradient: summation-order noise in near-zero gradients
     # (lora_A while lora_B is ~0) moves weights by ~1e-5 here, a thousandth of one step (lr 1e-2).
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-4)
+    ea, eb = _weights(a, "policy/ema"), _weights(b, "policy/ema")  # the exported EMA, an average of those
+    assert ea.keys() == wa.keys() and all(torch.allclose(ea[k], eb[k], rtol=0, atol=1e-4) for k in ea)
     (ha,), (hb,) = _history(a), _history(b)
     assert (
         ha["reward/total"] == hb["reward/total"]
@@ -93,8 +102,35 @@ def test_zero2_on_two_processes_matches_the_plain_run(single, tmp_path):
     _assert_same_epoch(single, tmp_path)
 
 
-def test_zero2_checkpoints_from_all_ranks_and_resumes_exactly(tmp_path):
-    ds = ("--set", "train.deepspeed_stage=2")
+ZERO3 = ("--set", "train.deepspeed_stage=3")
+OFFLOAD = ("--set", "train.offload_optimizer=true", "--set", "train.offload_params=true")
+
+
+@pytest.mark.parametrize("offload", [(), OFFLOAD], ids=["zero3", "zero3-cpu-offload"])
+def test_zero3_on_two_processes_matches_the_plain_run(single, tmp_path, offload):
+    """The base and the LoRA weights partitioned over the ranks (on a CPU, 'offload' moves nothing but runs
+    DeepSpeed's offload code: the optimiser steps the CPU copies)."""
+    _train(tmp_path, 2, *ZERO3, *offload)
+    _assert_same_epoch(single, tmp_path)
+
+
+def test_zero3_full_fine_tuning_matches_the_plain_run(tmp_path):
+    """Every weight of the transformer trained and partitioned; the KL reference is the frozen copy."""
+    full = ("--set", "train.lora=false", "--set", "train.learning_rate=1e-4")
+    _train(tmp_path / "one", 1, *full)
+    _train(tmp_path / "zero3", 2, *full, *ZERO3)
+    from flowgrpo_core.models import load_model
+
+    base = {
+        k: v.detach().float()
+        for k, v in load_model("tiny:sd3").transformer.state_dict().items()  # what the run started from
+    }
+    _assert_same_epoch(tmp_path / "one", tmp_path / "zero3", base=base)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoints_from_all_ranks_and_resume_exactly(tmp_path, stage):
+    ds = ("--set", f"train.deepspeed_stage={stage}")
     _train(tmp_path / "straight", 2, *ds, epochs=2)
     _train(tmp_path / "resumed", 2, *ds, epochs=1)
     state = tmp_path / "resumed" / "checkpoints" / "epoch-000001" / "deepspeed" / "state"

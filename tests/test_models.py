@@ -220,3 +220,21 @@ def test_lora_targets_the_joint_attention_and_not_sd35s_second_image_attention()
     assert not any(".attn2." in name for name in with_lora)  # SD3.5-Medium's attn2 stays frozen, as upstream
     assert any("transformer_blocks.0.attn.to_q" in name for name in with_lora)
     assert any("transformer_blocks.0.attn.add_k_proj" in name for name in with_lora)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
+def test_text_encoders_can_stay_on_the_cpu(family):
+    """model.text_encoders_on_cpu: the encoders stay in CPU memory wherever the pipeline goes, and the
+    embeddings come out on the transformer's device, as they do with the encoders beside it."""
+    from flowgrpo_core.models.base import TEXT_ENCODERS
+
+    adapter = load_model(f"tiny:{family}")
+    before = adapter.encode_prompts(["a red cube"], " ", 4.5, 16)
+    adapter.text_encoders_on_cpu = True
+    after = adapter.encode_prompts(["a red cube"], " ", 4.5, 16)
+    assert before.tensors.keys() == after.tensors.keys()
+    assert all(torch.equal(before.tensors[k], after.tensors[k]) for k in before.tensors)
+    adapter.to("meta")  # a device the CPU-only test machine has: the weights leave, the encoders stay
+    encoders = [getattr(adapter.pipeline, n) for n in TEXT_ENCODERS if getattr(adapter.pipeline, n, None)]
+    assert encoders and all(p.device.type == "cpu" for e in encoders for p in e.parameters())
+    assert adapter.device.type == "meta" and adapter.text_device.type == "cpu"

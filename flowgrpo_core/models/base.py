@@ -22,6 +22,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+# the pipeline components that encode prompts, in every supported family
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
 
 class ModelSourceError(ValueError):
     """A model source that cannot be resolved or loaded; the message names the source."""
@@ -112,6 +115,8 @@ class FlowAdapter(ABC):
     #: family that names the same layers otherwise maps them here, so a preset's targets fit every family (to
     #: several names, or to none where the family has no such layer to train)
     lora_target_aliases: ClassVar[dict[str, str | tuple[str, ...]]] = {}
+    #: guidance above 1 runs the negative prompt through the same forward, doubling its batch (true CFG)
+    true_cfg: ClassVar[bool] = True
 
     def __init__(self, pipeline, source: str = "", revision: str | None = None) -> None:
         self.pipeline = pipeline
@@ -123,6 +128,10 @@ class FlowAdapter(ABC):
         # What training forwards go through when a wrapper owns the module (a DeepSpeed engine, whose forward
         # does per-micro-step bookkeeping its backward relies on); set by the trainer.
         self.training_wrapper: nn.Module | None = None
+        # the transformer's weights are partitioned across ranks (DeepSpeed ZeRO-3); set by the trainer
+        self.partitioned = False
+        # the text encoders stay in CPU memory and encode there, whatever device the rest is moved to
+        self.text_encoders_on_cpu = False
         # (negative prompt, max tokens, device) -> its encoding; the text encoders are never trained
         self._negative_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._lora_layer_cache: list[nn.Module] | None = None  # filled on first use, after add_lora
@@ -193,6 +202,12 @@ class FlowAdapter(ABC):
             return self.training_wrapper
         return self.transformer
 
+    def inference(self) -> contextlib.AbstractContextManager:
+        """The context of forwards that need no graph: ``torch.inference_mode``, or ``torch.no_grad`` when the
+        weights are partitioned. ZeRO-3 gathers a layer's weights into fresh tensors and leaves placeholders
+        when it frees them; made under inference mode, those could never again enter a training graph."""
+        return torch.no_grad() if self.partitioned else torch.inference_mode()
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
@@ -201,8 +216,20 @@ class FlowAdapter(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
+    @property
+    def text_device(self) -> torch.device:
+        """Where prompts are encoded: the CPU with :attr:`text_encoders_on_cpu`, else the transformer's device.
+        The families move the embeddings to the transformer's device."""
+        return torch.device("cpu") if self.text_encoders_on_cpu else self.device
+
     def to(self, device: torch.device | str) -> FlowAdapter:
-        self.pipeline.to(device)
+        if not self.text_encoders_on_cpu:
+            self.pipeline.to(device)
+            return self
+        # component by component: the encoders never pass through the accelerator's memory
+        for name, module in self.pipeline.components.items():
+            if isinstance(module, nn.Module):
+                module.to("cpu" if name in TEXT_ENCODERS else device)
         return self
 
     def check_resolution(self, height: int, width: int) -> None:

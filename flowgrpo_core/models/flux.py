@@ -17,6 +17,7 @@ from flowgrpo_core.models.sd3 import NUM_TRAIN_TIMESTEPS
 
 class FluxAdapter(PackedLatentAdapter):
     family = "flux"
+    true_cfg = False  # the guidance scale is an input of the transformer
     lora_target_modules = JOINT_ATTENTION_PROJECTIONS
 
     @torch.no_grad()
@@ -24,10 +25,15 @@ class FluxAdapter(PackedLatentAdapter):
         self, prompts: Sequence[str], negative_prompt: str, guidance_scale: float, max_sequence_length: int
     ) -> Conditioning:
         embeds, pooled, _text_ids = self.pipeline.encode_prompt(
-            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
+            prompt=list(prompts),
+            prompt_2=None,
+            device=self.text_device,
+            max_sequence_length=max_sequence_length,
         )
         # the text encoders' dtype may differ from the transformer's (see SD3Adapter.encode_prompts)
-        return Conditioning({"embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)})
+        return Conditioning(
+            {"embeds": embeds.to(self.device, self.dtype), "pooled": pooled.to(self.device, self.dtype)}
+        )
 
     def predict_velocity(
         self,

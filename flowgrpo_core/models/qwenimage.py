@@ -66,12 +66,12 @@ class QwenImageAdapter(PackedLatentAdapter):
                 "neg_embeds": neg_embeds.to(self.dtype).expand(batch, -1, -1),
                 "neg_mask": neg_mask.expand(batch, -1),
             }
-        return Conditioning(tensors)
+        return Conditioning(tensors).to(self.device)
 
     def _encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D) embeddings padded with zeros to the longest prompt and their (B, L) bool mask."""
         embeds, mask = self.pipeline.encode_prompt(
-            prompt=prompts, device=self.device, max_sequence_length=max_sequence_length
+            prompt=prompts, device=self.text_device, max_sequence_length=max_sequence_length
         )
         if mask is None:  # the pipeline drops an all-valid mask; the conditioning always carries one
             mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)

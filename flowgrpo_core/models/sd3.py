@@ -39,7 +39,7 @@ class SD3Adapter(FlowAdapter):
             }
         # text encoders may run in another dtype than the transformer (the reference's float16 encoders feed a
         # float32 transformer under autocast, which casts them back the same way)
-        return Conditioning({k: v.to(self.dtype) for k, v in tensors.items()})
+        return Conditioning({k: v.to(self.device, self.dtype) for k, v in tensors.items()})
 
     def _encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, tokens, dim) embeddings and (B, dim) pooled embeddings, as the pipeline encodes a prompt."""
@@ -47,7 +47,7 @@ class SD3Adapter(FlowAdapter):
             prompt=prompts,
             prompt_2=None,
             prompt_3=None,
-            device=self.device,
+            device=self.text_device,
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
         )

@@ -79,6 +79,7 @@ def train_in_process(
         resumed_from = trainer.epoch if trainer.resume() else None
         trainer.train()
         trainer.save_policy(policy_dir)  # straight into the stage's output: full weights can be large
+        trainer.close()
         mlflow.set_tag("train.launcher", "in-process")
         work_s = time.perf_counter() - work_started - logging_s
         return _finish(ctx, out, Path(policy_dir), policy_dir, resumed_from, work_s)
