@@ -440,6 +440,12 @@ class FlowGRPOConfig(_Strict):
         from flowgrpo_core.presets import PRESETS
 
         ours = self.train.algorithm
+        if ours == "nft" and self.train.deepspeed_stage == 3:
+            # the old policy is swapped into whole parameters, which ZeRO-3 keeps as per-rank slices
+            raise ConfigError(
+                "train.deepspeed_stage: 3 is not supported with train.algorithm=nft (its old policy is copied into "
+                "whole weights, which ZeRO-3 partitions); use deepspeed_stage 0-2"
+            )
         ignored = NFT_ONLY_FIELDS if ours == "grpo" else GRPO_ONLY_FIELDS
         preset = PRESETS.get(self.preset, (None, {}))[1]
         baseline = preset if preset.get("train", {}).get("algorithm", "grpo") != ours else {}

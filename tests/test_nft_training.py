@@ -141,6 +141,7 @@ def test_every_model_family_trains_with_nft(tmp_path, family):
         (["train.nft_beta=0.1"], "train.nft_beta"),
         (["train.nft_solver=euler"], "train.nft_solver"),
         (["train.algorithm=nft", "train.nft_beta=0"], "train.nft_beta"),
+        (["train.algorithm=nft", "train.deepspeed_stage=3"], "train.deepspeed_stage"),
     ],
 )
 def test_settings_the_other_algorithm_would_ignore_are_refused_naming_the_field(overrides, field):
