@@ -74,12 +74,22 @@ def _prompts_and_seeds(model_input, seed: int) -> tuple[list[str], list[int]]:
     elif isinstance(model_input, pd.DataFrame):
         if "prompt" not in model_input.columns:
             raise ValueError(f"the input DataFrame needs a 'prompt' column, got {list(model_input.columns)}")
+        # MLflow's schema check turns {"prompt": [a, b]} into one row holding the list: one row per prompt
+        listed = [
+            c for c in ("prompt", "seed") if c in model_input.columns and _is_list(model_input[c].iloc[0])
+        ]
+        if listed:
+            model_input = model_input.explode(listed, ignore_index=True)
         prompts = [str(p) for p in model_input["prompt"]]
         if "seed" in model_input.columns and not model_input["seed"].isna().any():
             return _checked(prompts), [int(x) for x in model_input["seed"]]
     else:
         prompts = [str(p) for p in model_input]
     return _checked(prompts), [seed + i for i in range(len(prompts))]
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, list | tuple) or getattr(value, "ndim", 0) == 1
 
 
 def _checked(prompts: list[str]) -> list[str]:
