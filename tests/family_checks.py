@@ -3,9 +3,12 @@ resumed run ends where a straight one does, and the whole DAG registers a pyfunc
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 
 
 def assert_resume_is_exact(make_trainer: Callable[..., object]) -> None:
@@ -60,5 +63,7 @@ def assert_dag_registers_a_pyfunc(tmp_path, source: str, family: str) -> None:
     version = client.get_model_version_by_alias(f"flowgrpo-{family}", "candidate")
     assert version.tags["base.source"] == source
     model = mlflow.pyfunc.load_model(f"models:/flowgrpo-{family}@candidate")
-    images = model.predict(["a photo of a cat", "a red fox in the snow"])
+    out = model.predict({"prompt": ["a photo of a cat", "a red fox in the snow"]}, params={"seed": 5})
+    images = [Image.open(io.BytesIO(base64.b64decode(text))) for text in out["image"]]
+    assert list(out["seed"]) == [5, 6]
     assert len(images) == 2 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)

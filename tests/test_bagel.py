@@ -259,7 +259,8 @@ def test_cfg_is_one_call_on_prompt_and_empty_context(adapter):
             latents[:1].expand(3, -1, -1), sigma, ids, torch.zeros_like(mask), (4, 4), markers
         )
     assert torch.equal(ours, expected)
-    assert torch.equal(same[0], same[1]) and torch.equal(same[0], same[2])
+    # equal up to rounding: rows padded differently may take different kernel paths on a multi-threaded CPU
+    torch.testing.assert_close(same[1:], same[:1].expand(2, -1, -1), rtol=0, atol=1e-6)
     assert (ours - adapter.predict_velocity(latents, sigma, cond, 1.0, 64, 64)).abs().max() > 1e-4
 
 
@@ -326,7 +327,10 @@ def test_full_fine_tuning_trains_the_generation_expert_only(tmp_path):
     assert f"{layer}self_attn.q_norm_moe_gen.weight" in trainer.trainable
     before = {k: v.detach().clone() for k, v in trainer.adapter.transformer.state_dict().items()}
     (metrics,) = trainer.train(epochs=1)
-    assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0
+    # one thread: exactly 1 (as with LoRA); with several intra-op threads the no-grad sampling forward and the
+    # grad-recording training forward of the whole expert may round one float32 ulp apart (2026-12-03, 2 threads)
+    ulp = torch.finfo(torch.float32).eps
+    assert abs(metrics["train/ratio_min"] - 1.0) <= ulp and abs(metrics["train/ratio_max"] - 1.0) <= ulp
     after = trainer.adapter.transformer.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all("moe_gen" in k for k in moved)
