@@ -248,7 +248,7 @@ _LADDER: tuple[tuple[str, dict], ...] = (
 
 def make_fit(model: ModelShape, run: RunSettings) -> tuple[list[str], RunSettings, MemoryEstimate] | None:
     """The first settings along the ladder (ZeRO-2, checkpointing, text encoders on the CPU, ZeRO-3, optimiser
-    offload, weight offload, then halving the batch) that fit, as ``--set`` overrides with the settings and
+    offload, weight offload, each skipped where it changes no term, then halving the batch) that fit, as ``--set`` overrides with the settings and
     their estimate; ``[]`` when the run fits as it is, None when nothing does."""
     current = estimate(model, run)
     if current.fits:
@@ -257,9 +257,13 @@ def make_fit(model: ModelShape, run: RunSettings) -> tuple[list[str], RunSetting
     for text, change in _LADDER:
         if all(getattr(run, k) == v or (k == "stage" and run.stage >= v) for k, v in change.items()):
             continue
-        run = replace(run, **change)
+        candidate = estimate(model, replace(run, **change))
+        if (
+            candidate == current
+        ):  # saves nothing here (e.g. text encoders on the CPU for Bagel, which has none)
+            continue
+        run, current = replace(run, **change), candidate
         changes.append(text)
-        current = estimate(model, run)
         if current.fits:
             return changes, run, current
     batch = run.batch_size

@@ -160,6 +160,13 @@ def test_bagel_full_fine_tuning_needs_its_presets_zero_2_on_eight_80_gb_gpus():
     assert not mp.estimate(shape, run).fits
     assert mp.make_fit(shape, run)[0] == ["train.deepspeed_stage=2"]
     assert load_config("bagel-pickscore").train.deepspeed_stage == 2
+    # no step for the text encoders Bagel does not have
+    one = mp.make_fit(shape, run_settings(cfg, 1, 80))[0]
+    assert "model.text_encoders_on_cpu=true" not in one and one[-1] == "train.offload_optimizer=true"
+    lora = load_config("bagel-pickscore-lora")
+    lora_shape, _ = plan_shape(lora)
+    fix = mp.make_fit(lora_shape, run_settings(lora, 8, 24))[0]
+    assert fix == ["train.deepspeed_stage=2", "train.deepspeed_stage=3"]
 
 
 def test_counts_come_from_the_architecture(tmp_path):
