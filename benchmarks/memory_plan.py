@@ -46,6 +46,7 @@ CASES = (
     Case("tiny sd3 128px ckpt", "sd3", 128, True),
     Case("tiny flux 128px", "flux", 128, False, guidance=3.5),
     Case("tiny qwenimage 128px", "qwenimage", 128, False, guidance=4.0),
+    Case("tiny bagel 128px", "bagel", 128, False, guidance=4.0),
     Case("mid sd3 128px", "sd3", 128, False, mid_size=True),
     Case("mid sd3 256px", "sd3", 256, False, mid_size=True),
     Case("mid sd3 256px ckpt", "sd3", 256, True, mid_size=True),

@@ -2,7 +2,8 @@
 
 Pure arithmetic over a model's shape (:class:`ModelShape`: parameter counts and sizes read from the model's
 architecture by ``models.sizes``) and a run's settings (:class:`RunSettings`). With N ranks, P_b the frozen
-base's parameters, P_t the trained ones (the LoRA, or the whole transformer), per GPU:
+base's parameters, P_t the trained ones (the LoRA, or what full fine-tuning trains: the whole transformer,
+Bagel's generation expert), per GPU:
 
     frozen weights     P_b x b_w               / N under ZeRO-3; 0 with offload_params
     trainable weights  P_t x 4 (float32)       / N under ZeRO-3; 0 with offload_params
@@ -42,16 +43,20 @@ GiB = float(1 << 30)
 # on the CPU as on GPUs, keep no tokens x tokens matrix). W-wide values per token and block kept for backward (norms, q/k/v,
 # the attention's output, the MLP's 4W hidden before and after its activation, residuals, for the image and
 # the text stream): SD3 11.5-12.1 (tiny and a 74M-parameter SD3 at 64-256 px); FLUX 18.4 and Qwen-Image 24.7
-# (tiny models only: their single-stream blocks and rotary embeddings keep more)
-TRAIN_FACTOR = {"sd3": 12.0, "flux": 18.0, "qwenimage": 25.0}
+# (tiny models only: their single-stream blocks and rotary embeddings keep more); Bagel 18.8 (tiny, calibrated
+# 2026-12-03 like the others: its MoT layers run the image tokens through the generation expert only, and its
+# prompts are trimmed to the batch's longest, so the factor also absorbs the text tokens the plan counts up to
+# max_sequence_length but a short prompt does not bring: with long prompts it errs on the safe side)
+TRAIN_FACTOR = {"sd3": 12.0, "flux": 18.0, "qwenimage": 25.0, "bagel": 19.0}
 # the gradient flowing back through a block while it runs backward
 BACKWARD_FACTOR = 3.0
 # W-wide values per token live at the peak of a forward without a graph: SD3 8.8-9.6 (74M) and 11.5 (tiny),
-# FLUX 15.3, Qwen-Image 18.6 (tiny)
-SAMPLE_FACTOR = {"sd3": 10.0, "flux": 15.0, "qwenimage": 18.0}
+# FLUX 15.3, Qwen-Image 18.6, Bagel 14.2 (tiny)
+SAMPLE_FACTOR = {"sd3": 10.0, "flux": 15.0, "qwenimage": 18.0, "bagel": 14.0}
 # values per output pixel and full-resolution channel at the VAE decoder's peak: the KL VAE of SD3 and FLUX
-# 5.7-6.0; Qwen-Image's causal 3-D VAE (its decoder caches the previous frame's features) 12.8
-VAE_FACTOR = {"sd3": 6.0, "flux": 6.0, "qwenimage": 13.0}
+# 5.7-6.0; Qwen-Image's causal 3-D VAE (its decoder caches the previous frame's features) 12.8. Bagel's is
+# FLUX.1's autoencoder, so FLUX's factor (the tiny Bagel's VAE, one width at every level, peaks at 4.7)
+VAE_FACTOR = {"sd3": 6.0, "flux": 6.0, "qwenimage": 13.0, "bagel": 6.0}
 # share of a GPU not planned for: the CUDA context, NCCL buffers, the caching allocator's fragmentation
 HEADROOM = 0.10
 _ADAM_STATE_BYTES = 8
@@ -74,6 +79,14 @@ class ModelShape:
     pixels_per_token: int  # image pixels per token along a side (VAE downsampling x patch)
     text_tokens: int  # tokens the prompt adds to the joint sequence
     true_cfg: bool  # guidance runs the negative prompt through the same forward (FLUX embeds it instead)
+    # what full fine-tuning trains, when not the whole transformer (Bagel: its generation expert)
+    full_fine_tuning_params: int | None = None
+
+    @property
+    def fully_trained_params(self) -> int:
+        if self.full_fine_tuning_params is None:
+            return self.transformer_params
+        return self.full_fine_tuning_params
 
     def image_tokens(self, resolution: int) -> int:
         return (resolution // self.pixels_per_token) ** 2
@@ -184,8 +197,8 @@ def estimate(model: ModelShape, run: RunSettings) -> MemoryEstimate:
     """Per-GPU bytes of ``model`` trained with ``run`` (see the module docstring for each term)."""
     check_possible(run)
     n = run.world_size
-    trained = model.transformer_params if not run.lora else model.lora_params
-    frozen = model.transformer_params if run.lora else 0
+    trained = model.fully_trained_params if not run.lora else model.lora_params
+    frozen = model.transformer_params if run.lora else model.transformer_params - model.fully_trained_params
     deepspeed_16bit = run.stage > 0 and run.mixed_precision in ("fp16", "bf16")
     weight_bytes = 2 if deepspeed_16bit else run.weight_bytes
     trained_bytes = 2 if deepspeed_16bit else _FP32
@@ -235,7 +248,7 @@ _LADDER: tuple[tuple[str, dict], ...] = (
 
 def make_fit(model: ModelShape, run: RunSettings) -> tuple[list[str], RunSettings, MemoryEstimate] | None:
     """The first settings along the ladder (ZeRO-2, checkpointing, text encoders on the CPU, ZeRO-3, optimiser
-    offload, weight offload, then halving the batch) that fit, as ``--set`` overrides with the settings and
+    offload, weight offload, each skipped where it changes no term, then halving the batch) that fit, as ``--set`` overrides with the settings and
     their estimate; ``[]`` when the run fits as it is, None when nothing does."""
     current = estimate(model, run)
     if current.fits:
@@ -244,9 +257,13 @@ def make_fit(model: ModelShape, run: RunSettings) -> tuple[list[str], RunSetting
     for text, change in _LADDER:
         if all(getattr(run, k) == v or (k == "stage" and run.stage >= v) for k, v in change.items()):
             continue
-        run = replace(run, **change)
+        candidate = estimate(model, replace(run, **change))
+        if (
+            candidate == current
+        ):  # saves nothing here (e.g. text encoders on the CPU for Bagel, which has none)
+            continue
+        run, current = replace(run, **change), candidate
         changes.append(text)
-        current = estimate(model, run)
         if current.fits:
             return changes, run, current
     batch = run.batch_size

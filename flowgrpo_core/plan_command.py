@@ -144,14 +144,15 @@ def run_plan(args: argparse.Namespace) -> int:
     run = run_settings(cfg, world, args.gpu_memory)
     model, origin = plan_shape(cfg)
     plan = estimate(model, run)  # refuses an impossible request first
-    trained = model.lora_params if run.lora else model.transformer_params
+    trained = model.lora_params if run.lora else model.fully_trained_params
     print(
         f"[flowgrpo] plan for {cfg.preset}: {cfg.model.source} (architecture from {origin}) on {args.nodes} "
         f"node(s) x {args.gpus} GPU(s) of {args.gpu_memory:g} GiB"
     )
     print(
         f"  transformer {_count(model.transformer_params)} parameters ({model.blocks} blocks, width {model.width}); "
-        f"trained {_count(trained)} ({'LoRA r' + str(cfg.train.lora_rank) if run.lora else 'all'}); text encoders "
+        f"trained {_count(trained)} ({'LoRA r' + str(cfg.train.lora_rank) if run.lora else 'full fine-tuning'}); "
+        f"text encoders "
         f"{_count(model.text_encoder_params)}; VAE {_count(model.vae_params)}; "
         f"{model.image_tokens(run.resolution) + model.text_tokens} tokens per image at {run.resolution}px"
     )

@@ -152,7 +152,10 @@ _QWEN_REFERENCE: dict[str, Any] = _merge(
 # expert (``train.lora_target_modules`` empty: the family's), activation checkpointing, bf16, every sample
 # trained in sampling order, 50 evaluation timesteps (T 49) on the first 512 test prompts. The schedule's shift 3
 # and the renorm are the adapter's (models/bagel). ``pickscore_bagel`` (full fine-tuning of the generation
-# expert) differs in its 3-step window.
+# expert) differs in its 3-step window. Upstream runs both under FSDP full sharding with the optimiser offloaded;
+# `flowgrpo plan` on 8 x 80 GB (72 GiB usable): the LoRA run peaks at 34 GiB as it is, so it keeps plain
+# torch; full fine-tuning (6.5B trained parameters, AdamW in float32) peaks at 117 GiB unsharded and at 44 with
+# ZeRO-2 (gradients and optimiser states sharded), the cheapest stage that fits, so its preset sets that.
 _BAGEL_REFERENCE: dict[str, Any] = _merge(
     _SD3_REFERENCE,
     model={"source": BAGEL_7B, "dtype": "bfloat16", "vae_dtype": "bfloat16"},
@@ -451,7 +454,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "bagel-pickscore": (
         "Bagel-7B, PickScore, full fine-tuning of the generation expert, a 3-step window; otherwise as "
         "bagel-pickscore-lora (upstream pickscore_bagel)",
-        {**_merge(_BAGEL_REFERENCE, sampling={"sde_window_size": 3}, train={"lora": False}), **_PICKSCORE},
+        {
+            **_merge(
+                _BAGEL_REFERENCE, sampling={"sde_window_size": 3}, train={"lora": False, "deepspeed_stage": 2}
+            ),
+            **_PICKSCORE,
+        },
     ),
     "sd3-ocr-guard": (
         "SD3.5-M, OCR, GRPO-Guard: RatioNorm + gradient reweight, lr 1e-4, clip 2e-6, beta 0; PickScore (weight 0) "

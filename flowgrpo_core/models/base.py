@@ -255,6 +255,16 @@ class FlowAdapter(ABC):
 
     # ---- LoRA and the reference model ----
 
+    @classmethod
+    def peft_targets(cls, target_modules: Sequence[str] | None = None) -> list[str]:
+        """The peft suffixes ``target_modules`` (default: the family's) select, aliases translated, each once
+        (shared by :meth:`add_lora` and the memory plan, so that the plan counts what peft attaches)."""
+        targets: list[str] = []
+        for name in target_modules or cls.lora_target_modules:
+            alias = cls.lora_target_aliases.get(name, name)
+            targets += [alias] if isinstance(alias, str) else alias
+        return list(dict.fromkeys(targets))
+
     def add_lora(
         self, rank: int, alpha: float, init: str = "gaussian", target_modules: Sequence[str] | None = None
     ) -> None:
@@ -263,25 +273,28 @@ class FlowAdapter(ABC):
         from peft import LoraConfig
 
         self.transformer.requires_grad_(False)
-        targets = []
-        for name in target_modules or self.lora_target_modules:
-            alias = self.lora_target_aliases.get(name, name)
-            targets += [alias] if isinstance(alias, str) else alias
+        targets = self.peft_targets(target_modules)
         if not targets:
             raise ValueError(f"LoRA targets {list(target_modules or [])} select no {self.family} module")
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
             init_lora_weights=init,
-            target_modules=list(dict.fromkeys(targets)),
+            target_modules=targets,
         )
         self.transformer.add_adapter(config, adapter_name="grpo")
         self.lora_adapter_name = "grpo"
         self._lora_layer_cache = None
 
+    @classmethod
+    def fully_trained(cls, name: str) -> bool:
+        """Whether full fine-tuning trains the transformer's parameter ``name`` (all of them by default)."""
+        return True
+
     def unfreeze(self) -> None:
-        """Full fine-tuning: make the weights the family trains trainable (all of the transformer's)."""
-        self.transformer.requires_grad_(True)
+        """Full fine-tuning: make the weights the family trains trainable (:meth:`fully_trained`)."""
+        for name, param in self.transformer.named_parameters():
+            param.requires_grad_(self.fully_trained(name))
 
     def keep_reference_copy(self) -> None:
         """For full fine-tuning with a KL term: freeze a copy of the base transformer before training."""

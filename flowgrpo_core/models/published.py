@@ -4,7 +4,9 @@ it (copied 2026-12-03 from the ``transformer/``, ``text_encoder*/`` and ``vae/``
 only architecture fields, no weights and no parameter counts). A folder or a hub cache that holds the real
 files is read instead.
 
-Bagel (ByteDance-Seed/BAGEL-7B-MoT) is not a family of this project yet: it has no entry here.
+Bagel's checkpoint is no diffusers folder: :data:`PUBLISHED_BAGEL` holds what its official layout
+(``models.bagel.layout``) reads, the language model's ``llm_config.json``, the two sizes the official loader
+passes in code, and its FLUX autoencoder's architecture.
 """
 
 from __future__ import annotations
@@ -148,5 +150,36 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
             "attn_scales": [],
             "temperal_downsample": [False, True, True],
         },
+    },
+}
+
+# ByteDance-Seed/BAGEL-7B-MoT: its llm_config.json (copied 2026-12-03, architecture fields only) is
+# Qwen2.5-7B's language model; the official loader (flow_grpo's train_bagel.py, Bagel's inferencer) turns on
+# qk-norm, unties the embeddings and doubles every layer into the understanding and the generation expert
+# (``*_moe_gen``): 14B parameters with the ViT and lm_head that text-to-image never builds. It passes
+# ``latent_patch_size=2, max_latent_size=64`` in code, and its ae.safetensors is FLUX.1's autoencoder
+# (z 16, 8x downsampling: 16 pixels per token along a side).
+PUBLISHED_BAGEL: dict[str, dict[str, dict[str, Any]]] = {
+    "ByteDance-Seed/BAGEL-7B-MoT": {
+        "transformer": {
+            "llm_config": {
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "hidden_act": "silu",
+                "hidden_size": 3584,
+                "intermediate_size": 18944,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 28,
+                "num_key_value_heads": 4,
+                "vocab_size": 152064,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0,
+                "max_position_embeddings": 32768,
+                "tie_word_embeddings": False,
+            },
+            "latent_patch_size": 2,
+            "max_latent_size": 64,
+        },
+        "vae": _KL_VAE_16,
     },
 }

@@ -136,10 +136,10 @@ class BagelAdapter(FlowAdapter):
         shift = self.pipeline.timestep_shift
         return shift * t / (1 + (shift - 1) * t)
 
-    def unfreeze(self) -> None:
+    @classmethod
+    def fully_trained(cls, name: str) -> bool:
         """Full fine-tuning trains the generation expert only (the reference's ``*moe_gen*`` parameters)."""
-        for name, param in self.transformer.named_parameters():
-            param.requires_grad_("moe_gen" in name)
+        return "moe_gen" in name
 
 
 def renormalised_cfg(

@@ -43,6 +43,12 @@ LLM_FIELDS = (
     "vocab_size",
     "rms_norm_eps",
 )
+# the official loader's overrides of llm_config.json: qk-norm on, untied embeddings, MoT layers
+OFFICIAL_LLM_OVERRIDES = {
+    "qk_norm": True,
+    "tie_word_embeddings": False,
+    "layer_module": "Qwen2MoTDecoderLayer",
+}
 # the tokens a text-to-image call uses, added to the tokenizer when missing as the official loader does
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 # how many names an error lists before "and N more"
@@ -69,7 +75,7 @@ def _json(folder: Path, name: str) -> dict:
     return value
 
 
-def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     try:
@@ -117,8 +123,7 @@ def transformer_config(folder: Path, ema: dict[str, tuple[int, ...]], latent_cha
         raise ModelSourceError(f"{folder / LLM_CONFIG}: missing fields {absent}")
     if llm["hidden_size"] % llm["num_attention_heads"]:
         raise ModelSourceError(f"{folder / LLM_CONFIG}: hidden_size is not a multiple of num_attention_heads")
-    # the official loader's overrides: qk-norm on, untied embeddings, MoT layers
-    llm = llm | {"qk_norm": True, "tie_word_embeddings": False, "layer_module": "Qwen2MoTDecoderLayer"}
+    llm = llm | OFFICIAL_LLM_OVERRIDES
     path = folder / EMA_FILE
     for key in ("vae2llm.weight", "latent_pos_embed.pos_embed"):
         if key not in ema:
@@ -154,12 +159,12 @@ def check_folder(folder: Path, source: str = "") -> BagelLayout:
     if not any(all((folder / f).is_file() for f in files) for files in TOKENIZER_VOCABULARIES):
         expected = " or ".join(" + ".join(files) for files in TOKENIZER_VOCABULARIES)
         raise ModelSourceError(f"{label}: Bagel checkpoint folder {folder} has no tokenizer ({expected})")
-    ae_shapes = _header_shapes(folder / AE_FILE)
+    ae_shapes = header_shapes(folder / AE_FILE)
     vae = vae_config(ae_shapes)
     with torch.device("meta"):
         expected_ae = to_original(build_vae(vae).state_dict(), len(vae["block_out_channels"]))
     compare_shapes(folder / AE_FILE, ae_shapes, {k: tuple(v.shape) for k, v in expected_ae.items()})
-    ema_shapes = _header_shapes(folder / EMA_FILE)
+    ema_shapes = header_shapes(folder / EMA_FILE)
     config = transformer_config(folder, ema_shapes, vae["latent_channels"])
     with torch.device("meta"):
         expected = _meta_shapes(BagelTransformer(**config))
@@ -171,8 +176,8 @@ def check_folder(folder: Path, source: str = "") -> BagelLayout:
 def resolution_factor(folder: Path) -> int:
     """Image sides must be multiples of this: the VAE's downsampling (from ``ae.safetensors``' header) times
     the patch size."""
-    vae = vae_config(_header_shapes(folder / AE_FILE))
-    config = transformer_config(folder, _header_shapes(folder / EMA_FILE), vae["latent_channels"])
+    vae = vae_config(header_shapes(folder / AE_FILE))
+    config = transformer_config(folder, header_shapes(folder / EMA_FILE), vae["latent_channels"])
     return 2 ** (len(vae["block_out_channels"]) - 1) * config["latent_patch_size"]
 
 
