@@ -15,7 +15,15 @@ from flowgrpo_core.nft import (
 )
 from flowgrpo_core.ode import clean_prediction, dpm2_step, first_order_step
 
-torch.set_default_dtype(torch.float64)  # closed forms compared to 1e-12; the functions compute in float32
+
+@pytest.fixture(autouse=True)
+def _float64_by_default():
+    """Closed forms compared to 1e-12 (the functions compute in float32). Set per test and restored: set at
+    import, it would change every test module collected after this one."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def _batch(seed=0, b=3, shape=(2, 4, 4)):
