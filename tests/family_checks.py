@@ -67,3 +67,24 @@ def assert_dag_registers_a_pyfunc(tmp_path, source: str, family: str) -> None:
     images = [Image.open(io.BytesIO(base64.b64decode(text))) for text in out["image"]]
     assert list(out["seed"]) == [5, 6]
     assert len(images) == 2 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
+
+
+def train_from_the_command_line(out, source: str, epochs: int) -> tuple[str, list[str]]:
+    """``flowgrpo train --preset tiny`` on ``source`` (4 steps) in a subprocess: its output and the exported LoRA's
+    keys."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    result = subprocess.run(
+        [sys.executable, "-m", "flowgrpo_core.cli", "train", "--preset", "tiny", "--set",
+         f"model.source={source}", "--set", "sampling.num_steps=4", "--epochs", str(epochs), "--out", str(out),
+         "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(out / "policy" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        return result.stdout + result.stderr, list(f.keys())

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from family_checks import assert_dag_registers_a_pyfunc, assert_resume_is_exact
+from family_checks import assert_dag_registers_a_pyfunc, assert_resume_is_exact, train_from_the_command_line
 
 from flowgrpo_core.config import load_config
 from flowgrpo_core.models import BagelAdapter, ModelSourceError, load_model
@@ -547,24 +547,8 @@ def test_pipeline_class_of_folders(bagel_folder, tiny_sd3_folder, tmp_path):
 
 
 def test_train_command_follows_the_model_family(tmp_path):
-    import subprocess
-    import sys
-
-    from safetensors import safe_open
-
-    out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "flowgrpo_core.cli", "train", "--preset", "tiny", "--set",
-         "model.source=tiny:bagel", "--set", "sampling.num_steps=4", "--epochs", "2", "--out", str(out),
-         "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "epoch 1: reward" in result.stdout + result.stderr
-    with safe_open(str(out / "policy" / "pytorch_lora_weights.safetensors"), "pt") as f:
-        keys = list(f.keys())
+    output, keys = train_from_the_command_line(tmp_path / "run", "tiny:bagel", epochs=2)
+    assert "epoch 1: reward" in output
     # the tiny preset's targets on Bagel's generation expert (and llm2vae for proj_out); no understanding weight
     assert any(".self_attn.q_proj_moe_gen.lora_A" in k for k in keys) and any(
         ".llm2vae.lora_A" in k for k in keys

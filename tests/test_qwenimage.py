@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from family_checks import assert_dag_registers_a_pyfunc, assert_resume_is_exact
+from family_checks import assert_dag_registers_a_pyfunc, assert_resume_is_exact, train_from_the_command_line
 
 from flowgrpo_core.config import ConfigError, load_config
 from flowgrpo_core.models import Conditioning, ModelSourceError, QwenImageAdapter, adapter_for, load_model
@@ -408,24 +408,8 @@ def test_presets_train_the_family_lora_targets_on_upstreams_window(name):
 
 
 def test_train_command_follows_the_model_family(tmp_path):
-    import subprocess
-    import sys
-
-    from safetensors import safe_open
-
-    out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "flowgrpo_core.cli", "train", "--preset", "tiny", "--set",
-         "model.source=tiny:qwenimage", "--set", "sampling.num_steps=4", "--epochs", "1", "--out", str(out),
-         "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "epoch 0: reward" in result.stdout + result.stderr
-    with safe_open(str(out / "policy" / "pytorch_lora_weights.safetensors"), "pt") as f:
-        keys = list(f.keys())
+    output, keys = train_from_the_command_line(tmp_path / "run", "tiny:qwenimage", epochs=1)
+    assert "epoch 0: reward" in output
     # the tiny preset's targets (attention, proj_out, the image stream's feed-forward) on Qwen-Image's modules
     assert any(".img_mlp.net.0.proj.lora_A" in k for k in keys) and any(".proj_out.lora_A" in k for k in keys)
     assert any(".attn.add_k_proj.lora_A" in k for k in keys) and not any(".ff." in k for k in keys)
