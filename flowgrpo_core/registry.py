@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,44 @@ def gate(
     verb = "passes" if passed else "fails"
     extra = f", and {standard_errors:g} x standard error {standard_error:.3g}" if standard_errors else ""
     return passed, f"{verb}: {value:.6g} vs required > {reference:.6g} + margin {margin:g}{extra}"
+
+
+def _is_write_conflict(error: Exception) -> bool:
+    """Whether an MLflow error is another writer's row winning a uniqueness race (sqlite, MySQL, PostgreSQL
+    word it differently)."""
+    text = str(error).lower()
+    return any(
+        word in text for word in ("unique constraint", "integrityerror", "duplicate", "already exists")
+    )
+
+
+def _set_alias(client, name: str, alias: str, version, attempts: int = 6) -> None:
+    """``set_registered_model_alias`` that survives a concurrent registration. MLflow reads the alias row,
+    then inserts it when absent: two pipelines registering in the same moment can both insert, and the
+    second fails on the uniqueness constraint. The row exists by then, so trying again updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as error:
+            if attempt == attempts - 1 or not _is_write_conflict(error):
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, tags={"flowgrpo": "policy registry"})
+        except MlflowException as error:  # another pipeline created it after our look: that is fine
+            if not _is_write_conflict(error):
+                raise
 
 
 def _champion(client, name: str):
@@ -128,10 +167,7 @@ def register_policy(
         raise ValueError(
             f"tracking.gate_standard_errors={gate_standard_errors:g} needs {value_se!r} among the evaluation metrics"
         )
-    try:
-        client.get_registered_model(model_name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(model_name, tags={"flowgrpo": "policy registry"})
+    _ensure_registered_model(client, model_name)
 
     found = client.search_model_versions(
         f"name='{model_name}' and tags.`flowgrpo.kfp_run_id` = '{kfp_run_id}'"
@@ -167,7 +203,7 @@ def register_policy(
                 **(extra_tags or {}),
             },
         )
-    client.set_registered_model_alias(model_name, CANDIDATE, version.version)
+    _set_alias(client, model_name, CANDIDATE, version.version)
     passed, reason = promote(model_name, version.version)
     champion = _champion(client, model_name)
     return Registration(
@@ -177,7 +213,11 @@ def register_policy(
 
 def promote(model_name: str, version: str | int, force: bool = False) -> tuple[bool, str]:
     """Move ``champion`` to ``version`` if its recorded gate metric beats the current champion's (or the base
-    model's, with no champion) by the recorded margin; ``force`` skips the gate. Returns (moved, reason)."""
+    model's, with no champion) by the recorded margin; ``force`` skips the gate. Returns (moved, reason).
+
+    The registry has no compare-and-set, so two pipelines can judge against the same champion and both move
+    it. After moving it, the champion is read back: if another version took it in between, this one is
+    judged again against that version, so the later of two concurrent registrations keeps the better one."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -187,11 +227,28 @@ def promote(model_name: str, version: str | int, force: bool = False) -> tuple[b
         raise ValueError(
             f"{model_name} version {version} has no recorded gate metric (not registered by flowgrpo?)"
         )
+    for _ in range(3):
+        champion = _champion(client, model_name)
+        if champion is not None and str(champion.version) == str(version):
+            return True, f"version {version} already is the champion"
+        passed, reason = _judge(tags, champion)
+        if not (passed or force):
+            client.set_model_version_tag(model_name, str(version), "gate.decision", "failed")
+            return False, reason
+        _set_alias(client, model_name, CHAMPION, version)
+        client.set_model_version_tag(
+            model_name, str(version), "gate.decision", "forced" if force and not passed else "passed"
+        )
+        now = _champion(client, model_name)
+        if force or now is None or str(now.version) == str(version):
+            return True, reason + (" [forced]" if force and not passed else "")
+    return False, reason + f" (champion moved to v{now.version} by a concurrent registration)"
+
+
+def _judge(tags: dict[str, str], champion) -> tuple[bool, str]:
+    """The gate for a version's tags against the current ``champion`` (a ModelVersion or None)."""
     value, margin = float(tags["gate.value"]), float(tags.get("gate.margin", "0"))
     k, value_se = float(tags.get("gate.standard_errors", "0")), float(tags.get("gate.value_se", "0"))
-    champion = _champion(client, model_name)
-    if champion is not None and str(champion.version) == str(version):
-        return True, f"version {version} already is the champion"
     if champion is not None and champion.tags.get("gate.metric") == tags["gate.metric"]:
         reference, against = float(champion.tags["gate.value"]), f"champion v{champion.version}"
         reference_se = float(champion.tags.get("gate.value_se", "0"))
@@ -201,12 +258,4 @@ def promote(model_name: str, version: str | int, force: bool = False) -> tuple[b
         if not math.isfinite(reference):
             reference, against = -math.inf, "nothing (no champion, no base value)"
     passed, reason = gate(value, reference, margin, math.hypot(value_se, reference_se), k)
-    reason = f"{tags['gate.metric']} {reason} (against {against})"
-    if passed or force:
-        client.set_registered_model_alias(model_name, CHAMPION, str(version))
-        client.set_model_version_tag(
-            model_name, str(version), "gate.decision", "forced" if force and not passed else "passed"
-        )
-        return True, reason + (" [forced]" if force and not passed else "")
-    client.set_model_version_tag(model_name, str(version), "gate.decision", "failed")
-    return False, reason
+    return passed, f"{tags['gate.metric']} {reason} (against {against})"

@@ -133,3 +133,61 @@ def test_gate_with_standard_errors_needs_the_metric_s_error(policy_dir, registry
             "r",
             gate_standard_errors=2.0,
         )
+
+
+def test_an_alias_write_that_loses_a_uniqueness_race_is_retried(policy_dir, registry, monkeypatch):
+    # MLflow reads the alias row, then inserts it: a second pipeline registering in the same moment gets the
+    # store's uniqueness error, and must not fail its whole run for it
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    real, lost = MlflowClient.set_registered_model_alias, []
+
+    def racy(self, name, alias, version):
+        if alias not in lost:  # each alias loses its first write to "another pipeline"
+            lost.append(alias)
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases"
+            )
+        real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", racy)
+    result = _register(policy_dir, "run-a", 1.2)
+    assert result.gate_passed and result.champion == "1" and lost == [CANDIDATE, CHAMPION]
+    assert MlflowClient().get_model_version_by_alias("flowgrpo-test", CANDIDATE).version == 1
+
+    def broken(self, name, alias, version):  # any other error is not a race: it is raised at once
+        lost.append("broken")
+        raise MlflowException("permission denied")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
+    with pytest.raises(MlflowException, match="permission denied"):
+        _register(policy_dir, "run-b", 1.5)
+    assert lost.count("broken") == 1
+
+
+def test_two_registrations_at_once_keep_the_better_champion(policy_dir, registry, monkeypatch):
+    # the registry has no compare-and-set: both judge against the same (absent) champion; the one that
+    # moves the alias second reads it back and is judged again against the first
+    from mlflow.tracking import MlflowClient
+
+    import flowgrpo_core.registry as registry_module
+
+    real_set = registry_module._set_alias
+    state = {"interleaved": False}
+
+    def interleave(client, name, alias, version, attempts=6):
+        real_set(client, name, alias, version, attempts)
+        if alias == registry_module.CHAMPION and not state["interleaved"]:
+            state["interleaved"] = True  # the better version (registered first) takes champion right after us
+            real_set(client, name, alias, "1", attempts)
+
+    better = _register(policy_dir, "run-a", 1.5)  # v1, champion
+    client = MlflowClient()
+    client.delete_registered_model_alias("flowgrpo-test", CHAMPION)  # as if v1 were still being judged
+    monkeypatch.setattr(registry_module, "_set_alias", interleave)
+    worse = _register(policy_dir, "run-b", 1.2)  # passes against the base, then meets v1
+    assert better.gate_passed and not worse.gate_passed
+    assert "against champion v1" in worse.gate_reason
+    assert client.get_model_version_by_alias("flowgrpo-test", CHAMPION).version == 1
+    assert client.get_model_version("flowgrpo-test", "2").tags["gate.decision"] == "failed"
