@@ -9,6 +9,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# pytest-xdist workers: the suite waits on many subprocesses (pipeline stages, servers), so two workers on two
+# cores overlap those waits; TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
 
 IMAGE_REGISTRY ?= ghcr.io/flowgrpo
 IMAGE_TAG      ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -30,7 +33,7 @@ run: $(STAMP)
 	$(BIN)/flowgrpo run --preset shapes
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 $(PYTEST_ARGS)
 
 # one linter, one formatter, and the layering as import-linter contracts (pyproject.toml [tool.importlinter])
 lint: $(STAMP)

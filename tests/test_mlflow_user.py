@@ -46,8 +46,8 @@ def _flowgrpo(*args, cwd, env=None, timeout=2400):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """Two tiny pipeline runs with different settings on one database: the first names it with
-    --tracking-uri, the second only through MLFLOW_TRACKING_URI."""
+    """Two tiny pipeline runs on one database, Flow-GRPO then DiffusionNFT (the comparison a user makes in the
+    UI): the first names the database with --tracking-uri, the second only through MLFLOW_TRACKING_URI."""
     root = tmp_path_factory.mktemp("users")
     uri = f"sqlite:///{root}/mlflow.db"
     common = ["run", "--preset", "tiny", "--experiment", "compare", "--workdir", str(root / "work")]
@@ -55,7 +55,8 @@ def two_runs(tmp_path_factory):
     env = {"MLFLOW_TRACKING_URI": ""}
     first = _flowgrpo(*common, "--tracking-uri", uri, cwd=root, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
-    second = _flowgrpo(*common, "--set", "train.beta=0.02", cwd=root, env={"MLFLOW_TRACKING_URI": uri})
+    # the preset's Flow-GRPO settings stay quietly unused; calibration probes with NFT
+    second = _flowgrpo(*common, "--set", "train.algorithm=nft", cwd=root, env={"MLFLOW_TRACKING_URI": uri})
     assert second.returncode == 0, second.stdout + second.stderr
     assert not (root / "flowgrpo-runs" / "mlflow.db").exists(), "the second run ignored MLFLOW_TRACKING_URI"
     return root, uri, first, second
@@ -84,7 +85,7 @@ def test_parent_runs_compare_side_by_side(two_runs):
     assert len(parents) == 2
     a, b = parents
     assert len(a.data.params) > 80 and set(a.data.params) == set(b.data.params)
-    assert (a.data.params["train.beta"], b.data.params["train.beta"]) == ("0.01", "0.02")
+    assert (a.data.params["train.algorithm"], b.data.params["train.algorithm"]) == ("grpo", "nft")
     assert a.data.params["rewards"] == "jpeg_incompressibility=1"
     headline = {
         "train/final_reward",
@@ -122,6 +123,25 @@ def test_training_logs_captioned_samples_per_epoch(two_runs):
     images = [a.path for a in client.list_artifacts(train.info.run_id, "images")]
     steps = {int(m.group(1)) for p in images if (m := re.search(r"samples\+step\+(\d+)\+", p))}
     assert steps == {0, 1}, images
+
+
+def test_the_nft_run_logs_its_algorithm_and_its_own_training_metrics(two_runs):
+    # issue 23's pipeline check: `flowgrpo run --set train.algorithm=nft` on tiny through the whole DAG
+    _, uri, _, second = two_runs
+    assert "registered model version: flowgrpo-sd3/2" in second.stdout
+    client, experiment, (_, parent) = _parents(uri)
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert len(by_stage) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    for stage in ("download_model", "train_grpo"):
+        assert by_stage[stage].data.params["train.algorithm"] == "nft", stage
+    train = by_stage["train_grpo"].info.run_id
+    for key in ("train/loss", "train/positive_loss", "train/old_deviation", "train/old_policy_decay"):
+        assert [m.step for m in client.get_metric_history(train, key)] == [0, 1], key
+    assert not client.get_metric_history(train, "train/clipfrac")
+    assert "eval/policy/reward_mean" in by_stage["evaluate"].data.metrics
 
 
 def test_the_console_shows_our_lines_and_the_log_keeps_the_rest(two_runs):

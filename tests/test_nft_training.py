@@ -1,5 +1,6 @@
 """DiffusionNFT in the training loop (train.algorithm: nft) on the tiny models: old-policy sampling with the ODE,
-the loss on a fixed batch going down, exact resume, every model family, LoRA and full fine-tuning."""
+the loss on a fixed batch going down, exact resume, every model family, LoRA and full fine-tuning. The whole DAG
+with NFT runs in tests/test_mlflow_user.py, beside a Flow-GRPO run on the same database."""
 
 import itertools
 
@@ -157,35 +158,6 @@ def test_switching_a_grpo_preset_to_nft_keeps_its_unused_settings_quietly():
         load_config("shapes-nft", overrides=["train.clip_range=0.5"])
     # and back: an NFT preset switched to Flow-GRPO keeps its NFT settings unused, the same rule
     assert load_config("shapes-nft", overrides=["train.algorithm=grpo"]).train.nft_kl_beta == 0.0
-
-
-@pytest.mark.timeout(1500)  # six stages in their own interpreters: over 10 minutes on two busy cores
-def test_flowgrpo_run_with_nft_on_tiny_logs_the_algorithm_and_registers_a_model(tmp_path, capsys):
-    from mlflow.tracking import MlflowClient
-
-    from flowgrpo_core.cli import main
-
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    # the whole DAG; the preset's Flow-GRPO settings stay quietly unused, calibration probes with NFT
-    argv = ["run", "--preset", "tiny", "--experiment", "nft-dag", "--tracking-uri", tracking]
-    argv += ["--workdir", str(tmp_path / "work"), "--pipeline-root", str(tmp_path / "kfp")]
-    for override in ("train.algorithm=nft", "train.epochs=2", "calibration.epochs=1", "eval.num_prompts=2"):
-        argv += ["--set", override]
-    assert main([*argv, "--set", "eval.num_steps=3"]) == 0
-    assert "registered model version: flowgrpo-sd3/1" in capsys.readouterr().out
-    client = MlflowClient(tracking)
-    experiment = client.get_experiment_by_name("nft-dag")
-    runs = [r for r in client.search_runs([experiment.experiment_id]) if "stage" in r.data.tags]
-    by_stage = {r.data.tags["stage"]: r for r in runs}
-    assert len(by_stage) == 6 and all(r.info.status == "FINISHED" for r in runs)
-    # a param of the config the download stage logs and of the training run: side by side with GRPO in the UI
-    for stage in ("download_model", "train_grpo"):
-        assert by_stage[stage].data.params["train.algorithm"] == "nft", stage
-    train = by_stage["train_grpo"].info.run_id
-    for key in ("train/loss", "train/positive_loss", "train/old_deviation", "train/old_policy_decay"):
-        assert [m.step for m in client.get_metric_history(train, key)] == [0, 1], key
-    assert not client.get_metric_history(train, "train/clipfrac")
-    assert "eval/policy/reward_mean" in by_stage["evaluate"].data.metrics
 
 
 def test_two_gloo_processes_train_nft_as_one_process(tmp_path):
