@@ -11,25 +11,36 @@ import torch
 from PIL import Image
 
 
-def assert_resume_is_exact(make_trainer: Callable[..., object]) -> None:
-    """``make_trainer(*overrides, name=...)`` builds a trainer of the tiny preset for the family in a folder of
-    that name. Three epochs straight and 2 + 1 with a resume in between end with the same weights, EMA and
-    history."""
-    opts = ["train.checkpoint_every=1", "train.ema_update_interval=1", "sampling.batch_size=4"]
-    straight = make_trainer(*opts, name="straight")
-    straight.train(epochs=3)
-    first = make_trainer(*opts, name="resumed")
-    first.train(epochs=2)
+def straight_and_resumed(make_trainer: Callable[..., object], *overrides: str, epochs: int, stop_at: int):
+    """``make_trainer(*overrides, name=...)`` builds a trainer in a folder of that name. Trains ``epochs`` straight,
+    and ``stop_at`` then the rest with a resume in between; asserts both end with the same weights, EMA and history
+    (times aside) and returns (straight, resumed) for the caller's own checks."""
+    straight = make_trainer(*overrides, name="straight")
+    straight.train(epochs=epochs)
+    first = make_trainer(*overrides, name="resumed")
+    first.train(epochs=stop_at)
     torch.manual_seed(999)  # a fresh process would start with other global RNG state
-    second = make_trainer(*opts, name="resumed")
-    assert second.resume() and second.epoch == 2
-    second.train(epochs=3)
+    second = make_trainer(*overrides, name="resumed")
+    assert second.resume() and second.epoch == stop_at
+    second.train(epochs=epochs)
     a, b = straight.trainable, second.trainable
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(p.abs().sum() > 0 for n, p in a.items() if "lora_B" in n)  # it did train
     assert all(torch.equal(straight.ema.shadow[k], second.ema.shadow[k]) for k in a)
-    drop_time = lambda h: [{k: v for k, v in m.items() if not k.startswith("time/")} for m in h]  # noqa: E731
-    assert drop_time(straight.history) == drop_time(second.history)
+    assert without_times(straight.history) == without_times(second.history)
+    return straight, second
+
+
+def without_times(records: list[dict]) -> list[dict]:
+    """Metric records without their ``time/`` entries, which no two runs share."""
+    return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in records]
+
+
+def assert_resume_is_exact(make_trainer: Callable[..., object]) -> None:
+    """The tiny preset of a family: three epochs straight and 2 + 1 with a resume in between end alike, and it
+    did train."""
+    opts = ["train.checkpoint_every=1", "train.ema_update_interval=1", "sampling.batch_size=4"]
+    straight, _ = straight_and_resumed(make_trainer, *opts, epochs=3, stop_at=2)
+    assert any(p.abs().sum() > 0 for n, p in straight.trainable.items() if "lora_B" in n)  # it did train
 
 
 def assert_dag_registers_a_pyfunc(tmp_path, source: str, family: str) -> None:

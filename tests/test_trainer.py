@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
+from family_checks import straight_and_resumed, without_times
 
 from flowgrpo_core.config import load_config
 from flowgrpo_core.rewards import Reward, RewardOutput, build_rewards
@@ -122,24 +123,12 @@ _WATCHED = [
 )
 def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, variant):
     opts = ["train.checkpoint_every=1", "train.ema_update_interval=1", "train.stat_buffer_size=8", *variant]
-    straight = _trainer(tmp_path, *opts, name="straight")
-    straight.train(epochs=4)
-
-    first = _trainer(tmp_path, *opts, name="resumed")
-    first.train(epochs=2)
-    torch.manual_seed(999)  # a fresh process would start with other global RNG state
-    second = _trainer(tmp_path, *opts, name="resumed")
-    assert second.resume() and second.epoch == 2
-    second.train(epochs=4)
-
-    a, b = _state(straight), _state(second)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(straight.ema.shadow[k], second.ema.shadow[k]) for k in a)
+    make = lambda *overrides, name: _trainer(tmp_path, *overrides, name=name)  # noqa: E731
+    straight, second = straight_and_resumed(make, *opts, epochs=4, stop_at=2)
     assert straight.tracker.state_dict() == second.tracker.state_dict()
-    drop_time = lambda h: [{k: v for k, v in m.items() if not k.startswith("time/")} for m in h]  # noqa: E731
-    assert drop_time(straight.history) == drop_time(second.history)
-    assert drop_time(straight.watch.records) == drop_time(second.watch.records)
+    assert without_times(straight.watch.records) == without_times(second.watch.records)
     assert straight.watch.best == second.watch.best
+    a = _state(straight)
     assert any(
         not torch.equal(a[k], _state(_trainer(tmp_path, *opts, name="fresh"))[k]) for k in a
     )  # it did train
