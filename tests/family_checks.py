@@ -10,6 +10,39 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+# two ways to batch one epoch of 8 images: one sampling batch; two batches (padded to one length where prompts
+# differ) trained in sampling order, as upstream does
+ON_POLICY_BATCHINGS = [
+    ["sampling.batch_size=8"],
+    ["sampling.batch_size=4", "train.shuffle_samples=false", "train.zero_advantage=keep"],
+]
+# the reference presets' training set-up: bf16 weights, float32 LoRA, bf16 autocast, activation checkpointing
+BF16_SETUP = [
+    "model.dtype=bfloat16",
+    "train.mixed_precision=bf16",
+    "train.gradient_checkpointing=true",
+    "sampling.batch_size=8",
+    "train.optimizer_steps_per_epoch=1",
+]
+
+
+def on_policy_epoch(trainer) -> dict:
+    """One epoch whose single optimiser step comes after every ratio: all ratios exactly 1 and, with LoRA's
+    B = 0 at the start, KL exactly 0. Returns the epoch's metrics."""
+    (metrics,) = trainer.train(epochs=1)
+    assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0
+    assert metrics["train/approx_kl"] == 0.0 and metrics["train/kl"] == 0.0
+    return metrics
+
+
+def bf16_epoch(trainer) -> dict:
+    """One epoch under ``BF16_SETUP``: finite log-probs, ratios exactly 1, float32 finite trainable weights."""
+    (metrics,) = trainer.train(epochs=1)
+    assert torch.isfinite(trainer.last_samples.log_probs).all()
+    assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.trainable.values())
+    return metrics
+
 
 def straight_and_resumed(make_trainer: Callable[..., object], *overrides: str, epochs: int, stop_at: int):
     """``make_trainer(*overrides, name=...)`` builds a trainer in a folder of that name. Trains ``epochs`` straight,

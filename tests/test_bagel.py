@@ -8,7 +8,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from family_checks import assert_dag_registers_a_pyfunc, assert_resume_is_exact, train_from_the_command_line
+from family_checks import (
+    BF16_SETUP,
+    ON_POLICY_BATCHINGS,
+    assert_dag_registers_a_pyfunc,
+    assert_resume_is_exact,
+    bf16_epoch,
+    on_policy_epoch,
+    train_from_the_command_line,
+)
 
 from flowgrpo_core.config import load_config
 from flowgrpo_core.models import BagelAdapter, ModelSourceError, load_model
@@ -282,38 +290,18 @@ def test_resolution_beyond_the_position_table_is_refused(adapter):
 # ---- training ----
 
 
-@pytest.mark.parametrize(
-    "batching",
-    [
-        ["sampling.batch_size=8"],  # one sampling batch
-        # two sampling batches padded to one length, trained in sampling order
-        ["sampling.batch_size=4", "train.shuffle_samples=false", "train.zero_advantage=keep"],
-    ],
-)
+@pytest.mark.parametrize("batching", ON_POLICY_BATCHINGS)
 def test_one_optimiser_step_is_exactly_on_policy(tmp_path, batching):
     trainer = _trainer(tmp_path, *batching, "train.optimizer_steps_per_epoch=1", "train.beta=0.1")
-    (metrics,) = trainer.train(epochs=1)
-    assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0
-    assert metrics["train/approx_kl"] == 0.0 and metrics["train/kl"] == 0.0
+    on_policy_epoch(trainer)
     trainer.train(epochs=2)
     assert any(p.abs().sum() > 0 for n, p in trainer.trainable.items() if "lora_B" in n)
 
 
 def test_a_bfloat16_model_trains_under_bf16_autocast_with_checkpointing(tmp_path):
-    # the presets' set-up: bf16 weights, float32 LoRA, bf16 autocast, activation checkpointing
-    trainer = _trainer(
-        tmp_path,
-        "model.dtype=bfloat16",
-        "train.mixed_precision=bf16",
-        "train.gradient_checkpointing=true",
-        "sampling.batch_size=8",
-        "train.optimizer_steps_per_epoch=1",
-    )
+    trainer = _trainer(tmp_path, *BF16_SETUP)
     assert trainer.adapter.transformer.language_model.model.gradient_checkpointing
-    (metrics,) = trainer.train(epochs=1)
-    assert torch.isfinite(trainer.last_samples.log_probs).all()
-    assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0
-    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.trainable.values())
+    bf16_epoch(trainer)
     assert any(p.abs().sum() > 0 for n, p in trainer.trainable.items() if "lora_B" in n)
 
 

@@ -7,7 +7,15 @@ import shutil
 
 import pytest
 import torch
-from family_checks import assert_dag_registers_a_pyfunc, assert_resume_is_exact, train_from_the_command_line
+from family_checks import (
+    BF16_SETUP,
+    ON_POLICY_BATCHINGS,
+    assert_dag_registers_a_pyfunc,
+    assert_resume_is_exact,
+    bf16_epoch,
+    on_policy_epoch,
+    train_from_the_command_line,
+)
 
 from flowgrpo_core.config import ConfigError, load_config
 from flowgrpo_core.models import Conditioning, ModelSourceError, QwenImageAdapter, adapter_for, load_model
@@ -210,19 +218,10 @@ def test_conditioning_cat_pads_token_axes_and_trimming_restores_each_batch(pipe)
     assert torch.equal(Conditioning.cat([a, a]).tensors["embeds"], torch.ones(4, 3, 4))
 
 
-@pytest.mark.parametrize(
-    "batching",
-    [
-        ["sampling.batch_size=8"],  # one sampling batch
-        # two sampling batches padded to one length, trained in sampling order as upstream does
-        ["sampling.batch_size=4", "train.shuffle_samples=false", "train.zero_advantage=keep"],
-    ],
-)
+@pytest.mark.parametrize("batching", ON_POLICY_BATCHINGS)
 def test_one_optimiser_step_is_exactly_on_policy_with_padded_prompts(tmp_path, batching):
     trainer = _trainer(tmp_path, *batching, "train.optimizer_steps_per_epoch=1", "train.beta=0.1")
-    (metrics,) = trainer.train(epochs=1)
-    assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0
-    assert metrics["train/approx_kl"] == 0.0 and metrics["train/kl"] == 0.0
+    metrics = on_policy_epoch(trainer)
     assert metrics["train/trained_samples"] == 8
     mask = trainer.last_samples.cond.tensors["mask"]
     assert len(set(mask.sum(1).tolist())) > 1  # the prompts differ in length: some rows are padded
@@ -240,19 +239,7 @@ def test_sde_log_probs_are_finite_in_float32_and_bf16_autocast(pipe, autocast):
 
 
 def test_a_bfloat16_model_trains_under_bf16_autocast_with_checkpointing(tmp_path):
-    # the reference presets' training set-up: bf16 weights, float32 LoRA, bf16 autocast, activation checkpointing
-    trainer = _trainer(
-        tmp_path,
-        "model.dtype=bfloat16",
-        "train.mixed_precision=bf16",
-        "train.gradient_checkpointing=true",
-        "sampling.batch_size=8",
-        "train.optimizer_steps_per_epoch=1",
-    )
-    (metrics,) = trainer.train(epochs=1)
-    assert torch.isfinite(trainer.last_samples.log_probs).all()
-    assert metrics["train/ratio_min"] == 1.0 and metrics["train/ratio_max"] == 1.0
-    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.trainable.values())
+    bf16_epoch(_trainer(tmp_path, *BF16_SETUP))
 
 
 # ---- LoRA ----
